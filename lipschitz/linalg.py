@@ -1,0 +1,242 @@
+"""Spectral norms and matrix functions: the one place that owns the units.
+
+A weight ``W`` of shape ``(..., out, in)`` (PyTorch layout, leading dimensions are a stack of
+independent matrices) is measured by its RMS→RMS operator norm
+
+    ‖W‖_{RMS→RMS} = sqrt(in / out) · σ_max(W).
+
+Everything here is batched over leading dimensions and never mixes matrices of a stack.
+
+Odd matrix polynomials ``W·p(WᵀW)`` act on singular values: for ``W = U Σ Vᵀ`` they return
+``U · Σ·p(Σ²) · Vᵀ``. They are evaluated on the smaller Gram matrix (``WᵀW`` when the matrix is
+tall, ``WWᵀ`` when it is wide), so a polynomial costs two ``out×in×min`` products plus a few
+``min×min`` products.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import NamedTuple
+
+import torch
+from torch import Tensor
+
+__all__ = [
+    "NS_COEFFICIENTS",
+    "NS_MAX_OUTPUT",
+    "PowerIteration",
+    "gram_polynomial",
+    "msign",
+    "odd_polynomial",
+    "power_iteration",
+    "rms_operator_norm",
+    "rms_scale",
+    "scalar_odd_polynomial",
+    "spectral_norm_upper_bound",
+]
+
+
+def rms_scale(W: Tensor) -> float:
+    """s = sqrt(out / in): a matrix with spectral norm s has RMS→RMS norm 1."""
+    out_features, in_features = W.shape[-2], W.shape[-1]
+    return math.sqrt(out_features / in_features)
+
+
+def rms_operator_norm(W: Tensor) -> Tensor:
+    """Exact RMS→RMS norm of every matrix in ``W`` (float64 SVD); shape ``W.shape[:-2]``."""
+    sigma = torch.linalg.matrix_norm(W.detach().to(torch.float64), ord=2)
+    return sigma / rms_scale(W)
+
+
+# --------------------------------------------------------------------------------------------
+# Spectral norm estimates: a cheap lower bound (power iteration) and a certified upper bound.
+
+
+class PowerIteration(NamedTuple):
+    """Result of :func:`power_iteration`: ``W v ≈ sigma · u`` with unit ``u`` and ``v``.
+
+    ``sigma = ‖W v‖`` is always a lower bound on σ_max. Pass ``v`` back as ``v0`` next time to
+    warm-start: a slowly changing weight then needs one or two iterations, not sixteen.
+    """
+
+    sigma: Tensor  # (...,)
+    u: Tensor  # (..., out)
+    v: Tensor  # (..., in)
+
+
+def power_iteration(W: Tensor, iters: int = 16, v0: Tensor | None = None) -> PowerIteration:
+    """Top singular triple of every matrix in ``W`` (..., out, in) by power iteration on WᵀW.
+
+    Starts from ``v0`` (..., in) when given, else from a fixed pseudo-random vector (a seeded
+    generator, so the global RNG is untouched and results are reproducible).
+    """
+    if iters < 0:
+        raise ValueError(f"power_iteration: iters must be >= 0, got {iters}")
+    Wf = W.detach()
+    Wf = Wf if Wf.dtype in (torch.float32, torch.float64) else Wf.float()
+    if v0 is None:
+        gen = torch.Generator(device="cpu").manual_seed(0)
+        v = torch.randn(Wf.shape[:-2] + Wf.shape[-1:], generator=gen, dtype=torch.float64)
+        v = v.to(device=Wf.device, dtype=Wf.dtype)
+    else:
+        v = v0.detach().to(device=Wf.device, dtype=Wf.dtype).expand(Wf.shape[:-2] + Wf.shape[-1:])
+    v = v / v.norm(dim=-1, keepdim=True).clamp_min(torch.finfo(Wf.dtype).tiny)
+    for _ in range(iters):
+        u = (Wf @ v.unsqueeze(-1)).squeeze(-1)  # (..., out)
+        v = (Wf.mT @ u.unsqueeze(-1)).squeeze(-1)  # (..., in)
+        v = v / v.norm(dim=-1, keepdim=True).clamp_min(torch.finfo(Wf.dtype).tiny)
+    u = (Wf @ v.unsqueeze(-1)).squeeze(-1)
+    sigma = u.norm(dim=-1)
+    u = u / sigma.unsqueeze(-1).clamp_min(torch.finfo(Wf.dtype).tiny)
+    return PowerIteration(sigma, u, v)
+
+
+def spectral_norm_upper_bound(W: Tensor, iters: int = 6) -> Tensor:
+    """Certified upper bound on σ_max of every matrix in ``W`` by Gram iteration, in float64.
+
+    With G₁ = WᵀW (the smaller Gram matrix) and G_{k+1} = G_k², the singular values of G_k are
+    σᵢ^(2^k), so σ_max ≤ ‖G_k‖_F^(1/2^k), and the bound tightens towards σ_max as k grows
+    (over-estimate at most min(out, in)^(1/2^(k+1))). Each G is rescaled to unit Frobenius norm
+    with the scale carried in log space, so nothing overflows. Float64 rounding of the products
+    changes the k-th root by far less than the 1e-9 relative margin added at the end.
+    Cost: one Gram product plus ``iters - 1`` products of the small side.
+    """
+    if iters < 1:
+        raise ValueError(f"spectral_norm_upper_bound: iters must be >= 1, got {iters}")
+    X = W.detach().to(torch.float64)
+    G = X.mT @ X if X.shape[-2] >= X.shape[-1] else X @ X.mT  # (..., n, n), n = min(out, in)
+    log_scale = torch.zeros(G.shape[:-2], dtype=torch.float64, device=G.device)
+    for k in range(1, iters + 1):
+        # Invariant: true G_k = exp(log_scale) · G, with the singular values of G_k = σᵢ^(2^k).
+        fro = torch.linalg.matrix_norm(G).clamp_min(torch.finfo(torch.float64).tiny)
+        G = G / fro[..., None, None]
+        log_scale = log_scale + fro.log()
+        if k < iters:
+            G = G @ G
+            log_scale = 2 * log_scale
+    fro = torch.linalg.matrix_norm(G)
+    bound = torch.exp((log_scale + fro.log()) / 2**iters)
+    bound = torch.where(fro > 0, bound, torch.zeros_like(bound))
+    return bound * (1 + 1e-9)
+
+
+# --------------------------------------------------------------------------------------------
+# Odd matrix polynomials W·p(WᵀW).
+
+
+def gram_polynomial(A: Tensor, coeffs: tuple[float, ...]) -> Tensor:
+    """Σ_k coeffs[k]·A^k for a batch of square matrices ``A`` (..., n, n).
+
+    Paterson–Stockmeyer with blocks of two: with B = A², the polynomial is a Horner polynomial
+    in B whose coefficients are (c₀ + c₁A), (c₂ + c₃A), ...; degree 2 costs one n×n product,
+    degree 4 costs two.
+    """
+    if len(coeffs) == 0:
+        raise ValueError("gram_polynomial: at least one coefficient is needed")
+    eye = torch.eye(A.shape[-1], dtype=A.dtype, device=A.device)
+
+    def block(pair: tuple[float, ...]) -> Tensor:  # c₀·I + c₁·A
+        out = pair[0] * eye
+        return out + pair[1] * A if len(pair) == 2 else out.expand_as(A)
+
+    blocks = [tuple(coeffs[i : i + 2]) for i in range(0, len(coeffs), 2)]
+    if len(blocks) == 1:
+        return block(blocks[0])
+    B = A @ A
+    top = blocks[-1]
+    P = top[0] * B if len(top) == 1 else block(top) @ B  # a lone top coefficient needs no product
+    for j in range(len(blocks) - 2, -1, -1):
+        P = P + block(blocks[j])
+        if j > 0:
+            P = P @ B
+    return P
+
+
+def odd_polynomial(W: Tensor, coeffs: tuple[float, ...]) -> Tensor:
+    """W·p(WᵀW) with p(a) = Σ_k coeffs[k]·a^k, i.e. σ ↦ Σ_k coeffs[k]·σ^(2k+1) on singular values.
+
+    Works on (..., out, in) in the input dtype (float32, bfloat16 or float64) and uses the
+    smaller Gram matrix.
+    """
+    if W.shape[-2] >= W.shape[-1]:  # tall or square: A = WᵀW is (in, in)
+        return W @ gram_polynomial(W.mT @ W, coeffs)
+    return gram_polynomial(W @ W.mT, coeffs) @ W  # wide: A = WWᵀ is (out, out)
+
+
+def scalar_odd_polynomial(x: Tensor, coeffs: tuple[float, ...]) -> Tensor:
+    """The scalar map σ ↦ σ·Σ_k coeffs[k]·σ^(2k) that :func:`odd_polynomial` applies to σ."""
+    a = x * x
+    p = torch.zeros_like(x)
+    for c in reversed(coeffs):
+        p = p * a + c
+    return x * p
+
+
+# --------------------------------------------------------------------------------------------
+# Newton–Schulz orthogonalization: msign(W) = U Vᵀ.
+
+_YOU_6 = tuple(
+    (a / 1024, b / 1024, c / 1024)
+    for a, b, c in [
+        (3955, -8306, 5008),
+        (3735, -6681, 3463),
+        (3799, -6499, 3211),
+        (4019, -6385, 2906),
+        (2677, -3029, 1162),
+        (2172, -1833, 682),
+    ]
+)
+_NANOGPT_5 = (
+    (4.0848, -6.8946, 2.9270),
+    (3.9505, -6.3029, 2.6377),
+    (3.7418, -5.5913, 2.3037),
+    (2.8769, -3.1427, 1.2046),
+    (2.8366, -3.0525, 1.2012),
+)
+_JORDAN_5 = ((3.4445, -4.7750, 2.0315),) * 5
+# Classical quintic Newton–Schulz: the degree-5 Padé-type iteration with a triple fixed point at
+# 1 (p(1) = 1, p'(1) = p''(1) = 0), so it converges cubically once singular values are near 1.
+_CLASSIC = (15 / 8, -10 / 8, 3 / 8)
+
+# Named coefficient sets. Each step is x ↦ a·x + b·x³ + c·x⁵, applied after dividing W by its
+# Frobenius norm (so every singular value starts in [0, 1]). Range of the composed scalar map on
+# x ∈ [1e-3, 1] (float64, 2M-point grid; ``tests/test_linalg.py::test_ns_output_ranges``):
+#   you6       [0.8663, 0.99934]     the paper's JAX set (You Jiacheng): never exceeds 1
+#   nanogpt5   [0.4749, 1.14503]     the paper's NanoGPT set: max 1.14502, its "inflation factor"
+#   jordan5    [0.4705, 1.20237]     Keller Jordan's Muon set
+#   accurate8  [0.99994, 1.0000001]  ours: jordan5, then three classical steps; 8 steps in all
+NS_COEFFICIENTS: dict[str, tuple[tuple[float, float, float], ...]] = {
+    "you6": _YOU_6,
+    "nanogpt5": _NANOGPT_5,
+    "jordan5": _JORDAN_5,
+    "accurate8": _JORDAN_5 + (_CLASSIC,) * 3,
+}
+
+# Upper bound of each set's scalar map on [0, 1]: how far one orthogonalized update can inflate a
+# singular value. Muon multiplies its step size by this to know its update norm.
+NS_MAX_OUTPUT: dict[str, float] = {
+    "you6": 0.99934,
+    "nanogpt5": 1.14503,
+    "jordan5": 1.20237,
+    "accurate8": 1.0000001,
+}
+
+
+def msign(W: Tensor, coefficients: str = "accurate8", dtype: torch.dtype | None = None) -> Tensor:
+    """Approximate polar factor U Vᵀ of every matrix in ``W`` by Newton–Schulz iteration.
+
+    ``coefficients`` names a set in :data:`NS_COEFFICIENTS`; ``dtype`` is the compute dtype
+    (default: the input's), the result is returned in the input dtype. Zero singular values stay
+    zero, so a rank-deficient W maps to a partial isometry.
+    """
+    try:
+        steps = NS_COEFFICIENTS[coefficients]
+    except KeyError:
+        raise ValueError(
+            f"msign: unknown coefficient set {coefficients!r}; known: {sorted(NS_COEFFICIENTS)}"
+        ) from None
+    X = W.to(dtype or W.dtype)
+    X = X / X.norm(dim=(-2, -1), keepdim=True).clamp_min(torch.finfo(X.dtype).eps ** 2)
+    for step in steps:
+        X = odd_polynomial(X, step)  # σ ↦ a·σ + b·σ³ + c·σ⁵
+    return X.to(W.dtype)
