@@ -192,6 +192,15 @@ HARD_CAP_QUINTICS = (
 _QUINTIC_DOMAIN = 3.0  # largest σ/w_max the quintic composition handles (q(3) = 1.0009)
 
 
+def _hard_cap_stage(Y: Tensor, beta: float, coefficients: str) -> Tensor:
+    """One exact-identity hard cap of a tall (..., m, n) matrix at β (raw units); see below."""
+    eye = torch.eye(Y.shape[-1], dtype=Y.dtype, device=Y.device)
+    S = msign(beta**2 * eye - Y.mT @ Y, coefficients)  # (..., n, n) ≈ V sign(β² − Σ²) Vᵀ
+    P = 0.5 * (eye - S)  # ≈ projector onto the right singular vectors with σ > β
+    YP = Y @ P
+    return Y - YP + beta * (msign(YP, coefficients) @ P)
+
+
 def spectral_hard_cap(
     W: Tensor,
     *,
@@ -212,8 +221,10 @@ def spectral_hard_cap(
     keeps every σ ≤ β exactly and sends every σ > β to β. Where the sign is not resolved
     (|β² − σ²| below ~1e-3·‖β²I − A‖_F), sᵢ ∈ (−1, 1) and the result is the convex combination
     ½(1 + sᵢ)·σᵢ + ½(1 − sᵢ)·β, which lies between σᵢ and β: σ_max can exceed w_max only by
-    that unresolved gap (≤ 3e-4·w_max for a 1024×256 matrix at σ_max = 2·w_max), and small
-    singular values are untouched. Zero singular values stay zero. Cost: two msign calls.
+    that unresolved gap (3e-4·w_max for a 1024×256 matrix at σ_max = 2·w_max), and small
+    singular values are untouched. Zero singular values stay zero. Cost: two msign calls (one on
+    the small Gram matrix); a matrix more than 2.5× outside the ball is capped in stages
+    (…, 4·w_max, 2·w_max, w_max), two msign calls per stage.
 
     ``method="quintic"`` composes the paper's four quintics: about 3.4% low at σ = w_max, and
     every singular value shrinks by up to 4.9% per call. Its domain is guarded: when a certified
@@ -224,11 +235,14 @@ def spectral_hard_cap(
     if method == "msign":
         tall = X.shape[-2] >= X.shape[-1]
         Y = X if tall else X.mT  # (..., m, n) with m ≥ n: the Gram matrix is the small one
-        eye = torch.eye(Y.shape[-1], dtype=Y.dtype, device=Y.device)
-        S = msign(beta**2 * eye - Y.mT @ Y, coefficients)  # (..., n, n) ≈ V sign(β² − Σ²) Vᵀ
-        P = 0.5 * (eye - S)  # ≈ projector onto directions with σ > β
-        YP = Y @ P
-        Y = Y - YP + beta * (msign(YP, coefficients) @ P)
+        # The sign of β² − σ² is resolved relative to ‖β²I − WᵀW‖, so far outside the ball cap
+        # in stages (…, 4β, 2β, β): each stage starts at most ~2× above its cap.
+        sigma = float(power_iteration(Y, iters=8).sigma.max())
+        caps = [beta]
+        while sigma > 2.5 * caps[-1]:
+            caps.append(2 * caps[-1])
+        for cap in reversed(caps):
+            Y = _hard_cap_stage(Y, cap, coefficients)
         return (Y if tall else Y.mT).to(W.dtype)
     if method == "quintic":
         Y = X / beta

@@ -104,8 +104,10 @@ def spectral_norm_upper_bound(W: Tensor, iters: int = 6) -> Tensor:
     if iters < 1:
         raise ValueError(f"spectral_norm_upper_bound: iters must be >= 1, got {iters}")
     X = W.detach().to(torch.float64)
+    peak = X.abs().amax(dim=(-2, -1)).clamp_min(torch.finfo(torch.float64).tiny)  # (...,)
+    X = X / peak[..., None, None]  # entries in [-1, 1]: the first Gram product cannot overflow
     G = X.mT @ X if X.shape[-2] >= X.shape[-1] else X @ X.mT  # (..., n, n), n = min(out, in)
-    log_scale = torch.zeros(G.shape[:-2], dtype=torch.float64, device=G.device)
+    log_scale = 2 * peak.log()  # G₁ of W = peak² · G
     for k in range(1, iters + 1):
         # Invariant: true G_k = exp(log_scale) · G, with the singular values of G_k = σᵢ^(2^k).
         fro = torch.linalg.matrix_norm(G).clamp_min(torch.finfo(torch.float64).tiny)

@@ -1,0 +1,195 @@
+"""Lipschitz building blocks: every part has a norm the certificate can read off its weights.
+
+Units (see :mod:`lipschitz.linalg`): a weight ``W`` of shape ``(out, in)`` is measured by its
+RMS→RMS norm ``sqrt(in/out)·σ_max(W)``; activations ``(B, T, d)`` by their largest per-token RMS
+(∞RMS). The blocks are plain ``torch.nn`` subclasses (``Linear(nn.Linear)``,
+``Embedding(nn.Embedding)``), so an optimizer can route parameters by module type.
+
+No layer norm anywhere: activations stay bounded because every weight is norm-bounded, the
+GELU is rescaled to slope ≤ 1, attention averages values, and residuals are convex.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+__all__ = [
+    "GELU_MAX_SLOPE",
+    "GELU_SCALE",
+    "MLP",
+    "Block",
+    "CausalSelfAttention",
+    "Embedding",
+    "Linear",
+    "apply_rope",
+    "rope_tables",
+]
+
+# Exact GELU x·Φ(x) has its largest slope at x = √2: Φ(√2) + √2·φ(√2) = 1.1289041...
+GELU_MAX_SLOPE = 0.5 * (1 + math.erf(1.0)) + math.sqrt(2) * math.exp(-1.0) / math.sqrt(2 * math.pi)
+# The paper divides by the rounded value; GELU(x)/1.1289 has slope ≤ 1.0000037 (the certificate
+# uses the exact ratio GELU_MAX_SLOPE / GELU_SCALE, not 1).
+GELU_SCALE = 1.1289
+
+
+class Linear(nn.Linear):
+    """Bias-free linear map initialised at RMS→RMS norm 1 (orthogonal × sqrt(out/in)) or zero.
+
+    Every singular value starts equal, so the weight starts on the sphere of its norm ball.
+    """
+
+    def __init__(
+        self, in_features: int, out_features: int, *, zero_init: bool = False, **factory
+    ) -> None:
+        super().__init__(in_features, out_features, bias=False, **factory)
+        self.zero_init = zero_init
+        if zero_init:
+            self.reset_parameters()
+
+    def reset_parameters(self) -> None:
+        with torch.no_grad():
+            if getattr(self, "zero_init", False):
+                self.weight.zero_()
+            else:
+                nn.init.orthogonal_(self.weight)  # all singular values 1
+                self.weight.mul_(math.sqrt(self.out_features / self.in_features))
+
+
+class Embedding(nn.Embedding):
+    """Token embedding whose rows (one per token) start Gaussian, rescaled to RMS exactly 1.
+
+    For a one-hot input the embedding's ℓ1→RMS norm is its largest row RMS.
+    """
+
+    def reset_parameters(self) -> None:
+        with torch.no_grad():
+            nn.init.normal_(self.weight)
+            rms = self.weight.pow(2).mean(dim=1, keepdim=True).sqrt()
+            self.weight.div_(rms.clamp_min(torch.finfo(self.weight.dtype).tiny))
+
+
+def rope_tables(seq_len: int, d_head: int, base: float = 10000.0) -> tuple[Tensor, Tensor]:
+    """cos, sin tables of shape (seq_len, d_head/2) for rotary position embeddings."""
+    inv_freq = base ** (-torch.arange(0, d_head, 2, dtype=torch.float64) / d_head)  # (d_head/2,)
+    angles = torch.arange(seq_len, dtype=torch.float64)[:, None] * inv_freq  # (T, d_head/2)
+    return angles.cos().float(), angles.sin().float()
+
+
+def apply_rope(x: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
+    """Rotate pairs (x₁, x₂) = (first half, second half) of the last dim; an isometry per token.
+
+    x: (B, H, T, d_head); cos, sin: (T, d_head/2).
+    """
+    x1, x2 = x.chunk(2, dim=-1)
+    cos, sin = cos.to(x.dtype), sin.to(x.dtype)
+    return torch.cat([x1 * cos - x2 * sin, x1 * sin + x2 * cos], dim=-1)
+
+
+def _token_stats(x: Tensor) -> dict[str, Tensor]:
+    """Largest |entry| and largest per-token (last-dim) RMS of x, detached."""
+    x = x.detach()
+    return {"max_abs": x.abs().amax(), "max_rms": x.pow(2).mean(-1).sqrt().amax()}
+
+
+class CausalSelfAttention(nn.Module):
+    """Causal multi-head attention: RoPE, logits q·kᵀ/d_head × attn_scale, ×1/3, then ``o``.
+
+    1/d_head (not 1/√d_head) keeps logits O(1) when q and k have RMS O(1); ×1/3 makes the value
+    path of the certificate small. ``q``, ``k``, ``v``, ``o`` are d→d Linear layers.
+    """
+
+    out_mult = 1.0 / 3.0  # the paper's ×1/3 before the output projection
+
+    def __init__(
+        self,
+        d_model: int,
+        n_head: int,
+        seq_len: int,
+        attn_scale: float = 1.0,
+        zero_init_out: bool = True,
+    ) -> None:
+        super().__init__()
+        if n_head < 1 or d_model % n_head != 0:
+            raise ValueError(f"d_model={d_model} must be a positive multiple of n_head={n_head}")
+        if (d_model // n_head) % 2 != 0:
+            raise ValueError(f"RoPE needs an even head size, got d_model/n_head={d_model // n_head}")
+        if not attn_scale >= 0:
+            raise ValueError(f"attn_scale must be >= 0, got {attn_scale!r}")
+        self.n_head, self.d_head, self.seq_len = n_head, d_model // n_head, seq_len
+        self.attn_scale = float(attn_scale)
+        self.q = Linear(d_model, d_model)
+        self.k = Linear(d_model, d_model)
+        self.v = Linear(d_model, d_model)
+        self.o = Linear(d_model, d_model, zero_init=zero_init_out)
+        cos, sin = rope_tables(seq_len, self.d_head)
+        self.register_buffer("cos", cos, persistent=False)  # (seq_len, d_head/2)
+        self.register_buffer("sin", sin, persistent=False)
+
+    def logit_scale(self) -> float:
+        return self.attn_scale / self.d_head
+
+    def forward(self, x: Tensor, stats: dict | None = None) -> Tensor:
+        B, T, C = x.shape  # (batch, tokens, d_model)
+        if T > self.seq_len:
+            raise ValueError(f"sequence of {T} tokens exceeds seq_len={self.seq_len}")
+        H, dh = self.n_head, self.d_head
+        q = self.q(x).view(B, T, H, dh).transpose(1, 2)  # (B, H, T, dh)
+        k = self.k(x).view(B, T, H, dh).transpose(1, 2)
+        v = self.v(x).view(B, T, H, dh).transpose(1, 2)
+        q = apply_rope(q, self.cos[:T], self.sin[:T])
+        k = apply_rope(k, self.cos[:T], self.sin[:T])
+        if stats is not None:  # largest logit before the causal mask's -inf (costs one T×T matmul)
+            with torch.no_grad():
+                logits = (q @ k.transpose(-2, -1)) * self.logit_scale()  # (B, H, T, T)
+                causal = torch.ones(T, T, dtype=torch.bool, device=x.device).tril()
+                stats["max_logit"] = logits.masked_fill(~causal, -math.inf).amax()
+        y = F.scaled_dot_product_attention(q, k, v, is_causal=True, scale=self.logit_scale())
+        y = y.transpose(1, 2).reshape(B, T, C) * self.out_mult  # (B, T, d)
+        return self.o(y)
+
+
+class MLP(nn.Module):
+    """d → 4d → d with exact GELU divided by 1.1289 (its max slope), so the activation is 1-Lipschitz."""
+
+    def __init__(self, d_model: int, zero_init_out: bool = True) -> None:
+        super().__init__()
+        self.fc_in = Linear(d_model, 4 * d_model)
+        self.fc_out = Linear(4 * d_model, d_model, zero_init=zero_init_out)
+
+    def forward(self, x: Tensor) -> Tensor:  # (B, T, d) -> (B, T, d)
+        return self.fc_out(F.gelu(self.fc_in(x)) / GELU_SCALE)
+
+
+class Block(nn.Module):
+    """x ← (1−α)x + α·attn(x); x ← (1−α)x + α·mlp(x). Convex residuals keep the ∞RMS bound."""
+
+    def __init__(
+        self,
+        d_model: int,
+        n_head: int,
+        seq_len: int,
+        alpha: float,
+        attn_scale: float = 1.0,
+        zero_init_out: bool = True,
+    ) -> None:
+        super().__init__()
+        if not 0 < alpha <= 1:
+            raise ValueError(f"residual weight alpha must be in (0, 1], got {alpha!r}")
+        self.alpha = float(alpha)
+        self.attn = CausalSelfAttention(d_model, n_head, seq_len, attn_scale, zero_init_out)
+        self.mlp = MLP(d_model, zero_init_out)
+
+    def forward(self, x: Tensor, stats: dict | None = None, prefix: str = "") -> Tensor:
+        a = self.alpha
+        attn_stats = {} if stats is not None else None
+        x = (1 - a) * x + a * self.attn(x, attn_stats)  # (B, T, d)
+        if stats is not None:
+            stats[f"{prefix}attn"] = {**_token_stats(x), **attn_stats}
+        x = (1 - a) * x + a * self.mlp(x)
+        if stats is not None:
+            stats[f"{prefix}mlp"] = _token_stats(x)
+        return x

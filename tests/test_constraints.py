@@ -1,0 +1,260 @@
+"""Weight constraints against float64 SVD: properties over drawn shapes, dtypes and spectra."""
+
+import math
+
+import numpy as np
+import pytest
+import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
+from matrices import matrix_cases, matrix_with_spectrum, random_orthonormal, rms_singular_values
+
+from lipschitz.constraints import (
+    CONSTRAINTS,
+    HARD_CAP_QUINTICS,
+    soft_cap_alpha,
+    spectral_hammer,
+    spectral_hard_cap,
+    spectral_normalize,
+    spectral_soft_cap,
+    spectral_weight_decay,
+    stiefel,
+    svd_cap,
+)
+from lipschitz.linalg import rms_operator_norm, scalar_odd_polynomial
+
+DTYPES = st.sampled_from([torch.float64, torch.float32])
+# Tolerances stated in the docstrings, relative to w_max.
+HARD_CAP_TOL = 1e-3  # msign hard cap: σ_max ≤ w_max·(1 + 1e-3)
+STIEFEL_TOL = 1e-4  # accurate8 band [0.9999, 1.0001] for σ ≥ 1e-3·‖W‖_F
+NORMALIZE_COLD_TOL = 0.10  # 16 power iterations from a cold start, flat-topped spectra
+POWER_ITERATION_METHODS = {"spectral_normalize", "spectral_hammer", "spectral_weight_decay"}
+
+
+def _float_tol(dtype):
+    return 1e-9 if dtype == torch.float64 else 2e-5
+
+
+@settings(max_examples=80, deadline=None)
+@given(matrix_cases(), DTYPES)
+def test_svd_cap_is_exact(case, dtype):
+    W, w_max = case["W"].to(dtype), case["w_max"]
+    out = svd_cap(W, w_max=w_max)
+    assert out.dtype == dtype and out.shape == W.shape
+    expected = case["sigma"].clamp_max(w_max).sort(dim=-1, descending=True).values
+    got = rms_singular_values(out)
+    torch.testing.assert_close(got, expected, rtol=0, atol=_float_tol(dtype) * 20 * w_max)
+
+
+@settings(max_examples=80, deadline=None)
+@given(matrix_cases(), DTYPES)
+def test_hard_cap_caps_and_leaves_small_values(case, dtype):
+    W, w_max = case["W"].to(dtype), case["w_max"]
+    out = spectral_hard_cap(W, w_max=w_max)
+    assert out.dtype == dtype
+    got = rms_singular_values(out)
+    before = rms_singular_values(W)
+    assert torch.all(got[..., 0] <= w_max * (1 + HARD_CAP_TOL))
+    # σ ≥ w_max before ⇒ ≈ w_max after: the cap is reached, not undershot
+    expected = before.clamp_max(w_max)
+    assert torch.all(
+        got >= expected - w_max * HARD_CAP_TOL - _float_tol(dtype) * 20 * before[..., :1]
+    )
+    # singular values below 0.5·w_max are untouched (to float rounding of the largest value)
+    small = expected < 0.5 * w_max
+    err = (got - expected).abs()
+    assert torch.all(
+        err[small] <= 1e-6 * w_max + _float_tol(dtype) * 20 * before[..., :1].expand_as(err)[small]
+    )
+
+
+@settings(max_examples=80, deadline=None)
+@given(matrix_cases(), DTYPES)
+def test_stiefel_band(case, dtype):
+    W, w_max = case["W"].to(dtype), case["w_max"]
+    out = stiefel(W, w_max=w_max)
+    got = rms_singular_values(out)
+    assert torch.all(got <= w_max * (1 + STIEFEL_TOL))
+    # singular values that are not tiny relative to ‖W‖_F all land in the band
+    before = rms_singular_values(W)
+    fro = torch.linalg.matrix_norm(W.double())[..., None] / math.sqrt(W.shape[-2] / W.shape[-1])
+    resolved = before >= 1e-3 * fro
+    assert torch.all((got[resolved] - w_max).abs() <= w_max * STIEFEL_TOL)
+    if case["kind"] != "rank_deficient" and case["kind"] != "ill_conditioned":
+        assert torch.all((got[..., 0] - w_max).abs() <= w_max * STIEFEL_TOL)
+
+
+@settings(max_examples=80, deadline=None)
+@given(matrix_cases(), DTYPES)
+def test_spectral_normalize_scales_down_only(case, dtype):
+    W, w_max = case["W"].to(dtype), case["w_max"]
+    out = spectral_normalize(W, w_max=w_max)
+    top_before = rms_operator_norm(W)
+    top_after = rms_operator_norm(out)
+    assert torch.all(top_after <= w_max * (1 + NORMALIZE_COLD_TOL))
+    # the whole spectrum is scaled by one factor ≤ 1 per matrix
+    ratio = rms_singular_values(out) / rms_singular_values(W).clamp_min(1e-300)
+    nonzero = rms_singular_values(W) > 1e-2 * top_before[..., None]  # float32 resolves these
+    factor = top_after / top_before
+    assert torch.all(factor <= 1 + _float_tol(dtype))
+    assert torch.all((ratio - factor[..., None]).abs()[nonzero] < 1e-4)
+    # never below the ball's edge for a matrix that started outside it
+    outside = top_before > w_max
+    assert torch.all(top_after[outside] >= w_max * (1 - 1e-5))
+
+
+def test_spectral_normalize_leaves_inside_unchanged_and_warm_start_converges():
+    gen = torch.Generator().manual_seed(0)
+    sig = 1 - 0.05 * torch.rand(2, 40, dtype=torch.float64, generator=gen)  # flat top: hard case
+    W = matrix_with_spectrum(120, 40, sig * 0.9, gen).float()
+    assert torch.equal(spectral_normalize(W, w_max=1.0), W)
+    W = W * 3
+    state: dict = {}
+    for _ in range(20):  # a slowly changing weight projected every step, as in training
+        W = spectral_normalize(W * 1.01, w_max=1.0, state=state)
+    assert "v" in state and state["v"].shape == (2, 40)
+    assert torch.all(rms_operator_norm(W) <= 1 + 1e-3)
+
+
+def test_spectral_hammer_sets_top_singular_value():
+    gen = torch.Generator().manual_seed(1)
+    sig = torch.tensor([[4.0, 1.0, 0.5, 0.1], [0.3, 0.2, 0.1, 0.05]], dtype=torch.float64)
+    W = matrix_with_spectrum(10, 4, sig, gen)
+    out = spectral_hammer(W, w_max=2.0)
+    s = rms_singular_values(out)
+    torch.testing.assert_close(
+        s, torch.tensor([[2.0, 1.0, 0.5, 0.1], [2.0, 0.2, 0.1, 0.05]], dtype=torch.float64)
+    )
+
+
+def test_spectral_weight_decay_shrinks_top_only():
+    gen = torch.Generator().manual_seed(2)
+    sig = torch.tensor([3.0, 1.0, 0.5, 0.2, 0.1], dtype=torch.float64)
+    W = matrix_with_spectrum(5, 8, sig, gen)
+    out = spectral_weight_decay(W, spectral_decay=0.1)
+    expected = torch.tensor([2.7, 1.0, 0.5, 0.2, 0.1], dtype=torch.float64)
+    torch.testing.assert_close(rms_singular_values(out), expected)
+
+
+def test_hard_cap_quintic_option_and_domain_guard():
+    gen = torch.Generator().manual_seed(3)
+    x = torch.tensor([0.5, 1.0, 2.0, 3.0], dtype=torch.float64)
+    q = x
+    for step in HARD_CAP_QUINTICS:
+        q = scalar_odd_polynomial(q, step)
+    # the paper's composition: q(0.5) = 0.498, q(1) = 0.966, q(2) = 1.002, q(3) = 1.0009
+    np.testing.assert_allclose(q.numpy(), [0.498, 0.966, 1.002, 1.0009], atol=1.5e-3)
+    # outside its domain the raw composition diverges (q(4) ≈ −1); the guard pre-scales
+    sig = torch.tensor([10.0, 4.0, 1.0, 0.2], dtype=torch.float64)
+    W = matrix_with_spectrum(16, 4, sig, gen)
+    s = rms_singular_values(spectral_hard_cap(W, w_max=1.0, method="quintic"))
+    assert s.max() <= 1.011 and s.min() > 0
+
+
+def test_soft_cap_alpha_worked_values_and_root_choice():
+    # paper-notes §3.1 worked values
+    assert soft_cap_alpha(1.0, 0.0, 0.05) == pytest.approx(0.1224, abs=1e-4)
+    assert soft_cap_alpha(1.0, 0.0, 0.0601) == pytest.approx(0.1320, abs=1e-4)
+    assert soft_cap_alpha(2.0, 0.0, 0.05) == pytest.approx(0.0225, abs=1e-4)
+    assert soft_cap_alpha(6.0, 0.0, 0.1) == pytest.approx(0.00207, abs=1e-5)
+    assert soft_cap_alpha(8.0, 0.0, 0.0601) == pytest.approx(0.00079, abs=1e-5)
+    alpha = soft_cap_alpha(1.0, 0.0, 0.05)
+    p = lambda x: (x - alpha * x**3) + alpha * (x - alpha * x**3) ** 3  # noqa: E731
+    assert p(1.0) == pytest.approx(0.9603, abs=1e-4)
+    assert p(0.5) / 0.5 == pytest.approx(0.9973, abs=1e-4)
+    # no projection needed ⇒ 0, never the released code's fallback 1 (here λ·w_max > 1 with wd)
+    assert soft_cap_alpha(2.0, 0.0, 0.0) == 0.0
+    assert soft_cap_alpha(2.0, 0.6, 0.05) == 0.0
+
+
+@settings(max_examples=200, deadline=None)
+@given(
+    st.floats(0.1, 20.0),
+    st.floats(0.0, 0.5),
+    st.floats(0.0, 5.0),
+)
+def test_soft_cap_alpha_is_smallest_nonnegative_root_of_the_quartic(w_max, wd, eta):
+    alpha = soft_cap_alpha(w_max, wd, eta)
+    k = w_max * (1 - wd) + eta
+    if k <= w_max:
+        assert alpha == 0.0
+        return
+    # −k⁹α⁴ + 3k⁷α³ − 3k⁵α² + 0·α + (k − w_max) = 0 via the companion matrix (numpy.roots),
+    # which is only accurate when k − w_max is not at rounding level
+    if k - w_max > 1e-6 * w_max:
+        roots = np.roots([-(k**9), 3 * k**7, -3 * k**5, 0.0, k - w_max])
+        real = roots[np.abs(roots.imag) < 1e-6 * max(1.0, np.abs(roots).max())].real
+        smallest = real[real >= 0].min()
+        assert alpha == pytest.approx(smallest, rel=1e-6)
+    # it maps k onto w_max without exceeding it
+    assert k * (
+        1 - 3 * (alpha * k * k) ** 2 + 3 * (alpha * k * k) ** 3 - (alpha * k * k) ** 4
+    ) <= w_max * (1 + 1e-12)
+
+
+@pytest.mark.parametrize("shape", [(64, 64), (128, 32), (32, 128)])
+@pytest.mark.parametrize("update", ["full", "rank1"])
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
+def test_soft_cap_worst_case_simulation(shape, update, dtype):
+    """300 steps of worst-case updates aligned with W's singular vectors, η decaying linearly."""
+    gen = torch.Generator().manual_seed(4)
+    out_features, in_features = shape
+    s = math.sqrt(out_features / in_features)
+    w_max, eta0, steps = 2.0, 0.2, 300
+    r = min(shape)
+    W = (
+        (random_orthonormal(out_features, r, gen) @ random_orthonormal(in_features, r, gen).T)
+        * s
+        * w_max
+    )
+    W = W.to(dtype)
+    worst = 0.0
+    for t in range(steps):
+        eta = eta0 * (1 - t / steps)
+        U, _, Vh = torch.linalg.svd(W.double(), full_matrices=False)
+        if update == "full":
+            dW = eta * s * (U @ Vh)  # RMS→RMS norm exactly η, pushes every singular value up
+        else:
+            dW = eta * s * torch.outer(U[:, 0], Vh[0])  # pushes only the top one
+        W = spectral_soft_cap((W.double() + dW).to(dtype), w_max=w_max, update_norm=eta)
+        worst = max(worst, rms_operator_norm(W).item())
+    assert worst <= w_max * (1 + 1e-3)
+    assert worst >= w_max * 0.95  # and it does not collapse the weight
+
+
+BAD_INPUTS = [
+    (torch.tensor([[1.0, float("nan")], [0.0, 1.0]]), 1.0, "non-finite"),
+    (torch.tensor([[1.0, float("inf")], [0.0, 1.0]]), 1.0, "non-finite"),
+    (torch.eye(3), 0.0, "w_max"),
+    (torch.eye(3), -1.0, "w_max"),
+    (torch.eye(3), float("nan"), "w_max"),
+    (torch.ones(3), 1.0, "at least 2 dimensions"),
+    (torch.tensor(1.0), 1.0, "at least 2 dimensions"),
+]
+
+
+@pytest.mark.parametrize("name", sorted(CONSTRAINTS))
+@pytest.mark.parametrize(("W", "w_max", "message"), BAD_INPUTS)
+def test_bad_input_raises_value_error_naming_the_problem(name, W, w_max, message):
+    with pytest.raises(ValueError, match=message):
+        CONSTRAINTS[name](W, w_max=w_max)
+
+
+@pytest.mark.parametrize("name", sorted(CONSTRAINTS))
+def test_every_constraint_keeps_dtype_shape_and_accepts_the_common_signature(name):
+    gen = torch.Generator().manual_seed(5)
+    for dtype in (torch.float32, torch.float64, torch.bfloat16):
+        W = torch.randn(2, 12, 8, generator=gen).to(dtype)
+        out = CONSTRAINTS[name](W, w_max=1.0, update_norm=0.05, weight_decay=0.01)
+        assert out.dtype == dtype and out.shape == W.shape
+        assert torch.isfinite(out.float()).all()
+    param = torch.nn.Linear(8, 12, bias=False).weight  # any PyTorch weight
+    with torch.no_grad():
+        param.copy_(CONSTRAINTS[name](param, w_max=1.0))
+    # stacked matrices are constrained one by one, not flattened together
+    sig = torch.tensor([[4.0, 2.0, 1.0, 0.5], [0.9, 0.5, 0.3, 0.1]], dtype=torch.float64)
+    stack = matrix_with_spectrum(6, 4, sig, gen)
+    kw = {"iters": 100} if name in POWER_ITERATION_METHODS else {}
+    one = CONSTRAINTS[name](stack[1:], w_max=1.0, update_norm=0.05, **kw)
+    both = CONSTRAINTS[name](stack, w_max=1.0, update_norm=0.05, **kw)
+    torch.testing.assert_close(both[1:], one, rtol=1e-6, atol=1e-6)

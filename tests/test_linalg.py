@@ -1,0 +1,190 @@
+"""lipschitz.linalg against float64 SVD and dense scalar grids."""
+
+import math
+
+import numpy as np
+import pytest
+import torch
+from hypothesis import given, settings
+from matrices import matrix_cases, matrix_with_spectrum, rms_singular_values
+
+from lipschitz.linalg import (
+    NS_COEFFICIENTS,
+    NS_MAX_OUTPUT,
+    gram_polynomial,
+    msign,
+    odd_polynomial,
+    power_iteration,
+    rms_operator_norm,
+    scalar_odd_polynomial,
+    spectral_norm_upper_bound,
+)
+
+SHAPES = [(7, 7), (12, 5), (5, 12), (2, 3, 9, 6)]
+
+
+def test_rms_operator_norm_matches_numpy_svd():
+    gen = torch.Generator().manual_seed(0)
+    for shape in SHAPES:
+        W = torch.randn(shape, generator=gen)
+        expected = np.linalg.norm(W.double().numpy(), ord=2, axis=(-2, -1))
+        expected = expected * math.sqrt(shape[-1] / shape[-2])
+        got = rms_operator_norm(W)
+        assert got.dtype == torch.float64 and got.shape == W.shape[:-2]
+        np.testing.assert_allclose(got.numpy(), expected, rtol=1e-12)
+
+
+@settings(max_examples=60, deadline=None)
+@given(matrix_cases(max_dim=32))
+def test_spectral_norm_upper_bound_is_certified(case):
+    W = case["W"]
+    exact = torch.linalg.matrix_norm(W, ord=2)
+    for iters in (1, 3, 6):
+        bound = spectral_norm_upper_bound(W, iters=iters)
+        assert torch.all(bound >= exact), (iters, bound, exact)
+        # Gram iteration over-estimates by at most min(out, in)^(1 / 2^(iters + 1)).
+        slack = min(W.shape[-2:]) ** (1 / 2 ** (iters + 1))
+        assert torch.all(bound <= exact * slack * (1 + 1e-8) + 1e-300)
+    # float32 input: still a bound on the float32 matrix itself
+    W32 = W.float()
+    assert torch.all(
+        spectral_norm_upper_bound(W32) >= torch.linalg.matrix_norm(W32.double(), ord=2)
+    )
+
+
+def test_spectral_norm_upper_bound_zero_and_huge():
+    assert spectral_norm_upper_bound(torch.zeros(4, 3)).item() == 0.0
+    W = torch.randn(30, 20, dtype=torch.float64) * 1e150  # squaring would overflow unscaled
+    ratio = spectral_norm_upper_bound(W) / torch.linalg.matrix_norm(W, ord=2)
+    assert 1.0 <= ratio.item() < 1.2
+
+
+def test_power_iteration_lower_bound_and_warm_start():
+    gen = torch.Generator().manual_seed(1)
+    sig = torch.tensor([[1.0, 0.8, 0.5, 0.1], [2.0, 1.9, 0.3, 0.2]], dtype=torch.float64)
+    W = matrix_with_spectrum(9, 4, sig, gen)  # (2, 9, 4)
+    exact = torch.linalg.matrix_norm(W, ord=2)
+    result = power_iteration(W, iters=400)  # gap 1.9/2.0 converges like 0.9025^iters
+    assert torch.all(result.sigma <= exact * (1 + 1e-12))
+    torch.testing.assert_close(result.sigma, exact, rtol=1e-8, atol=0)
+    # (sigma, u, v) is a singular triple: W v = sigma u and Wᵀ u ≈ sigma v
+    torch.testing.assert_close(
+        (W @ result.v.unsqueeze(-1)).squeeze(-1), result.sigma[:, None] * result.u
+    )
+    torch.testing.assert_close(
+        (W.mT @ result.u.unsqueeze(-1)).squeeze(-1),
+        result.sigma[:, None] * result.v,
+        rtol=1e-6,
+        atol=1e-6,
+    )
+    # Warm start: one iteration from the converged v of a slightly perturbed matrix is as good as
+    # many from a cold start.
+    W2 = W + 1e-4 * torch.randn(W.shape, generator=gen, dtype=torch.float64)
+    warm = power_iteration(W2, iters=1, v0=result.v)
+    cold = power_iteration(W2, iters=1)
+    exact2 = torch.linalg.matrix_norm(W2, ord=2)
+    assert torch.all((exact2 - warm.sigma) / exact2 < 1e-6)
+    assert torch.all((exact2 - warm.sigma) < (exact2 - cold.sigma))
+
+
+def test_gram_polynomial_matches_naive_powers():
+    gen = torch.Generator().manual_seed(2)
+    A = torch.randn(3, 6, 6, generator=gen, dtype=torch.float64)
+    for coeffs in [
+        (2.0,),
+        (1.0, -0.5),
+        (0.3, 0.2, -0.1),
+        (1.0, 0.0, -3.0, 3.0, -1.0),
+        (1, 2, 3, 4, 5, 6),
+    ]:
+        expected = sum(c * torch.linalg.matrix_power(A, k) for k, c in enumerate(coeffs))
+        torch.testing.assert_close(gram_polynomial(A, coeffs), expected, rtol=1e-10, atol=1e-10)
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("shape", SHAPES)
+def test_odd_polynomial_acts_on_singular_values(dtype, shape):
+    gen = torch.Generator().manual_seed(3)
+    W = torch.randn(shape, generator=gen, dtype=torch.float64)
+    W = W / torch.linalg.matrix_norm(W, ord=2)[..., None, None]  # σ ≤ 1 keeps values O(1)
+    coeffs = (1.5, -0.8, 0.25)
+    U, S, Vh = torch.linalg.svd(W, full_matrices=False)
+    expected = U @ (scalar_odd_polynomial(S, coeffs).unsqueeze(-1) * Vh)
+    got = odd_polynomial(W.to(dtype), coeffs)
+    assert got.dtype == dtype and got.shape == W.shape
+    tol = {torch.float64: 1e-12, torch.float32: 1e-5, torch.bfloat16: 5e-2}[dtype]
+    torch.testing.assert_close(got.double(), expected, rtol=tol, atol=tol)
+
+
+# Documented output range of each coefficient set's scalar map on [1e-3, 1] (linalg.py).
+NS_RANGES = {
+    "you6": (0.8663, 0.99934),
+    "nanogpt5": (0.4749, 1.14503),
+    "jordan5": (0.4705, 1.20237),
+    "accurate8": (0.99994, 1.0000001),
+}
+
+
+@pytest.mark.parametrize("name", sorted(NS_COEFFICIENTS))
+def test_ns_output_ranges(name):
+    x = torch.linspace(0, 1, 2_000_001, dtype=torch.float64)
+    y = x
+    for step in NS_COEFFICIENTS[name]:
+        y = scalar_odd_polynomial(y, step)
+    lo, hi = NS_RANGES[name]
+    inside = y[x >= 1e-3]
+    assert lo <= inside.min().item() and inside.max().item() <= hi
+    # the documented range is tight (to 1e-4)
+    assert inside.min().item() - lo < 1e-4 and hi - inside.max().item() < 1e-4
+    assert y.max().item() <= NS_MAX_OUTPUT[name]
+    assert y[0].item() == 0.0  # odd: zero singular values stay zero
+
+
+def test_paper_constants_of_coefficient_sets():
+    x = torch.linspace(0, 1, 2_000_001, dtype=torch.float64)
+    maxima = {}
+    for name in ("you6", "nanogpt5"):
+        y = x
+        for step in NS_COEFFICIENTS[name]:
+            y = scalar_odd_polynomial(y, step)
+        maxima[name] = y.max().item()
+    assert maxima["you6"] < 1.0  # the paper's reason for You's set
+    assert abs(maxima["nanogpt5"] - 1.14502) < 1e-5  # the paper's inflation constant
+
+
+@pytest.mark.parametrize("shape", [*SHAPES, (64, 16), (16, 64)])
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
+def test_msign_band_on_matrices(shape, dtype):
+    gen = torch.Generator().manual_seed(4)
+    r = min(shape[-2:])
+    batch = shape[:-2]
+    sig = 10.0 ** (-2 * torch.rand(*batch, r, generator=gen, dtype=torch.float64))  # κ ≤ 100
+    W = matrix_with_spectrum(shape[-2], shape[-1], sig, gen)
+    O = msign(W.to(dtype))
+    assert O.dtype == dtype
+    s = rms_singular_values(O) * math.sqrt(shape[-2] / shape[-1])  # raw singular values
+    tol = 1e-4 if dtype == torch.float64 else 2e-4
+    assert torch.all((s - 1).abs() < tol), s
+    # polar factor: O = U Vᵀ with the singular vectors of W
+    U, _, Vh = torch.linalg.svd(W, full_matrices=False)
+    torch.testing.assert_close(O.double(), U @ Vh, rtol=0, atol=5 * tol)
+
+
+def test_msign_bfloat16_and_rank_deficient():
+    gen = torch.Generator().manual_seed(5)
+    W = torch.randn(32, 16, generator=gen)
+    O = msign(W.bfloat16(), "nanogpt5")
+    assert O.dtype == torch.bfloat16
+    s = torch.linalg.svdvals(O.double())
+    assert s.max() < 1.14502 * 1.05 and s.min() > 0.4
+    sig = torch.tensor([1.0, 0.5, 0.0, 0.0], dtype=torch.float64)
+    R = matrix_with_spectrum(6, 4, sig, gen)
+    s = torch.linalg.svdvals(msign(R))
+    torch.testing.assert_close(
+        s, torch.tensor([1.0, 1.0, 0.0, 0.0], dtype=torch.float64), atol=1e-4, rtol=0
+    )
+
+
+def test_msign_rejects_unknown_set():
+    with pytest.raises(ValueError, match="unknown coefficient set"):
+        msign(torch.eye(3), "nope")
