@@ -135,34 +135,39 @@ def gram_polynomial(A: Tensor, coeffs: tuple[float, ...]) -> Tensor:
     """
     if len(coeffs) == 0:
         raise ValueError("gram_polynomial: at least one coefficient is needed")
-    eye = torch.eye(A.shape[-1], dtype=A.dtype, device=A.device)
 
-    def block(pair: tuple[float, ...]) -> Tensor:  # c₀·I + c₁·A
-        out = pair[0] * eye
-        return out + pair[1] * A if len(pair) == 2 else out.expand_as(A)
+    def add_block(P: Tensor, pair: tuple[float, ...]) -> Tensor:  # P + c₀·I + c₁·A, in place
+        if len(pair) == 2 and pair[1] != 0:
+            P.add_(A, alpha=pair[1])
+        P.diagonal(dim1=-2, dim2=-1).add_(pair[0])
+        return P
 
     blocks = [tuple(coeffs[i : i + 2]) for i in range(0, len(coeffs), 2)]
     if len(blocks) == 1:
-        return block(blocks[0])
+        return add_block(torch.zeros_like(A), blocks[0])
     B = A @ A
     top = blocks[-1]
-    P = top[0] * B if len(top) == 1 else block(top) @ B  # a lone top coefficient needs no product
+    # A lone top coefficient needs no product.
+    P = top[0] * B if len(top) == 1 else add_block(torch.zeros_like(A), top) @ B
     for j in range(len(blocks) - 2, -1, -1):
-        P = P + block(blocks[j])
+        P = add_block(P, blocks[j])
         if j > 0:
             P = P @ B
     return P
 
 
-def odd_polynomial(W: Tensor, coeffs: tuple[float, ...]) -> Tensor:
-    """W·p(WᵀW) with p(a) = Σ_k coeffs[k]·a^k, i.e. σ ↦ Σ_k coeffs[k]·σ^(2k+1) on singular values.
+def odd_polynomial(W: Tensor, coeffs: tuple[float, ...], gram_scale: float = 1.0) -> Tensor:
+    """W·p(c·WᵀW) with p(a) = Σ_k coeffs[k]·a^k and c = ``gram_scale``: on singular values,
+    σ ↦ σ·p(c·σ²).
 
     Works on (..., out, in) in the input dtype (float32, bfloat16 or float64) and uses the
     smaller Gram matrix.
     """
     if W.shape[-2] >= W.shape[-1]:  # tall or square: A = WᵀW is (in, in)
-        return W @ gram_polynomial(W.mT @ W, coeffs)
-    return gram_polynomial(W @ W.mT, coeffs) @ W  # wide: A = WWᵀ is (out, out)
+        A = W.mT @ W
+        return W @ gram_polynomial(A if gram_scale == 1.0 else A * gram_scale, coeffs)
+    A = W @ W.mT  # wide: A = WWᵀ is (out, out)
+    return gram_polynomial(A if gram_scale == 1.0 else A * gram_scale, coeffs) @ W
 
 
 def scalar_odd_polynomial(x: Tensor, coeffs: tuple[float, ...]) -> Tensor:

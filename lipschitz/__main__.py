@@ -1,0 +1,3 @@
+from lipschitz.cli import main
+
+main()
