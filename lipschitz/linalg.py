@@ -243,7 +243,12 @@ def msign(W: Tensor, coefficients: str = "accurate8", dtype: torch.dtype | None 
             f"msign: unknown coefficient set {coefficients!r}; known: {sorted(NS_COEFFICIENTS)}"
         ) from None
     X = W.to(dtype or W.dtype)
+    tall = X.shape[-2] > X.shape[-1]
+    if tall:
+        X = X.mT  # wide orientation: X Xᵀ is the small Gram matrix
     X = X / X.norm(dim=(-2, -1), keepdim=True).clamp_min(torch.finfo(X.dtype).eps ** 2)
-    for step in steps:
-        X = odd_polynomial(X, step)  # σ ↦ a·σ + b·σ³ + c·σ⁵
-    return X.to(W.dtype)
+    for a, b, c in steps:  # σ ↦ a·σ + b·σ³ + c·σ⁵
+        A = X @ X.mT  # (..., m, m)
+        B = b * A + c * (A @ A)
+        X = a * X + B @ X  # a·X kept out of the product: fewer roundings in bfloat16
+    return (X.mT if tall else X).to(W.dtype)

@@ -1,0 +1,470 @@
+"""Optimizers with steps of known norm, and the decay → step → project pipeline.
+
+One training step, for every constrained weight W (paper §2)::
+
+    W ← W·(1 − λ·η·tn)          decoupled weight decay      (inside optimizer.step)
+    W ← W − η·update             the optimizer's step        (inside optimizer.step)
+    W ← project(W; w_max, ...)   a CONSTRAINTS function      (a step post-hook, see constrain)
+
+η is the group's ``lr``, tn its ``target_norm`` and λ its ``weight_decay``. Three pieces:
+
+- :class:`Muon` takes steps whose RMS→RMS norm is known: η·tn times the Newton–Schulz set's
+  largest output. It is the optimizer that lets the spectral soft cap guarantee its bound.
+- :func:`route_parameters` splits any ``nn.Module`` into hidden matrices, embeddings, a head and
+  vectors, with the paper's target-norm (effective learning rate) multipliers.
+- :func:`constrain` installs the projection on any ``torch.optim.Optimizer`` (Muon installs it on
+  itself). Constraint options live in the param groups: ``constraint`` (a name from
+  :data:`lipschitz.constraints.CONSTRAINTS`, or ``"row_rms_cap"`` for embeddings), ``w_max``
+  and ``constraint_kwargs``. Power-iteration warm-start vectors are kept in
+  ``optimizer.state[p]["constraint"]``, so they are saved and restored with ``state_dict``.
+
+Decay belongs to the optimizer's step, as in ``torch.optim``: Muon decays by λ·η·tn (the
+paper); ``torch.optim.AdamW`` decays by λ·η, so to reproduce the paper's λ·η·tn for AdamW give
+each group ``weight_decay = λ·target_norm``.
+"""
+
+from __future__ import annotations
+
+import inspect
+import math
+import warnings
+from collections.abc import Callable
+
+import torch
+from torch import Tensor, nn
+from torch.optim.optimizer import Optimizer, ParamsT
+
+from lipschitz.constraints import CONSTRAINTS
+from lipschitz.linalg import NS_COEFFICIENTS, NS_MAX_OUTPUT, msign, rms_scale
+
+__all__ = [
+    "SOFT_CAP_MAX_K",
+    "UPDATE_NORM_MARGIN",
+    "Muon",
+    "constrain",
+    "route_parameters",
+    "row_rms_cap",
+]
+
+# Safety margin on Muon's update-norm bound handed to the soft cap (the paper's NanoGPT script:
+# η·1.14502·1.05). It covers bfloat16 Newton–Schulz rounding: measured σ_max(msign) up to 1.3%
+# above NS_MAX_OUTPUT in bfloat16 (you6; 64×64 to 512×512), none in float32.
+UPDATE_NORM_MARGIN = 1.05
+
+# The soft cap keeps its promise while k = w_max·(1 − decay) + update_norm ≤ (81/62)·w_max
+# (see lipschitz.constraints.soft_cap_alpha), i.e. steps up to ~0.306·w_max without decay.
+SOFT_CAP_MAX_K = 81 / 62
+
+_NS_DTYPES = (torch.float32, torch.bfloat16, torch.float64)
+_RULES = ("matrix", "embedding")
+
+
+# --------------------------------------------------------------------------------------------
+# Muon
+
+
+class Muon(Optimizer):
+    """Muon with modular dualization: steps of a known RMS→RMS norm.
+
+    For a weight of shape ``(..., out, in)`` (each matrix on the last two dimensions, a stack is
+    never flattened across matrices) with gradient g, per step::
+
+        μ  = momentum, warmed linearly from momentum_start over momentum_warmup_steps
+        m ← μ·m + (1 − μ)·g                               (EMA, the paper's JAX code)
+        u = m,  or with nesterov: u = (1 − μ)·g + μ·m     (the paper's NanoGPT script)
+        W ← W·(1 − λ·η·tn)
+        W ← W − η·tn·sqrt(out/in)·msign(u)                rule "matrix"
+        W ← W − η·tn·u_row / max(1/max_inflation, rms(u_row))   rule "embedding"
+
+    The "matrix" step has RMS→RMS norm η·tn·σ_max(msign(u)) ≤ η·tn·NS_MAX_OUTPUT[coefficients].
+    The "embedding" rule gives each token row of an ``nn.Embedding`` weight (vocab, d) unit RMS,
+    inflating a small row at most ``max_inflation`` times (paper: 16), so every row moves by at
+    most η·tn in RMS.
+
+    Args (all are also per-group options):
+        lr: η (default 0.02).
+        momentum: β or final μ (default 0.9, the paper's JAX value; NanoGPT uses 0.95).
+        nesterov: Nesterov momentum as in the NanoGPT script (default False: plain EMA).
+        momentum_warmup_steps, momentum_start: μ goes linearly from momentum_start to momentum
+            over this many steps (default 0 steps: no warm-up; NanoGPT: 300 steps from 0.85).
+        coefficients: Newton–Schulz set from ``NS_COEFFICIENTS`` (default "you6", which never
+            inflates a singular value above 1).
+        ns_dtype: compute dtype of Newton–Schulz (default float32; bfloat16 is faster on GPUs).
+        weight_decay: λ, decoupled, scaled by η·tn (default 0).
+        target_norm: tn, the group's share of the step (default 1; see route_parameters).
+        rule: "matrix" or "embedding" (default "matrix").
+        max_inflation: largest row inflation of the embedding rule (default 16).
+        constraint, w_max, constraint_kwargs: the projection applied after each step (default
+            "none"); see :func:`constrain`.
+
+    Parity with ``torch.optim.Muon`` (nesterov=True, coefficients="jordan5",
+    ns_dtype=bfloat16, weight_decay 0): torch scales by ``lr_t·sqrt(max(1, out/in))``
+    (``adjust_lr_fn="original"``), we by ``lr·tn·sqrt(out/in)``. They agree for out ≥ in with
+    lr_t = lr·tn, and for out < in with lr_t = lr·tn·sqrt(out/in). ("match_rms_adamw",
+    0.2·sqrt(max(out, in)), has no shape-independent mapping.)
+    """
+
+    def __init__(
+        self,
+        params: ParamsT,
+        lr: float = 0.02,
+        momentum: float = 0.9,
+        nesterov: bool = False,
+        momentum_warmup_steps: int = 0,
+        momentum_start: float = 0.85,
+        coefficients: str = "you6",
+        ns_dtype: torch.dtype = torch.float32,
+        weight_decay: float = 0.0,
+        target_norm: float = 1.0,
+        rule: str = "matrix",
+        max_inflation: float = 16.0,
+        constraint: str = "none",
+        w_max: float = 1.0,
+        constraint_kwargs: dict | None = None,
+    ) -> None:
+        defaults = dict(
+            lr=lr,
+            momentum=momentum,
+            nesterov=nesterov,
+            momentum_warmup_steps=momentum_warmup_steps,
+            momentum_start=momentum_start,
+            coefficients=coefficients,
+            ns_dtype=ns_dtype,
+            weight_decay=weight_decay,
+            target_norm=target_norm,
+            rule=rule,
+            max_inflation=max_inflation,
+            constraint=constraint,
+            w_max=w_max,
+            constraint_kwargs=constraint_kwargs or {},
+        )
+        super().__init__(params, defaults)
+        constrain(self)
+
+    def add_param_group(self, param_group: dict) -> None:
+        """Add a group (torch.optim API) and check its options, raising ValueError if bad."""
+        super().add_param_group(param_group)
+        group = self.param_groups[-1]
+        _check_muon_group(group)
+        _check_constraint_group(self, group)
+
+    def momentum_at(self, group: dict, step: int) -> float:
+        """μ at a parameter's ``step`` (0-based): linear warm-up, then ``momentum``."""
+        warmup = group["momentum_warmup_steps"]
+        if step >= warmup:
+            return group["momentum"]
+        frac = step / warmup
+        return (1 - frac) * group["momentum_start"] + frac * group["momentum"]
+
+    def step_bound(self, group: dict) -> tuple[float, float]:
+        """(update_norm, decay) of the step this group just took, for the soft cap.
+
+        update_norm bounds the RMS→RMS norm of the step: η·tn·NS_MAX_OUTPUT·UPDATE_NORM_MARGIN;
+        decay is the fraction λ·η·tn the weight was shrunk by before it.
+        """
+        eta = group["lr"] * group["target_norm"]
+        max_out = NS_MAX_OUTPUT[group["coefficients"]]
+        return eta * max_out * UPDATE_NORM_MARGIN, eta * group["weight_decay"]
+
+    @torch.no_grad()
+    def step(self, closure: Callable[[], float] | None = None) -> float | None:
+        """Take one step for every parameter with a gradient (constraints run after it)."""
+        loss = None
+        if closure is not None:
+            with torch.enable_grad():
+                loss = closure()
+        for group in self.param_groups:
+            eta = group["lr"] * group["target_norm"]
+            for p in group["params"]:
+                if p.grad is None:
+                    continue
+                if p.grad.is_sparse:
+                    raise RuntimeError("Muon does not support sparse gradients")
+                state = self.state[p]
+                if len(state) == 0:
+                    state["step"] = 0
+                    state["momentum_buffer"] = torch.zeros_like(p)
+                mu = self.momentum_at(group, state["step"])
+                buf = state["momentum_buffer"]
+                buf.lerp_(p.grad, 1 - mu)  # m ← μ·m + (1 − μ)·g
+                u = p.grad.lerp(buf, mu) if group["nesterov"] else buf
+                if group["rule"] == "matrix":
+                    update = msign(u, group["coefficients"], dtype=group["ns_dtype"])
+                    scale = eta * rms_scale(p)
+                else:  # "embedding": every row to unit RMS, inflated at most max_inflation×
+                    rms = u.square().mean(dim=-1, keepdim=True).sqrt()
+                    update = u / rms.clamp_min(1 / group["max_inflation"])
+                    scale = eta
+                if group["weight_decay"] != 0:
+                    p.mul_(1 - eta * group["weight_decay"])
+                p.add_(update, alpha=-scale)
+                state["step"] += 1
+        return loss
+
+
+def _check_muon_group(group: dict) -> None:
+    """Raise ValueError naming the problem if a Muon group's options are invalid."""
+
+    def bad(msg: str) -> ValueError:
+        return ValueError(f"Muon: {msg}")
+
+    if not group["lr"] >= 0:
+        raise bad(f"lr must be >= 0, got {group['lr']!r}")
+    if not 0 <= group["momentum"] < 1:
+        raise bad(f"momentum must be in [0, 1), got {group['momentum']!r}")
+    if not 0 <= group["momentum_start"] < 1:
+        raise bad(f"momentum_start must be in [0, 1), got {group['momentum_start']!r}")
+    warmup = group["momentum_warmup_steps"]
+    if not isinstance(warmup, int) or warmup < 0:
+        raise bad(f"momentum_warmup_steps must be an int >= 0, got {warmup!r}")
+    if group["coefficients"] not in NS_COEFFICIENTS:
+        raise bad(
+            f"unknown coefficients {group['coefficients']!r}; known: {sorted(NS_COEFFICIENTS)}"
+        )
+    if group["ns_dtype"] not in _NS_DTYPES:
+        raise bad(f"ns_dtype must be one of {_NS_DTYPES}, got {group['ns_dtype']!r}")
+    if not group["weight_decay"] >= 0:
+        raise bad(f"weight_decay must be >= 0, got {group['weight_decay']!r}")
+    if not group["target_norm"] > 0:
+        raise bad(f"target_norm must be > 0, got {group['target_norm']!r}")
+    if group["lr"] * group["target_norm"] * group["weight_decay"] >= 1:
+        raise bad("lr·target_norm·weight_decay must be < 1 (the decay would flip the weights)")
+    if group["rule"] not in _RULES:
+        raise bad(f"rule must be one of {_RULES}, got {group['rule']!r}")
+    if not group["max_inflation"] >= 1:
+        raise bad(f"max_inflation must be >= 1, got {group['max_inflation']!r}")
+    for name, p in _named(group):
+        if p.ndim < 2:
+            raise bad(
+                f"parameter {name} of shape {tuple(p.shape)} has fewer than 2 dimensions; "
+                "Muon updates matrices: give vectors and scalars to AdamW (see route_parameters)"
+            )
+
+
+# --------------------------------------------------------------------------------------------
+# Constraints attached to training
+
+
+def row_rms_cap(
+    W: Tensor, *, w_max: float, update_norm: float = 0.0, weight_decay: float = 0.0
+) -> Tensor:
+    """Embedding constraint: scale every row (token) of W down to RMS ≤ w_max.
+
+    The norm of an embedding is the largest row RMS (ℓ1→RMS for one-hot inputs); this is the
+    paper's ``E_row /= max(1, rms(E_row))``. Same signature as the CONSTRAINTS functions.
+    """
+    rms = W.detach().float().square().mean(dim=-1, keepdim=True).sqrt()
+    return (W.detach() / (rms / w_max).clamp_min(1.0)).to(W.dtype)
+
+
+_ROW_CONSTRAINTS = {"row_rms_cap": row_rms_cap}
+_NO_BOUND = ("none", "spectral_weight_decay")  # constraints that need no w_max
+
+
+def _constraint_fn(name: str) -> Callable[..., Tensor]:
+    return CONSTRAINTS.get(name) or _ROW_CONSTRAINTS[name]
+
+
+def _named(group: dict) -> list[tuple[str, Tensor]]:
+    """(name, parameter) pairs of a group; unnamed parameters are called by their shape."""
+    names = group.get("param_names") or [f"<{tuple(p.shape)}>" for p in group["params"]]
+    return list(zip(names, group["params"], strict=True))
+
+
+def _check_constraint_group(optimizer: Optimizer, group: dict) -> None:
+    """Raise ValueError naming the problem if a group's constraint options are invalid."""
+    name = group.get("constraint", "none")
+    known = sorted(CONSTRAINTS) + sorted(_ROW_CONSTRAINTS)
+    if name not in known:
+        raise ValueError(f"constrain: unknown constraint {name!r}; known: {known}")
+    if name == "none":
+        return
+    if name == "spectral_soft_cap" and not hasattr(optimizer, "step_bound"):
+        raise ValueError(
+            f"constrain: spectral_soft_cap needs a bound on the norm of every step, and "
+            f"{type(optimizer).__name__} steps have none (an AdamW step can be arbitrarily large "
+            "in the spectral norm). Use Muon, or a constraint that does not depend on the step: "
+            "svd_cap, spectral_hard_cap, spectral_normalize."
+        )
+    w_max = group.get("w_max")
+    if name not in _NO_BOUND and (not isinstance(w_max, (int, float)) or not 0 < w_max < math.inf):
+        raise ValueError(f"constrain: constraint {name!r} needs a finite w_max > 0, got {w_max!r}")
+    if not isinstance(group.get("constraint_kwargs", {}), dict):
+        raise ValueError("constrain: constraint_kwargs must be a dict")
+    if group.get("rule") == "embedding" and name not in _ROW_CONSTRAINTS:
+        raise ValueError(
+            f"constrain: an embedding-rule group is measured per row; use 'row_rms_cap', "
+            f"not the spectral constraint {name!r}"
+        )
+    for pname, p in _named(group):
+        if p.ndim < 2:
+            raise ValueError(
+                f"constrain: constraint {name!r} needs a weight matrix (..., out, in), but "
+                f"parameter {pname} has shape {tuple(p.shape)}"
+            )
+
+
+def constrain(optimizer: Optimizer) -> Optimizer:
+    """Project every constrained parameter after each ``optimizer.step()``; returns optimizer.
+
+    Works on any ``torch.optim.Optimizer``. Each param group may set ``constraint`` (default
+    "none"), ``w_max`` (RMS→RMS bound) and ``constraint_kwargs`` (extra keyword arguments, e.g.
+    ``{"iters": 4}``). Only parameters that had a gradient (i.e. were stepped) are projected.
+    Groups are checked now; bad options raise ValueError naming the problem.
+
+    ``spectral_soft_cap`` is coupled to the step: it needs the true norm of the step just taken,
+    which only an optimizer with a ``step_bound(group) -> (update_norm, decay)`` method provides
+    (Muon). With any other optimizer (AdamW) it is refused: an AdamW step has no norm bound, and
+    driving the cap by a measured norm would need a copy of every weight and a certified norm
+    estimate per step; use svd_cap, spectral_hard_cap or spectral_normalize instead. Soft-cap steps
+    beyond the cap's guarantee (k > (81/62)·w_max) trigger one warning per optimizer.
+
+    Muon calls this itself; call it once on other optimizers (a second call is an error).
+    """
+    if getattr(optimizer, "_lipschitz_constrained", False):
+        raise ValueError("constrain: this optimizer already has its constraints installed")
+    for group in optimizer.param_groups:
+        _check_constraint_group(optimizer, group)
+    warned = []
+
+    @torch.no_grad()
+    def project(opt: Optimizer, args: tuple, kwargs: dict) -> None:
+        for group in opt.param_groups:
+            name = group.get("constraint", "none")
+            if name == "none":
+                continue
+            fn = _constraint_fn(name)
+            kw = dict(group.get("constraint_kwargs", {}))
+            if name not in _NO_BOUND:
+                kw["w_max"] = group["w_max"]
+            if name == "spectral_soft_cap":
+                update_norm, decay = opt.step_bound(group)
+                kw.update(update_norm=update_norm, weight_decay=decay)
+                k = group["w_max"] * (1 - decay) + update_norm
+                if k > SOFT_CAP_MAX_K * group["w_max"] and not warned:
+                    warned.append(True)
+                    warnings.warn(
+                        f"spectral_soft_cap: step norm {update_norm:.4g} is beyond what the cap "
+                        f"can absorb at w_max={group['w_max']} (k = {k:.4g} > (81/62)·w_max); "
+                        "the bound is not guaranteed — lower the learning rate",
+                        stacklevel=2,
+                    )
+            stateful = "state" in inspect.signature(fn).parameters
+            for p in group["params"]:
+                if p.grad is None:
+                    continue
+                if stateful:  # power-iteration warm start, saved with the optimizer's state
+                    kw["state"] = opt.state[p].setdefault("constraint", {})
+                p.copy_(fn(p, **kw))
+
+    optimizer.register_step_post_hook(project)
+    optimizer._lipschitz_constrained = True
+    return optimizer
+
+
+# --------------------------------------------------------------------------------------------
+# Parameter routing
+
+
+def route_parameters(
+    model: nn.Module,
+    head: nn.Module | None = None,
+    blocks_mass: float | None = None,
+    residual_scale: float = 1.0,
+    attention_scale: float = 1 / 3,
+    head_rule: str = "matrix",
+    matrix_types: tuple[type[nn.Module], ...] = (nn.Linear,),
+) -> list[dict]:
+    """Split a model's parameters into param groups by module type (not by ndim).
+
+    Roles: ``"embedding"`` (weights of ``nn.Embedding``), ``"head"`` (the weight of ``head``, or
+    of ``model.head`` if that is an ``nn.Linear``), ``"hidden"`` (weights of the other
+    ``matrix_types`` modules) and ``"vector"`` (every parameter with fewer than 2 dimensions:
+    biases, norm gains, scalars). Another module owning a parameter with ≥ 2 dimensions is an
+    error: add its type to ``matrix_types`` if its weight is (..., out, in). Tied parameters are
+    listed once.
+
+    Each group is a dict ``{"params": [(name, p), ...], "role", "target_norm", "rule"}`` (torch
+    optimizers keep the names in ``param_names``; vector groups have no ``rule``). Give the
+    non-vector groups to :class:`Muon` and the vectors to AdamW, adding ``constraint`` and
+    ``w_max`` to the groups to be constrained.
+
+    Target norms (multipliers of the Muon step; 1 for every group when ``blocks_mass`` is None).
+    The paper gives the embedding and the head mass 1 each and all hidden matrices together
+    ``blocks_mass``; a weight's share of the step is its mass fraction divided by the
+    sensitivity of what follows it: ÷``residual_scale`` (a in x ← (1 − a)·x + a·block(x),
+    1/(2·n_layer) for our transformer), and ÷``attention_scale`` (the ×1/3 after attention) for
+    Q/K/V, recognised as the ``q``, ``k``, ``v`` attributes of a module that also has ``o``.
+    With n_io = number of embeddings and heads and n_hidden = number of hidden matrices (a
+    stacked (h, out, in) weight counts h):
+
+        embedding, head: 1 / (blocks_mass + n_io)
+        hidden:          blocks_mass / ((blocks_mass + n_io)·n_hidden·residual_scale)
+        Q, K, V:         hidden / attention_scale
+
+    Paper's Shakespeare transformer (3 layers of q, k, v, o, fc_in, fc_out, a = 1/6):
+    blocks_mass 32 → embed/head 1/34 = 0.0294, W_O and MLP 0.3137, Q/K/V 0.9412;
+    blocks_mass 16 → 1/18 = 0.0556, 0.2963, 0.8889. CIFAR MLP (2 hidden + head, no residual):
+    blocks_mass 2 → every layer 1/3.
+    """
+    if blocks_mass is not None and not blocks_mass > 0:
+        raise ValueError(f"route_parameters: blocks_mass must be > 0, got {blocks_mass!r}")
+    if not 0 < residual_scale <= 1 or not 0 < attention_scale <= 1:
+        raise ValueError("route_parameters: residual_scale and attention_scale must be in (0, 1]")
+    if head_rule not in _RULES:
+        raise ValueError(f"route_parameters: head_rule must be one of {_RULES}, got {head_rule!r}")
+    if head is None and isinstance(getattr(model, "head", None), nn.Linear):
+        head = model.head
+    qkv = set()  # ids of Q/K/V weights
+    for m in model.modules():
+        if all(isinstance(getattr(m, a, None), nn.Module) for a in ("q", "k", "v", "o")):
+            qkv.update(id(getattr(m, a).weight) for a in ("q", "k", "v"))
+
+    routed: list[tuple[str, str, nn.Parameter]] = []  # (role, name, parameter)
+    seen = set()
+    for mod_name, m in model.named_modules():
+        for p_name, p in m.named_parameters(recurse=False):
+            if id(p) in seen:
+                continue
+            seen.add(id(p))
+            name = f"{mod_name}.{p_name}" if mod_name else p_name
+            if p.ndim < 2:
+                role = "vector"
+            elif m is head:
+                role = "head"
+            elif isinstance(m, nn.Embedding):
+                role = "embedding"
+            elif isinstance(m, matrix_types):
+                role = "hidden"
+            else:
+                raise ValueError(
+                    f"route_parameters: don't know how to treat {name} of shape "
+                    f"{tuple(p.shape)} in a {type(m).__name__}; pass its type in matrix_types "
+                    "if it is a (..., out, in) weight matrix"
+                )
+            routed.append((role, name, p))
+
+    def n_matrices(p: Tensor) -> int:
+        return math.prod(p.shape[:-2])
+
+    n_io = sum(n_matrices(p) for role, _, p in routed if role in ("embedding", "head"))
+    n_hidden = sum(n_matrices(p) for role, _, p in routed if role == "hidden")
+
+    def target_norm(role: str, p: Tensor) -> float:
+        if blocks_mass is None or role == "vector":
+            return 1.0
+        if role in ("embedding", "head"):
+            return 1 / (blocks_mass + n_io)
+        tn = blocks_mass / ((blocks_mass + n_io) * n_hidden * residual_scale)
+        return tn / attention_scale if id(p) in qkv else tn
+
+    rules = {"hidden": "matrix", "embedding": "embedding", "head": head_rule}
+    groups: dict[tuple[str, float], dict] = {}
+    for role, name, p in routed:
+        tn = target_norm(role, p)
+        if (role, tn) not in groups:
+            groups[role, tn] = {"params": [], "role": role, "target_norm": tn}
+            if role in rules:
+                groups[role, tn]["rule"] = rules[role]
+        groups[role, tn]["params"].append((name, p))
+    return list(groups.values())
