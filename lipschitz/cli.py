@@ -1,23 +1,131 @@
-"""The `lipschitz` command."""
+"""The `lipschitz` command: train, sample, certify, presets, bench."""
 
 from __future__ import annotations
 
 import argparse
+import json
 import sys
+from pathlib import Path
+
+
+def cmd_train(args: argparse.Namespace) -> None:
+    from lipschitz.config import apply_overrides
+    from lipschitz.presets import preset
+    from lipschitz.train import train
+
+    cfg = apply_overrides(preset(args.preset), args.set or [])
+    if args.data_dir is not None:
+        cfg = apply_overrides(cfg, [f"data_dir={args.data_dir}"])
+    if args.resume and args.set:
+        raise ValueError("--resume continues the saved config exactly; drop --set")
+    final = train(cfg, args.out, resume=args.resume)
+    print(
+        f"final: val_acc={final['val_acc']:.4f} val_loss={final['val_loss']:.4f} "
+        f"certified Lipschitz bound={final['lipschitz_bound']:.4g} "
+        f"steps={final['steps']} wall={final['wall_time_s']:.0f}s -> {args.out}/final.json"
+    )
+    if cfg.sample_tokens > 0:
+        print("sample:")
+        print(sample_text(args.out, "\n", cfg.sample_tokens, temperature=0.8, seed=0))
+
+
+def sample_text(out: str, prompt: str, tokens: int, temperature: float, seed: int) -> str:
+    import torch
+
+    from lipschitz.train import generate, load_run
+
+    model, cfg = load_run(out)
+    vocab = json.loads((Path(out) / "vocab.json").read_text())
+    lookup = {c: i for i, c in enumerate(vocab)}
+    unknown = sorted(set(prompt) - lookup.keys())
+    if unknown:
+        raise ValueError(f"prompt has characters outside the vocabulary: {unknown!r}")
+    idx = torch.tensor([[lookup[c] for c in prompt]], dtype=torch.long)
+    gen = torch.Generator().manual_seed(seed)
+    ids = generate(model, idx, tokens, cfg.seq_len, temperature, gen)[0].tolist()
+    return "".join(vocab[i] for i in ids)
+
+
+def cmd_sample(args: argparse.Namespace) -> None:
+    print(sample_text(args.dir, args.prompt, args.tokens, args.temperature, args.seed))
+
+
+def cmd_certify(args: argparse.Namespace) -> None:
+    from lipschitz.certify import certify
+    from lipschitz.train import load_run
+
+    model, _ = load_run(args.dir)
+    cert = certify(model)
+    result = {
+        "lipschitz_bound": cert.lipschitz,
+        "input_norm": cert.input_norm,
+        "output_norm": cert.output_norm,
+        "input_bound": cert.input_bound,
+        "layers": cert.layers,
+    }
+    if args.json:
+        print(json.dumps(result, indent=2))
+    else:
+        print(f"certified Lipschitz bound: {cert.lipschitz:.6g} ({cert.input_norm} -> "
+              f"{cert.output_norm})")  # fmt: skip
+        for layer in cert.layers:
+            print(f"  {layer['name']:40s} {layer['rms_operator_norm']:.4f}")
+
+
+def cmd_presets(args: argparse.Namespace) -> None:
+    from lipschitz.presets import PRESETS
+
+    width = max(len(name) for name in PRESETS)
+    for name, (description, _) in PRESETS.items():
+        print(f"{name:{width}s}  {description}")
+
+
+def cmd_bench(args: argparse.Namespace) -> None:
+    from lipschitz import bench
+
+    bench.main(args.args)
 
 
 def main(argv: list[str] | None = None) -> None:
     argv = sys.argv[1:] if argv is None else argv
     parser = argparse.ArgumentParser(prog="lipschitz", description=__doc__)
     commands = parser.add_subparsers(dest="command", required=True)
-    bench = commands.add_parser("bench", help="run a benchmark (projections)")
-    bench.add_argument("name", choices=["projections"])
-    bench.add_argument("args", nargs=argparse.REMAINDER, help="options for the benchmark")
-    args = parser.parse_args(argv)
-    if args.command == "bench":
-        from lipschitz import bench as bench_module
 
-        bench_module.main(args.args)
+    p = commands.add_parser("train", help="train a preset into a run directory")
+    p.add_argument("preset", help="a preset name (see `lipschitz presets`)")
+    p.add_argument("--out", required=True, help="run directory")
+    p.add_argument("--set", action="append", metavar="KEY=VALUE", help="override a config key")
+    p.add_argument("--data-dir", default=None, help="folder laid out like shared/data")
+    p.add_argument("--resume", action="store_true", help="continue the run in --out exactly")
+    p.set_defaults(func=cmd_train)
+
+    p = commands.add_parser("sample", help="sample text from a trained run")
+    p.add_argument("dir")
+    p.add_argument("--prompt", default="\n")
+    p.add_argument("--tokens", type=int, default=500)
+    p.add_argument("--temperature", type=float, default=0.8)
+    p.add_argument("--seed", type=int, default=0)
+    p.set_defaults(func=cmd_sample)
+
+    p = commands.add_parser("certify", help="certify a trained run's Lipschitz bound")
+    p.add_argument("dir")
+    p.add_argument("--json", action="store_true", help="print one JSON object")
+    p.set_defaults(func=cmd_certify)
+
+    p = commands.add_parser("presets", help="list the presets")
+    p.set_defaults(func=cmd_presets)
+
+    p = commands.add_parser("bench", help="run a benchmark (projections)")
+    p.add_argument("name", choices=["projections"])
+    p.add_argument("args", nargs=argparse.REMAINDER, help="options for the benchmark")
+    p.set_defaults(func=cmd_bench)
+
+    args = parser.parse_args(argv)
+    try:
+        args.func(args)
+    except (ValueError, FileNotFoundError, FileExistsError, FloatingPointError) as err:
+        print(f"lipschitz {args.command}: error: {err}", file=sys.stderr)
+        sys.exit(2)
 
 
 if __name__ == "__main__":

@@ -116,7 +116,7 @@ class CausalSelfAttention(nn.Module):
         if n_head < 1 or d_model % n_head != 0:
             raise ValueError(f"d_model={d_model} must be a positive multiple of n_head={n_head}")
         if (d_model // n_head) % 2 != 0:
-            raise ValueError(f"RoPE needs an even head size, got d_model/n_head={d_model // n_head}")
+            raise ValueError(f"RoPE needs an even head size, got {d_model // n_head}")
         if not attn_scale >= 0:
             raise ValueError(f"attn_scale must be >= 0, got {attn_scale!r}")
         self.n_head, self.d_head, self.seq_len = n_head, d_model // n_head, seq_len
@@ -147,13 +147,16 @@ class CausalSelfAttention(nn.Module):
                 logits = (q @ k.transpose(-2, -1)) * self.logit_scale()  # (B, H, T, T)
                 causal = torch.ones(T, T, dtype=torch.bool, device=x.device).tril()
                 stats["max_logit"] = logits.masked_fill(~causal, -math.inf).amax()
-        y = F.scaled_dot_product_attention(q, k, v, is_causal=True, scale=self.logit_scale())
+        scale = self.logit_scale()
+        if scale == 0:  # SDPA turns the masked -inf into NaN for scale=0; equal logits instead
+            q, scale = torch.zeros_like(q), 1.0
+        y = F.scaled_dot_product_attention(q, k, v, is_causal=True, scale=scale)
         y = y.transpose(1, 2).reshape(B, T, C) * self.out_mult  # (B, T, d)
         return self.o(y)
 
 
 class MLP(nn.Module):
-    """d → 4d → d with exact GELU divided by 1.1289 (its max slope), so the activation is 1-Lipschitz."""
+    """d → 4d → d with exact GELU divided by 1.1289 (its max slope): a 1-Lipschitz activation."""
 
     def __init__(self, d_model: int, zero_init_out: bool = True) -> None:
         super().__init__()

@@ -1,0 +1,122 @@
+"""Run configuration: one flat dataclass, presets, and ``--set key=value`` overrides.
+
+Every key is a field of :class:`Config`; a preset is a dict of overrides of the defaults, and
+``--set`` applies more overrides on top, parsed to the field's type. An unknown key or a value
+that does not parse is an error naming the key.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import types
+import typing
+from dataclasses import dataclass, fields
+from pathlib import Path
+
+
+@dataclass
+class Config:
+    # What to train
+    model: str = "lipschitz_gpt"  # lipschitz_gpt | baseline_gpt
+    dataset: str = "shakespeare"
+    data_dir: str | None = None  # else $LIPSCHITZ_DATA_DIR, else cache/download
+    # Common keys (design.md)
+    optimizer: str = "muon"  # muon | adamw
+    constraint: str = "spectral_soft_cap"  # a lipschitz.constraints.CONSTRAINTS name
+    w_max: float = 1.0  # RMS→RMS bound of every hidden matrix
+    lr: float = 0.1
+    weight_decay: float = 0.0
+    steps: int = 2000
+    batch_size: int = 64  # global batch (sequences per optimizer step)
+    seq_len: int = 256
+    seed: int = 0
+    device: str = "auto"  # auto | cpu | cuda | mps
+    # Model
+    d_model: int = 256
+    n_layer: int = 3
+    n_head: int = 4
+    attn_scale: float = 1.0  # multiplies the 1/d_head attention logits (Lipschitz model)
+    final_scale: float = 1.0  # multiplies the logits
+    # Optimizer details
+    head_w_max: float | None = None  # None: same as w_max
+    embed_w_max: float = 1.0  # cap on every embedding row's RMS
+    blocks_mass: float | None = 32.0  # the paper's target-norm split; None: every group 1
+    momentum: float = 0.9
+    nesterov: bool = False
+    coefficients: str = "you6"  # Newton–Schulz set for Muon
+    adam_betas: tuple[float, float] = (0.9, 0.95)
+    schedule: str = "linear"  # linear | cosine | constant | constant_cooldown
+    warmup_steps: int = 0
+    # Loop
+    grad_accum: int = 1
+    eval_every: int = 250
+    eval_protocol: str = "full"  # full | paper (see lipschitz.train.evaluate)
+    checkpoint_every: int = 500
+    log_every: int = 50
+    compile: bool = False
+    sample_tokens: int = 200  # length of the text sample printed at the end (0: none)
+
+    def to_json(self) -> str:
+        return json.dumps(dataclasses.asdict(self), indent=2)
+
+    @classmethod
+    def from_dict(cls, values: dict) -> Config:
+        known = {f.name for f in fields(cls)}
+        unknown = sorted(set(values) - known)
+        if unknown:
+            raise ValueError(f"unknown config keys {unknown}; known keys: {sorted(known)}")
+        values = dict(values)
+        if isinstance(values.get("adam_betas"), list):
+            values["adam_betas"] = tuple(values["adam_betas"])
+        return cls(**values)
+
+    @classmethod
+    def load(cls, path: str | Path) -> Config:
+        return cls.from_dict(json.loads(Path(path).read_text()))
+
+
+def _parse(key: str, text: str, annotation: object) -> object:
+    """Parse ``text`` as the type ``annotation`` of field ``key``; ValueError if it does not."""
+    hint = typing.get_type_hints(Config)[key] if isinstance(annotation, str) else annotation
+    args = typing.get_args(hint)
+    if isinstance(hint, types.UnionType) or typing.get_origin(hint) is typing.Union:
+        if text.lower() in ("none", "null") and type(None) in args:
+            return None
+        (inner,) = [a for a in args if a is not type(None)]
+        return _parse(key, text, inner)
+    try:
+        if hint is bool:
+            if text.lower() in ("1", "true", "yes", "on"):
+                return True
+            if text.lower() in ("0", "false", "no", "off"):
+                return False
+            raise ValueError
+        if typing.get_origin(hint) is tuple:
+            parts = [p for p in text.strip("()[] ").split(",") if p.strip()]
+            if len(parts) != len(args):
+                raise ValueError
+            return tuple(a(p) for a, p in zip(args, parts, strict=True))
+        if hint is int:
+            return int(text)
+        if hint is float:
+            return float(text)
+        return str(text)
+    except ValueError:
+        name = getattr(hint, "__name__", str(hint))
+        raise ValueError(f"--set {key}={text}: expected a value of type {name}") from None
+
+
+def apply_overrides(config: Config, assignments: list[str]) -> Config:
+    """Apply ``key=value`` strings to a config; unknown keys and bad values raise ValueError."""
+    types_by_name = {f.name: f.type for f in fields(Config)}
+    changes = {}
+    for item in assignments:
+        key, sep, text = item.partition("=")
+        key = key.strip()
+        if not sep:
+            raise ValueError(f"--set {item!r}: expected key=value")
+        if key not in types_by_name:
+            raise ValueError(f"--set {key}: unknown key; known keys: {sorted(types_by_name)}")
+        changes[key] = _parse(key, text.strip(), types_by_name[key])
+    return dataclasses.replace(config, **changes)

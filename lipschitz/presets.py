@@ -1,0 +1,51 @@
+"""Named experiments: each preset is a one-line description and overrides of Config's defaults."""
+
+from __future__ import annotations
+
+import dataclasses
+
+from lipschitz.config import Config
+
+PRESETS: dict[str, tuple[str, dict]] = {
+    "shakespeare": (
+        "the paper's 2.4M Lipschitz transformer (d 256, 3 layers, 2000 steps), Muon + soft cap, "
+        "certified bound <= 2; a GPU job",
+        dict(
+            model="lipschitz_gpt", d_model=256, n_layer=3, n_head=4, seq_len=256, batch_size=64,
+            steps=2000, optimizer="muon", constraint="spectral_soft_cap", w_max=1.2, lr=0.1,
+            eval_every=250, checkpoint_every=500,
+        ),
+    ),
+    "shakespeare-baseline": (
+        "nanoGPT-style baseline of the same size and token budget (LayerNorm, AdamW), unbounded",
+        dict(
+            model="baseline_gpt", d_model=256, n_layer=3, n_head=4, seq_len=256, batch_size=64,
+            steps=2000, optimizer="adamw", constraint="none", lr=3e-3, weight_decay=0.1,
+            schedule="cosine", warmup_steps=100, eval_every=250, checkpoint_every=500,
+        ),
+    ),
+    "shakespeare-cpu": (
+        "the default job: a smaller Lipschitz transformer that trains in <= 10 min on 2 CPU "
+        "cores with a certified bound <= 2",
+        dict(
+            model="lipschitz_gpt", d_model=128, n_layer=3, n_head=4, seq_len=128, batch_size=32,
+            steps=1500, optimizer="muon", constraint="spectral_soft_cap", w_max=1.2, lr=0.1,
+            eval_every=250, checkpoint_every=250,
+        ),
+    ),
+    "tiny": (
+        "a seconds-long run for tests and smoke checks",
+        dict(
+            model="lipschitz_gpt", d_model=32, n_layer=2, n_head=2, seq_len=32, batch_size=8,
+            steps=20, optimizer="muon", constraint="spectral_soft_cap", w_max=1.2, lr=0.1,
+            eval_every=10, checkpoint_every=10, log_every=5, sample_tokens=40,
+        ),
+    ),
+}  # fmt: skip
+
+
+def preset(name: str) -> Config:
+    """The Config of a named preset; ValueError listing the presets for an unknown name."""
+    if name not in PRESETS:
+        raise ValueError(f"unknown preset {name!r}; presets: {', '.join(PRESETS)}")
+    return dataclasses.replace(Config(), **PRESETS[name][1])

@@ -1,0 +1,473 @@
+"""Certificates: hand computations, brute-force lower bounds, activation bounds, the σ table."""
+
+import itertools
+import math
+import statistics
+
+import pytest
+import torch
+from torch import nn
+
+from lipschitz.certify import (
+    RULES,
+    certificate_table,
+    certify,
+    empirical_lipschitz,
+    jacobian_power_iteration,
+    register_rule,
+)
+from lipschitz.linalg import rms_operator_norm
+from lipschitz.nn import (
+    GELU_MAX_SLOPE,
+    BaselineGPT,
+    BaselineMLP,
+    Block,
+    Linear,
+    LipschitzGPT,
+    LipschitzMLP,
+    activation_stats,
+)
+
+G = GELU_MAX_SLOPE / 1.1289  # Lipschitz constant of GELU(x)/1.1289 (1.0000037)
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _one_thread():
+    """Tiny tensors: threads only add contention on a shared machine."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
+def _rescale_randomly(model: nn.Module, g: torch.Generator, orthogonal: bool = False) -> None:
+    """Every Linear gets random (Gaussian or orthogonal) weights at RMS→RMS norm U[0.5, 3]."""
+    with torch.no_grad():
+        for m in model.modules():
+            if isinstance(m, nn.Linear):
+                W = torch.randn(m.weight.shape, generator=g, dtype=torch.float64)
+                if orthogonal:  # all singular values equal
+                    U, _, Vh = torch.linalg.svd(W, full_matrices=False)
+                    W = U @ Vh
+                target = 0.5 + 2.5 * float(torch.rand((), generator=g))
+                m.weight.copy_(W * (target / float(rms_operator_norm(W))))
+
+
+def _picker(g: torch.Generator):
+    return lambda xs: xs[int(torch.randint(len(xs), (), generator=g))]
+
+
+def _random_gpt(seed: int) -> LipschitzGPT:
+    g = torch.Generator().manual_seed(seed)
+    pick = _picker(g)
+    torch.manual_seed(seed)
+    model = LipschitzGPT(
+        vocab_size=7,
+        d_model=pick([8, 16]),
+        n_layer=pick([1, 2]),
+        n_head=pick([1, 2, 4]),
+        seq_len=5,
+        attn_scale=0.5 + 2.5 * float(torch.rand((), generator=g)),
+        final_scale=0.5 + float(torch.rand((), generator=g)),
+        zero_init_out=False,
+        zero_init_head=False,
+    )
+    _rescale_randomly(model, g, orthogonal=seed % 2 == 1)
+    return model.double()
+
+
+def _random_mlp(seed: int) -> LipschitzMLP:
+    g = torch.Generator().manual_seed(seed)
+    pick = _picker(g)
+    model = LipschitzMLP(pick([12, 48]), pick([8, 32]), pick([3, 10]), n_layers=pick([2, 3]))
+    _rescale_randomly(model, g, orthogonal=seed % 2 == 1)
+    return model
+
+
+def _set(linear: nn.Linear, W: torch.Tensor) -> None:
+    with torch.no_grad():
+        linear.weight.copy_(W)
+
+
+def _one_layer_gpt(n_head: int, attn_scale: float = 0.5, final_scale: float = 2.0):
+    """d = 4, vocab 4, one block, every weight a multiple of a matrix with a known norm."""
+    model = LipschitzGPT(
+        vocab_size=4,
+        d_model=4,
+        n_layer=1,
+        n_head=n_head,
+        seq_len=4,
+        attn_scale=attn_scale,
+        final_scale=final_scale,
+    ).double()
+    I4 = torch.eye(4, dtype=torch.float64)
+    with torch.no_grad():
+        model.embed.weight.copy_(torch.tensor([[1.0, 1, 1, 1], [1, -1, 1, -1], [0.5] * 4, [0] * 4]))
+    attn, mlp = model.blocks[0].attn, model.blocks[0].mlp
+    _set(attn.q, 2.0 * I4)  # ‖W_Q‖ = 2
+    _set(attn.k, 3.0 * I4)  # ‖W_K‖ = 3
+    _set(attn.v, 0.5 * I4)  # ‖W_V‖ = 0.5
+    _set(attn.o, 1.5 * I4)  # ‖W_O‖ = 1.5
+    # [I; I; I; I] (16×4) has σ = 2, RMS→RMS = √(4/16)·2 = 1;  [I I I I] (4×16): √(16/4)·2 = 4
+    _set(mlp.fc_in, 0.8 * torch.cat([I4] * 4, 0))  # ‖W_in‖ = 0.8
+    _set(mlp.fc_out, (1.25 / 4) * torch.cat([I4] * 4, 1))  # ‖W_out‖ = 1.25
+    _set(model.head, 0.7 * I4)  # ‖W_head‖ = 0.7
+    return model
+
+
+def test_one_layer_gpt_certificate_by_hand():
+    model = _one_layer_gpt(n_head=1)
+    alpha, a0 = 0.5, 1.0  # α = 1/(2·1); the largest embedding row RMS is 1 ([1,1,1,1])
+    # attention: (1/3)·‖W_O‖·(‖W_V‖ + 2·s·‖W_V‖‖W_Q‖‖W_K‖·a²) = 0.5·(0.5 + 2·0.5·0.5·2·3·1) = 1.75
+    L_att = (1 / 3) * 1.5 * (0.5 + 2 * 0.5 * 0.5 * 2 * 3 * a0**2)
+    assert L_att == pytest.approx(1.75)
+    a1 = (1 - alpha) * a0 + alpha * (1 / 3) * 1.5 * 0.5 * a0  # 0.5 + 0.5·0.25 = 0.625
+    L_mlp = 1.25 * 0.8 * G  # ‖W_out‖‖W_in‖ × (GELU slope / 1.1289)
+    head = 0.7 * 2.0  # ‖W_head‖ × final_scale
+    expected = 1.0 * (0.5 + 0.5 * L_att) * (0.5 + 0.5 * L_mlp) * head  # = 1.375 · (≈1) · 1.4
+    cert = certify(model)
+    assert cert.lipschitz == pytest.approx(expected, rel=1e-12)
+    assert cert.input_norm == "inf-l1 (token)" and cert.output_norm == "inf-RMS"
+    assert cert.input_bound is None
+    steps = {s["name"]: s for s in cert.steps}
+    assert steps["blocks.0.attn"]["bound_out"] == pytest.approx(a1, rel=1e-12)
+    assert steps["blocks.0.mlp"]["bound_out"] == pytest.approx(0.5 * a1 + 0.5 * a1 / 1.1289)
+    # the paper's rule: the same attention formula for one head, but L_mlp = ‖W_out‖‖W_in‖/1.1289
+    paper_mlp = 1.25 * 0.8 / 1.1289
+    assert certify(model, rule="paper").lipschitz == pytest.approx(
+        1.375 * (0.5 + 0.5 * paper_mlp) * 1.4, rel=1e-12
+    )
+    # continuous inputs with per-token RMS ≤ 2: a² = 4 in the attention term, no embedding factor
+    L_att2 = 0.5 * (0.5 + 2 * 0.5 * 0.5 * 2 * 3 * 4)  # 6.25
+    cert2 = certify(model, inputs="embeds", input_bound=2.0)
+    assert cert2.lipschitz == pytest.approx((0.5 + 0.5 * L_att2) * (0.5 + 0.5 * L_mlp) * head)
+    assert cert2.input_norm == "inf-RMS" and cert2.input_bound == 2.0
+    names = [layer["name"] for layer in cert.layers]
+    assert names == [
+        "embed.weight",
+        *(f"blocks.0.attn.{p}.weight" for p in "qkvo"),
+        "blocks.0.mlp.fc_in.weight",
+        "blocks.0.mlp.fc_out.weight",
+        "head.weight",
+    ]
+    norms = [layer["rms_operator_norm"] for layer in cert.layers[1:]]
+    assert norms == pytest.approx([2, 3, 0.5, 1.5, 0.8, 1.25, 0.7], rel=1e-12)
+
+
+def test_multihead_attention_certificate_by_hand():
+    model = _one_layer_gpt(n_head=2)
+    attn = model.blocks[0].attn
+    diag = lambda *xs: torch.diag(torch.tensor(xs, dtype=torch.float64))  # noqa: E731
+    _set(attn.v, diag(0.5, 0.5, 0.2, 0.2))  # head norms σ_V^h = 0.5, 0.2
+    _set(attn.k, diag(1.0, 1.0, 3.0, 3.0))  # head norms σ_K^h = 1, 3
+    # (‖W_O‖/3)·[√(Σ_h σ_V^h²) + 2·s·H·a²·‖W_Q‖·max_h σ_K^h σ_V^h], s = 0.5, H = 2, a = 1
+    v_path = math.sqrt(0.5**2 + 0.2**2)
+    L_att = (1.5 / 3) * (v_path + 2 * 0.5 * 2 * 1.0 * 2.0 * max(1 * 0.5, 3 * 0.2))
+    expected = (0.5 + 0.5 * L_att) * (0.5 + 0.5 * 1.25 * 0.8 * G) * 0.7 * 2.0
+    cert = certify(model)
+    assert cert.lipschitz == pytest.approx(expected, rel=1e-12)
+    v_entry = next(e for e in cert.layers if e["name"] == "blocks.0.attn.v.weight")
+    assert v_entry["head_spectral_norms"] == pytest.approx([0.5, 0.2])
+    # the paper's formula uses ‖W_V‖ = 0.5, ‖W_K‖ = 3 and no H: (0.5)·(0.5 + 2·0.5·0.5·2·3)
+    paper = (0.5 + 0.5 * 0.5 * (0.5 + 2 * 0.5 * 0.5 * 2 * 3)) * (0.5 + 0.5 * 0.8 * 1.25 / 1.1289)
+    paper *= 0.7 * 2.0
+    assert certify(model, rule="paper").lipschitz == pytest.approx(paper, rel=1e-12)
+
+
+def test_attention_scale_only_on_the_a_squared_term_and_final_scale_linear():
+    model = _random_gpt(3)
+    attn_steps = []
+    for s in (0.0, 1.0, 2.0):
+        for block in model.blocks:
+            block.attn.attn_scale = s
+        attn_steps.append(certify(model).steps[1]["lipschitz"])  # blocks.0.attn
+    # affine in s: the value path does not scale, the a² term does
+    assert attn_steps[2] - attn_steps[1] == pytest.approx(attn_steps[1] - attn_steps[0])
+    assert attn_steps[1] > attn_steps[0] > 0
+    L = certify(model).lipschitz
+    model.final_scale *= 3
+    assert certify(model).lipschitz == pytest.approx(3 * L)
+
+
+def test_blocks_walked_in_forward_order():
+    """a at block i's input comes from blocks < i, so order matters; steps chain bounds."""
+    torch.manual_seed(0)
+    model = LipschitzGPT(
+        vocab_size=5,
+        d_model=8,
+        n_layer=2,
+        n_head=2,
+        seq_len=4,
+        zero_init_out=False,
+        zero_init_head=False,
+    )
+    with torch.no_grad():  # block 0 grows activations (big V, O, MLP); block 1 has big Q, K
+        for name in ("v", "o"):
+            getattr(model.blocks[0].attn, name).weight.mul_(3.0)
+        model.blocks[0].mlp.fc_in.weight.mul_(3.0)
+        model.blocks[0].mlp.fc_out.weight.mul_(3.0)
+        for name in ("q", "k"):
+            getattr(model.blocks[1].attn, name).weight.mul_(3.0)
+    cert = certify(model)
+    steps = cert.steps
+    assert [s["name"] for s in steps] == [
+        "embed",
+        "blocks.0.attn",
+        "blocks.0.mlp",
+        "blocks.1.attn",
+        "blocks.1.mlp",
+        "head",
+    ]
+    for prev, nxt in itertools.pairwise(steps):
+        assert nxt["bound_in"] == prev["bound_out"]
+    assert math.prod(s["lipschitz"] for s in steps) == pytest.approx(cert.lipschitz)
+    swapped = LipschitzGPT(vocab_size=5, d_model=8, n_layer=2, n_head=2, seq_len=4)
+    swapped.load_state_dict(model.state_dict())
+    swapped.blocks = nn.ModuleList([swapped.blocks[1], swapped.blocks[0]])
+    # big Q, K after the activations grew is worse than before
+    assert cert.lipschitz > 1.5 * certify(swapped).lipschitz
+
+
+def test_certificate_never_decreases_when_a_weight_grows():
+    for seed in (0, 1):
+        model = _random_gpt(seed)
+        for name, p in model.named_parameters():
+            before = (certify(model).lipschitz, certify(model, inputs="embeds").lipschitz)
+            with torch.no_grad():
+                p.mul_(1.3)
+            after = (certify(model).lipschitz, certify(model, inputs="embeds").lipschitz)
+            with torch.no_grad():
+                p.div_(1.3)
+            assert after[0] > before[0] * (1 + 1e-6), name  # every matrix enters the bound
+            if name == "embed.weight":  # continuous inputs bypass the embedding
+                assert after[1] == pytest.approx(before[1], rel=1e-12)
+            else:
+                assert after[1] > before[1] * (1 + 1e-6), name
+
+
+def test_empirical_lower_bound_never_exceeds_gpt_certificate(capsys):
+    ratios = []
+    for seed in range(50):
+        model = _random_gpt(seed)
+        cert = certify(model, inputs="embeds", input_bound=1.0)
+        lower = empirical_lipschitz(model, input_bound=1.0, n_pairs=8, steps=50, seed=seed)
+        assert 0 < lower <= cert.lipschitz * (1 + 1e-9), (seed, lower, cert.lipschitz)
+        ratios.append(lower / cert.lipschitz)
+        # token inputs: two sequences differing in some tokens are ∞ℓ1 distance 2 apart
+        tok = certify(model).lipschitz
+        a = torch.randint(0, 7, (16, 5), generator=torch.Generator().manual_seed(seed))
+        b = a.clone()
+        b[:, -2:] = (b[:, -2:] + 1 + torch.arange(2)) % 7
+        with torch.no_grad():
+            diff = (model(a) - model(b)).pow(2).mean(-1).sqrt().amax(-1)  # (16,) ∞RMS
+        assert float(diff.max()) / 2 <= tok
+    with capsys.disabled():
+        print(
+            f"\nGPT tightness lower/upper over 50 models: median {statistics.median(ratios):.4f},"
+            f" max {max(ratios):.4f}"
+        )
+    assert statistics.median(ratios) > 0.003  # the search finds something
+
+
+def test_empirical_lower_bounds_never_exceed_mlp_certificate(capsys):
+    ascent, power = [], []
+    for seed in range(50):
+        model = _random_mlp(seed)
+        cert = certify(model)
+        d_in, d_out = model.layers[0].in_features, model.layers[-1].out_features
+        assert cert.lipschitz_l2 == pytest.approx(cert.lipschitz * math.sqrt(d_out / d_in))
+        lower = empirical_lipschitz(model, n_pairs=8, steps=50, seed=seed)
+        x = torch.randn(16, d_in, generator=torch.Generator().manual_seed(seed))
+        jac = jacobian_power_iteration(model, x, iters=20)
+        for value in (lower, jac):
+            assert 0 < value <= cert.lipschitz * (1 + 1e-9), (seed, value, cert.lipschitz)
+        ascent.append(lower / cert.lipschitz)
+        power.append(jac / cert.lipschitz)
+    with capsys.disabled():
+        print(
+            f"\nMLP tightness over 50 models: ascent median {statistics.median(ascent):.4f}, "
+            f"Jacobian power iteration median {statistics.median(power):.4f}"
+        )
+    assert statistics.median(power) > 0.1
+
+
+def test_mlp_certificate_is_exact_for_one_linear_layer():
+    model = _random_mlp(0)
+    model.layers = model.layers[:1]  # a linear map: the product of one norm is its norm
+    cert = certify(model)
+    W = model.layers[0].weight.detach().double()
+    assert cert.lipschitz_l2 == pytest.approx(float(torch.linalg.matrix_norm(W, ord=2)), rel=1e-12)
+    x = torch.randn(3, W.shape[1])
+    assert jacobian_power_iteration(model, x, iters=200) == pytest.approx(cert.lipschitz, rel=1e-6)
+    assert empirical_lipschitz(model, steps=100) == pytest.approx(cert.lipschitz, rel=1e-3)
+
+
+def test_jacobian_power_iteration_matches_exact_jacobian():
+    model = _random_mlp(5).double()
+    x = torch.randn(1, model.layers[0].in_features, dtype=torch.float64)
+    J = torch.autograd.functional.jacobian(lambda z: model(z)[0], x)[:, 0]  # (out, in)
+    exact = float(rms_operator_norm(J))
+    assert jacobian_power_iteration(model, x, iters=300) == pytest.approx(exact, rel=1e-6)
+
+
+def test_residual_stream_stays_inside_certified_activation_bounds():
+    for seed in range(6):
+        model = _random_gpt(seed)
+        g = torch.Generator().manual_seed(seed)
+        for bound in (0.5, 1.0, 2.0):
+            x = torch.randn(32, 5, model.embed.embedding_dim, generator=g, dtype=torch.float64)
+            rms = x.pow(2).mean(-1, keepdim=True).sqrt()
+            radius = bound * torch.rand(32, 5, 1, generator=g, dtype=torch.float64).sqrt()
+            radius[:16] = bound  # half the sequences on the boundary of the domain
+            stats = activation_stats(model, inputs_embeds=x / rms * radius)
+            cert = certify(model, inputs="embeds", input_bound=bound)
+            steps = {s["name"]: s["bound_out"] for s in cert.steps}
+            steps["logits"] = steps.pop("head")
+            for name, bound_out in steps.items():
+                assert stats[name]["max_rms"] <= bound_out * (1 + 1e-9), (seed, bound, name)
+        idx = torch.randint(0, 7, (32, 5), generator=g)
+        stats = activation_stats(model, idx)
+        for s in certify(model).steps:
+            key = "logits" if s["name"] == "head" else s["name"]
+            assert stats[key]["max_rms"] <= s["bound_out"] * (1 + 1e-9), (seed, key)
+
+
+def _sharp_two_head_model(c: float = 10.0) -> LipschitzGPT:
+    """d = 4, 2 heads: at token 1, head 0 attends only to token 0 and head 1 only to token 1."""
+    model = LipschitzGPT(
+        vocab_size=4,
+        d_model=4,
+        n_layer=1,
+        n_head=2,
+        seq_len=2,
+        zero_init_out=False,
+        zero_init_head=False,
+    )
+    attn = model.blocks[0].attn
+    cos, sin = float(attn.cos[1, 0]), float(attn.sin[1, 0])  # RoPE rotation R₁ of a 2-dim head
+    Wq, Wk = torch.zeros(4, 4), torch.zeros(4, 4)
+    Wk[0, 0] = c  # head 0 key: reads e₀ (token 0)
+    Wq[0, 2], Wq[1, 2] = c * cos, -c * sin  # head 0 query from e₂, so that R₁q = c·e₀
+    Wk[2, 2] = Wq[2, 2] = c  # head 1: token 1 (e₂) matches itself
+    for lin, W in ((attn.q, Wq), (attn.k, Wk), (attn.v, torch.eye(4)), (attn.o, torch.eye(4))):
+        _set(lin, W)
+    _set(model.blocks[0].mlp.fc_out, torch.zeros(4, 16))
+    _set(model.head, torch.eye(4))
+    return model.double().requires_grad_(False)
+
+
+def test_paper_rule_is_not_a_bound_for_several_heads():
+    # Stage 1: each head averages its own values, so different heads can copy different tokens
+    model = _sharp_two_head_model()
+    x = torch.tensor([[[2.0, 0, 0, 0], [0, 0, 2.0, 0]]], dtype=torch.float64)  # token RMS = 1
+    y = model.blocks[0].attn(x)  # token 1 = [x₀ (head 0), x₁ (head 1)] / 3
+    branch = float(y[0, 1].pow(2).mean().sqrt())
+    assert branch == pytest.approx(math.sqrt(2) / 3, rel=1e-6)  # > the paper's ‖W_O‖‖W_V‖a/3
+    measured = activation_stats(model, inputs_embeds=x)["blocks.0.attn"]["max_rms"]
+    assert measured == pytest.approx(math.sqrt(17 / 36), rel=1e-6)  # 0.5·x₁ + 0.5·y, by hand
+    paper = certify(model, inputs="embeds", rule="paper").steps[0]["bound_out"]
+    ours = certify(model, inputs="embeds").steps[0]["bound_out"]
+    assert paper == pytest.approx(0.5 + 0.5 / 3) and measured > paper
+    assert ours == pytest.approx(0.5 + 0.5 * math.sqrt(2) / 3) and measured <= ours
+
+    # Stage 2: with 8 heads, the gradient search beats the paper's Lipschitz "bound"
+    wide = LipschitzGPT(
+        vocab_size=16,
+        d_model=16,
+        n_layer=1,
+        n_head=8,
+        seq_len=4,
+        zero_init_out=False,
+        zero_init_head=False,
+    )
+    for lin in (*(getattr(wide.blocks[0].attn, p) for p in "qkvo"), wide.head):
+        _set(lin, torch.eye(16))
+    _set(wide.blocks[0].mlp.fc_out, torch.zeros(16, 64))
+    lower = empirical_lipschitz(wide, n_pairs=16, steps=300)
+    assert lower > 1.1 * certify(wide, inputs="embeds", rule="paper").lipschitz
+    assert lower <= certify(wide, inputs="embeds").lipschitz
+
+
+def test_paper_mlp_rule_undercounts_the_gelu_slope():
+    """GELU(x)/1.1289 has slope 1 at x = √2, so ‖W_out‖‖W_in‖/1.1289 is 1.1289× too small."""
+    model = LipschitzGPT(
+        vocab_size=4, d_model=4, n_layer=1, n_head=2, seq_len=2, zero_init_head=False
+    ).double()
+    I4 = torch.eye(4, dtype=torch.float64)
+    _set(model.blocks[0].mlp.fc_in, 2 * torch.cat([I4] * 4, 0))  # norm 2: h = 2·(z, z, z, z)
+    _set(model.blocks[0].mlp.fc_out, 0.5 / 4 * torch.cat([I4] * 4, 1))  # norm 0.5: the mean × 0.5
+    _set(model.head, I4)
+    # W_O = 0, so the block is x ↦ 0.25·x + 0.25·GELU(x)/1.1289 (per entry), slope 0.5 at x = √2
+    x = torch.tensor([[[math.sqrt(2), math.sqrt(2), 0.0, 0.0]]], dtype=torch.float64)  # RMS 1
+    y = x - 1e-4 * torch.tensor([1.0, 1.0, 0.0, 0.0], dtype=torch.float64)  # still inside
+    with torch.no_grad():
+        diff = model(inputs_embeds=x) - model(inputs_embeds=y)
+    ratio = float(diff.pow(2).mean().sqrt() / (x - y).pow(2).mean().sqrt())
+    paper = certify(model, inputs="embeds", rule="paper").lipschitz
+    assert paper == pytest.approx(0.5 * (0.5 + 0.5 * 2 * 0.5 / 1.1289)) and ratio > 1.05 * paper
+    # the certified rule is attained here, to the 1.0000037 slope of GELU/1.1289
+    certified = certify(model, inputs="embeds").lipschitz
+    assert certified == pytest.approx(0.5 * (0.5 + 0.5 * G), rel=1e-12)
+    assert certified * (1 - 1e-8) < ratio <= certified * (1 + 1e-10)
+
+
+def test_tied_head_is_measured_as_both_embedding_and_head():
+    torch.manual_seed(0)
+    model = LipschitzGPT(
+        vocab_size=6, d_model=8, n_layer=1, n_head=2, seq_len=4, zero_init_out=False, tie_head=True
+    )
+    cert = certify(model)
+    head = next(e for e in cert.layers if e["name"].startswith("head.weight"))
+    assert head["name"] == "head.weight (tied to embed.weight)"
+    assert head["rms_operator_norm"] == pytest.approx(float(rms_operator_norm(model.embed.weight)))
+    assert cert.steps[-1]["lipschitz"] == pytest.approx(head["rms_operator_norm"])
+    assert cert.steps[0]["lipschitz"] == pytest.approx(1.0, abs=1e-6)  # rows have RMS 1
+
+
+def test_shakespeare_table_reproduces_paper_numbers():
+    rows = certificate_table((1.0, 1.2, 1.6, 2.0))
+    paper = [r["paper"] for r in rows]
+    assert paper == pytest.approx([0.88, 1.95, 23.1, 840], rel=0.01)  # paper notes §6.3
+    assert all(r["certified"] > r["paper"] for r in rows)  # the certified bound is larger
+
+
+def test_errors_name_the_problem():
+    with pytest.raises(TypeError, match="no certificate for BaselineGPT"):
+        certify(BaselineGPT(vocab_size=5, d_model=8, n_layer=1, n_head=2, seq_len=4))
+
+    class MyBlock(Block):  # a subclass may change forward, so it needs its own rule
+        pass
+
+    model = LipschitzGPT(
+        vocab_size=5,
+        d_model=8,
+        n_layer=1,
+        n_head=2,
+        seq_len=4,
+        zero_init_out=False,
+        zero_init_head=False,
+    )
+    before = certify(model).lipschitz
+    model.blocks.append(MyBlock(8, 2, 4, alpha=0.5))
+    with pytest.raises(TypeError, match="no certificate rule for MyBlock"):
+        certify(model)
+    register_rule(MyBlock)(lambda m, a, walk, name: (2.0, a))  # a 2-Lipschitz block, say
+    try:
+        assert certify(model).lipschitz == pytest.approx(2 * before, rel=1e-12)
+    finally:
+        RULES.pop(MyBlock)
+    with pytest.raises(ValueError, match="rule must be"):
+        certify(model, rule="nope")
+    with pytest.raises(ValueError, match="inputs='embeds' only"):
+        certify(model, input_bound=1.0)
+    with pytest.raises(ValueError, match="'tokens' or 'embeds'"):
+        certify(model, inputs="pixels")
+    with pytest.raises(ValueError, match="global"):
+        certify(LipschitzMLP(4, 4, 2), input_bound=1.0)
+    with pytest.raises(TypeError, match="MLPs"):
+        jacobian_power_iteration(model, torch.zeros(1, 4))
+    base = certify(BaselineMLP(6, 4, 2))  # a plain MLP is certified too (product of norms)
+    assert base.lipschitz == pytest.approx(
+        math.prod(e["rms_operator_norm"] for e in base.layers), rel=1e-12
+    )
+    assert isinstance(LipschitzMLP(4, 4, 2).layers[0], Linear)

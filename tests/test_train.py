@@ -1,0 +1,133 @@
+"""End to end: the training command trains `tiny`, survives an interruption, certifies, samples."""
+
+import json
+import os
+from pathlib import Path
+
+import pytest
+import torch
+
+from lipschitz import train as train_module
+from lipschitz.cli import main as cli_main
+from lipschitz.config import Config, apply_overrides
+from lipschitz.presets import PRESETS, preset
+
+DATA_DIR = os.environ.get("LIPSCHITZ_DATA_DIR")
+needs_data = pytest.mark.skipif(
+    not DATA_DIR or not Path(DATA_DIR, "tinyshakespeare/input.txt").exists(),
+    reason="needs LIPSCHITZ_DATA_DIR with tinyshakespeare/input.txt",
+)
+
+
+def _weights(run_dir: Path) -> dict:
+    return torch.load(run_dir / "checkpoint.pt", weights_only=False)["model"]
+
+
+@needs_data
+def test_tiny_interrupt_resume_certify_sample(tmp_path, monkeypatch, capsys):
+    cfg = preset("tiny")
+    full = tmp_path / "full"
+    final = train_module.train(cfg, full)
+    assert final["steps"] == cfg.steps
+    for key in ("val_loss", "val_acc", "lipschitz_bound", "steps", "tokens_seen", "wall_time_s"):
+        assert key in json.loads((full / "final.json").read_text())
+    assert (full / "curves.png").stat().st_size > 0
+
+    # Interrupt a second run during step 13 (after the checkpoint at step 10), then resume.
+    broken = tmp_path / "broken"
+    real_sample = train_module.sample_batch
+    calls = {"n": 0}
+
+    def crash_at_13(*args, **kwargs):
+        calls["n"] += 1
+        if calls["n"] == 13:
+            raise KeyboardInterrupt
+        return real_sample(*args, **kwargs)
+
+    monkeypatch.setattr(train_module, "sample_batch", crash_at_13)
+    with pytest.raises(KeyboardInterrupt):
+        train_module.train(cfg, broken)
+    monkeypatch.setattr(train_module, "sample_batch", real_sample)
+    assert torch.load(broken / "checkpoint.pt", weights_only=False)["step"] == 10
+    metrics_before = (broken / "metrics.jsonl").read_text().splitlines()
+    assert metrics_before, "an interrupted run keeps its metrics"
+    with pytest.raises(FileExistsError):
+        train_module.train(cfg, broken)  # never overwrite a run by accident
+    resumed = train_module.train(cfg, broken, resume=True)
+
+    a, b = _weights(full), _weights(broken)
+    assert a.keys() == b.keys()
+    for name in a:
+        assert torch.equal(a[name], b[name]), name
+    assert resumed["val_loss"] == final["val_loss"]
+    steps = [
+        json.loads(line)["step"] for line in (broken / "metrics.jsonl").read_text().splitlines()
+    ]
+    assert steps == sorted(set(steps)), "resume must not duplicate metric lines"
+
+    # certify --json reads the checkpoint back; its bound is the one training reported
+    capsys.readouterr()
+    cli_main(["certify", str(full), "--json"])
+    cert = json.loads(capsys.readouterr().out)
+    assert cert["lipschitz_bound"] == pytest.approx(final["lipschitz_bound"], rel=1e-12)
+    names = {layer["name"] for layer in cert["layers"]}
+    assert names >= {"embed.weight", "head.weight", "blocks.0.attn.q.weight"}
+    for layer in cert["layers"]:
+        if layer["name"] != "embed.weight":  # the embedding is capped per row, not as a matrix
+            assert layer["rms_operator_norm"] <= cfg.w_max * 1.001, layer["name"]
+
+    cli_main(["sample", str(full), "--prompt", "ROMEO:", "--tokens", "30"])
+    text = capsys.readouterr().out
+    assert text.startswith("ROMEO:") and len(text.rstrip("\n")) >= 30
+
+
+@needs_data
+def test_nan_loss_names_the_step(tmp_path, monkeypatch):
+    real_build = train_module.build_model
+
+    def poisoned(cfg, vocab_size):
+        model = real_build(cfg, vocab_size)
+        calls = {"n": 0}
+
+        def hook(module, args, output):
+            calls["n"] += 1
+            return output * float("nan") if calls["n"] >= 4 else output
+
+        model.head.register_forward_hook(hook)
+        return model
+
+    monkeypatch.setattr(train_module, "build_model", poisoned)
+    with pytest.raises(FloatingPointError, match="at step 4"):
+        train_module.train(preset("tiny"), tmp_path / "run")
+    assert (tmp_path / "run" / "metrics.jsonl").exists()
+
+
+def test_set_overrides_are_typed_and_checked():
+    cfg = apply_overrides(Config(), ["lr=0.5", "steps=7", "nesterov=true", "head_w_max=none"])
+    assert (cfg.lr, cfg.steps, cfg.nesterov, cfg.head_w_max) == (0.5, 7, True, None)
+    cfg = apply_overrides(cfg, ["head_w_max=2", "adam_betas=0.8,0.99"])
+    assert cfg.head_w_max == 2.0 and cfg.adam_betas == (0.8, 0.99)
+    with pytest.raises(ValueError, match="unknown key"):
+        apply_overrides(Config(), ["learning_rate=1"])
+    with pytest.raises(ValueError, match="steps=ten: expected a value of type int"):
+        apply_overrides(Config(), ["steps=ten"])
+    with pytest.raises(ValueError, match="expected key=value"):
+        apply_overrides(Config(), ["steps"])
+    with pytest.raises(ValueError, match="unknown preset"):
+        preset("nope")
+    assert set(PRESETS) >= {"shakespeare", "shakespeare-baseline", "shakespeare-cpu", "tiny"}
+
+
+def test_cli_reports_bad_set_key(tmp_path, capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        cli_main(["train", "tiny", "--out", str(tmp_path / "x"), "--set", "bogus=1"])
+    assert exit_info.value.code == 2
+    assert "bogus" in capsys.readouterr().err
+
+
+def test_eval_windows_cover_the_split_once():
+    starts = train_module.eval_windows(1000, 64, "full", 8)
+    assert starts[0] == 0 and (starts[1:] - starts[:-1] == 64).all()
+    assert starts[-1] + 64 + 1 <= 1000 < starts[-1] + 2 * 64 + 1  # last full window is used
+    paper = train_module.eval_windows(100_000, 64, "paper", 8)
+    assert len(paper) == 160 and (paper == torch.arange(160)).all()
