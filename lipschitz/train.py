@@ -23,9 +23,10 @@ from torch import Tensor, nn
 
 from lipschitz.certify import certify
 from lipschitz.config import Config
+from lipschitz.constraints import svd_cap
 from lipschitz.data import shakespeare
 from lipschitz.nn import BaselineGPT, LipschitzGPT, activation_stats
-from lipschitz.optim import Muon, constrain, route_parameters
+from lipschitz.optim import Muon, constrain, route_parameters, row_rms_cap
 from lipschitz.schedules import schedule
 
 MODELS = {"lipschitz_gpt": LipschitzGPT, "baseline_gpt": BaselineGPT}
@@ -108,6 +109,23 @@ def build_optimizers(cfg: Config, model: nn.Module) -> list[torch.optim.Optimize
         adamw = torch.optim.AdamW(groups, lr=cfg.lr, betas=cfg.adam_betas)
         return [constrain(adamw)]
     raise ValueError(f"optimizer must be 'muon' or 'adamw', got {cfg.optimizer!r}")
+
+
+@torch.no_grad()
+def start_inside_constraints(optimizers: list[torch.optim.Optimizer]) -> None:
+    """Move every constrained initial weight into its ball (exactly, by SVD or row scaling).
+
+    Needed because the soft cap only absorbs each step: a weight that starts outside its ball
+    (e.g. the norm-1 orthogonal init with w_max < 1) would never be pulled back in.
+    """
+    for opt in optimizers:
+        for group in opt.param_groups:
+            name = group.get("constraint", "none")
+            if name in ("none", "spectral_weight_decay"):
+                continue
+            cap = row_rms_cap if name == "row_rms_cap" else svd_cap
+            for p in group["params"]:
+                p.copy_(cap(p, w_max=group["w_max"]))
 
 
 def sample_batch(
@@ -230,6 +248,7 @@ def train(cfg: Config, out: str | Path, resume: bool = False) -> dict:
     torch.manual_seed(cfg.seed)
     model = build_model(cfg, corpus.vocab_size).to(device)
     optimizers = build_optimizers(cfg, model)
+    start_inside_constraints(optimizers)
     lr_lambda = schedule(cfg.schedule, cfg.steps, warmup_steps=cfg.warmup_steps)
     schedulers = [torch.optim.lr_scheduler.LambdaLR(opt, lr_lambda) for opt in optimizers]
     batch_gen = torch.Generator().manual_seed(cfg.seed + 1)

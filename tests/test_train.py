@@ -10,6 +10,7 @@ import torch
 from lipschitz import train as train_module
 from lipschitz.cli import main as cli_main
 from lipschitz.config import Config, apply_overrides
+from lipschitz.linalg import rms_operator_norm
 from lipschitz.presets import PRESETS, preset
 
 DATA_DIR = os.environ.get("LIPSCHITZ_DATA_DIR")
@@ -100,6 +101,17 @@ def test_nan_loss_names_the_step(tmp_path, monkeypatch):
     with pytest.raises(FloatingPointError, match="at step 4"):
         train_module.train(preset("tiny"), tmp_path / "run")
     assert (tmp_path / "run" / "metrics.jsonl").exists()
+
+
+@needs_data
+def test_initial_weights_start_inside_a_small_ball(tmp_path):
+    """The soft cap only absorbs steps, so training must start inside w_max < 1 (init is 1)."""
+    cfg = apply_overrides(preset("tiny"), ["w_max=0.5", "steps=3", "eval_every=3"])
+    train_module.train(cfg, tmp_path / "run")
+    model, _ = train_module.load_run(tmp_path / "run")
+    for name, p in model.named_parameters():
+        if name.startswith("blocks.") or name == "head.weight":
+            assert rms_operator_norm(p).item() <= 0.5 * (1 + 1e-3), name
 
 
 def test_set_overrides_are_typed_and_checked():
