@@ -87,13 +87,13 @@ def svd_cap(
 
 
 def _power_iterate(X: Tensor, iters: int, state: dict | None):
-    """Power iteration warm-started from ``state["v"]`` when present; stores the new v there."""
-    v0 = None if state is None else state.get("v")
-    if v0 is not None and v0.shape != X.shape[:-2] + X.shape[-1:]:
+    """Power iteration warm-started from ``state["basis"]`` when present; stores it there."""
+    v0 = None if state is None else state.get("basis")
+    if v0 is not None and v0.shape[:-1] != X.shape[:-2] + X.shape[-1:]:
         v0 = None  # the weight changed shape: start afresh
     result = power_iteration(X, iters=iters, v0=v0)
     if state is not None:
-        state["v"] = result.v
+        state["basis"] = result.basis
     return result
 
 
@@ -108,10 +108,10 @@ def spectral_normalize(
 ) -> Tensor:
     """W ← W / max(1, σ̂/w_max): scale the whole matrix down only if it is outside the ball.
 
-    σ̂ comes from ``iters`` power iterations (a lower bound on σ_max, so the result can exceed
-    w_max by the power-iteration error: ≤ 0.5% in our tests at 16 iterations from a cold start
-    on matrices up to 64×64; pass a ``state`` dict to warm-start across training steps). A
-    matrix inside the ball is returned unchanged.
+    σ̂ comes from ``iters`` block power iterations (a lower bound on σ_max, so the result can
+    exceed w_max by the power-iteration error, stated in ``tests/test_constraints.py``; pass a
+    ``state`` dict to warm-start across training steps). A matrix inside the ball is returned
+    unchanged.
     """
     X = _checked("spectral_normalize", W, w_max)
     sigma = _power_iterate(X, iters, state).sigma / rms_scale(X)  # RMS→RMS units
@@ -134,7 +134,7 @@ def spectral_hammer(
     whose updates have low stable rank).
     """
     X = _checked("spectral_hammer", W, w_max)
-    sigma, u, v = _power_iterate(X, iters, state)
+    sigma, u, v, _ = _power_iterate(X, iters, state)
     delta = w_max * rms_scale(X) - sigma  # (...,) raw spectral units
     return (X + delta[..., None, None] * u.unsqueeze(-1) * v.unsqueeze(-2)).to(W.dtype)
 
@@ -159,7 +159,7 @@ def spectral_weight_decay(
         raise ValueError(
             f"spectral_weight_decay: spectral_decay must be in [0, 1], got {spectral_decay}"
         )
-    sigma, u, v = _power_iterate(X, iters, state)
+    sigma, u, v, _ = _power_iterate(X, iters, state)
     shrink = spectral_decay * sigma
     return (X - shrink[..., None, None] * u.unsqueeze(-1) * v.unsqueeze(-2)).to(W.dtype)
 

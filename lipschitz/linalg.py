@@ -55,40 +55,47 @@ def rms_operator_norm(W: Tensor) -> Tensor:
 class PowerIteration(NamedTuple):
     """Result of :func:`power_iteration`: ``W v ≈ sigma · u`` with unit ``u`` and ``v``.
 
-    ``sigma = ‖W v‖`` is always a lower bound on σ_max. Pass ``v`` back as ``v0`` next time to
-    warm-start: a slowly changing weight then needs one or two iterations, not sixteen.
+    ``sigma = ‖W v‖`` is always a lower bound on σ_max. ``basis`` (..., in, k) is the whole
+    iterated subspace (column 0 is ``v``): pass it back as ``v0`` to warm-start, so a slowly
+    changing weight needs one or two iterations, not sixteen.
     """
 
     sigma: Tensor  # (...,)
     u: Tensor  # (..., out)
     v: Tensor  # (..., in)
+    basis: Tensor  # (..., in, k)
 
 
-def power_iteration(W: Tensor, iters: int = 16, v0: Tensor | None = None) -> PowerIteration:
-    """Top singular triple of every matrix in ``W`` (..., out, in) by power iteration on WᵀW.
+def power_iteration(
+    W: Tensor, iters: int = 16, v0: Tensor | None = None, block: int = 4
+) -> PowerIteration:
+    """Top singular triple of every matrix in ``W`` (..., out, in) by block power iteration.
 
-    Starts from ``v0`` (..., in) when given, else from a fixed pseudo-random vector (a seeded
-    generator, so the global RNG is untouched and results are reproducible).
+    Iterates a ``block``-column subspace V ← orth(WᵀW·V), then takes the best vector in it
+    (Rayleigh–Ritz: the SVD of the small W·V). With several columns an unlucky start vector
+    cannot hide the top direction, and convergence goes like (σ_{k+1}/σ₁)^(2·iters), not
+    (σ₂/σ₁)^(2·iters): on a flat-topped spectrum that is the difference between a 5% and a
+    0.1% error. ``v0`` is a vector (..., in) or a basis (..., in, k) from a previous call; by
+    default the start is a fixed pseudo-random block (a seeded generator: the global RNG is
+    untouched and results are reproducible).
     """
     if iters < 0:
         raise ValueError(f"power_iteration: iters must be >= 0, got {iters}")
     Wf = W.detach()
     Wf = Wf if Wf.dtype in (torch.float32, torch.float64) else Wf.float()
+    batch, n = Wf.shape[:-2], Wf.shape[-1]
     if v0 is None:
         gen = torch.Generator(device="cpu").manual_seed(0)
-        v = torch.randn(Wf.shape[:-2] + Wf.shape[-1:], generator=gen, dtype=torch.float64)
-        v = v.to(device=Wf.device, dtype=Wf.dtype)
+        V = torch.randn(*batch, n, min(block, n), generator=gen, dtype=torch.float64)
     else:
-        v = v0.detach().to(device=Wf.device, dtype=Wf.dtype).expand(Wf.shape[:-2] + Wf.shape[-1:])
-    v = v / v.norm(dim=-1, keepdim=True).clamp_min(torch.finfo(Wf.dtype).tiny)
+        V = v0.detach() if v0.ndim == Wf.ndim else v0.detach().unsqueeze(-1)
+        V = V.expand(*batch, *V.shape[-2:])
+    V = torch.linalg.qr(V.to(device=Wf.device, dtype=Wf.dtype)).Q  # (..., in, k) orthonormal
     for _ in range(iters):
-        u = (Wf @ v.unsqueeze(-1)).squeeze(-1)  # (..., out)
-        v = (Wf.mT @ u.unsqueeze(-1)).squeeze(-1)  # (..., in)
-        v = v / v.norm(dim=-1, keepdim=True).clamp_min(torch.finfo(Wf.dtype).tiny)
-    u = (Wf @ v.unsqueeze(-1)).squeeze(-1)
-    sigma = u.norm(dim=-1)
-    u = u / sigma.unsqueeze(-1).clamp_min(torch.finfo(Wf.dtype).tiny)
-    return PowerIteration(sigma, u, v)
+        V = torch.linalg.qr(Wf.mT @ (Wf @ V)).Q
+    Ub, Sb, Vhb = torch.linalg.svd(Wf @ V, full_matrices=False)  # Rayleigh–Ritz on (out, k)
+    basis = V @ Vhb.mT  # rotate the subspace so column 0 is the best vector
+    return PowerIteration(Sb[..., 0], Ub[..., 0], basis[..., 0], basis)
 
 
 def spectral_norm_upper_bound(W: Tensor, iters: int = 6) -> Tensor:

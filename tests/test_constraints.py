@@ -27,7 +27,7 @@ DTYPES = st.sampled_from([torch.float64, torch.float32])
 # Tolerances stated in the docstrings, relative to w_max.
 HARD_CAP_TOL = 1e-3  # msign hard cap: σ_max ≤ w_max·(1 + 1e-3)
 STIEFEL_TOL = 1e-4  # accurate8 band [0.9999, 1.0001] for σ ≥ 1e-3·‖W‖_F
-NORMALIZE_COLD_TOL = 0.10  # 16 power iterations from a cold start, flat-topped spectra
+NORMALIZE_COLD_TOL = 0.05  # 16 block power iterations, cold start (worst seen: 1.5% in 400 cases)
 POWER_ITERATION_METHODS = {"spectral_normalize", "spectral_hammer", "spectral_weight_decay"}
 
 
@@ -112,7 +112,7 @@ def test_spectral_normalize_leaves_inside_unchanged_and_warm_start_converges():
     state: dict = {}
     for _ in range(20):  # a slowly changing weight projected every step, as in training
         W = spectral_normalize(W * 1.01, w_max=1.0, state=state)
-    assert "v" in state and state["v"].shape == (2, 40)
+    assert state["basis"].shape == (2, 40, 4)
     assert torch.all(rms_operator_norm(W) <= 1 + 1e-3)
 
 

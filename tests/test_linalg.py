@@ -77,14 +77,35 @@ def test_power_iteration_lower_bound_and_warm_start():
         rtol=1e-6,
         atol=1e-6,
     )
-    # Warm start: one iteration from the converged v of a slightly perturbed matrix is as good as
-    # many from a cold start.
+    # Warm start: one iteration from the converged basis of a slightly perturbed matrix is as
+    # good as many from a cold start (block=1: plain power iteration).
     W2 = W + 1e-4 * torch.randn(W.shape, generator=gen, dtype=torch.float64)
-    warm = power_iteration(W2, iters=1, v0=result.v)
-    cold = power_iteration(W2, iters=1)
+    warm = power_iteration(W2, iters=1, v0=result.v, block=1)
+    cold = power_iteration(W2, iters=1, block=1)
     exact2 = torch.linalg.matrix_norm(W2, ord=2)
     assert torch.all((exact2 - warm.sigma) / exact2 < 1e-6)
     assert torch.all((exact2 - warm.sigma) < (exact2 - cold.sigma))
+    assert torch.all(power_iteration(W2, iters=1, v0=result.basis).sigma >= warm.sigma - 1e-12)
+
+
+def test_block_power_iteration_handles_flat_spectra_and_unlucky_starts():
+    gen = torch.Generator().manual_seed(7)
+    sig = 1 - 0.1 * torch.rand(3, 64, generator=gen, dtype=torch.float64)  # flat top
+    sig[:, 0] = 1.0
+    W = matrix_with_spectrum(64, 64, sig, gen)
+    exact = torch.linalg.matrix_norm(W, ord=2)
+    plain = power_iteration(W, iters=16, block=1).sigma
+    blocked = power_iteration(W, iters=16).sigma
+    assert torch.all(blocked <= exact * (1 + 1e-12))
+    assert torch.all((exact - blocked) < (exact - plain))
+    assert torch.all((exact - blocked) / exact < 0.01)
+    # a start vector orthogonal to the top singular vector cannot stall the block version
+    _, _, Vh = torch.linalg.svd(W[0])
+    bad_start = Vh[1]  # second right singular vector: plain power iteration never leaves it
+    stuck = power_iteration(W[0], iters=16, v0=bad_start, block=1).sigma
+    assert (exact[0] - stuck) / exact[0] > 1e-3
+    fresh = power_iteration(W[0], iters=16).sigma
+    assert (exact[0] - fresh) / exact[0] < 0.01
 
 
 def test_gram_polynomial_matches_naive_powers():

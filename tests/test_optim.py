@@ -360,8 +360,8 @@ def test_save_load_continue_is_bit_identical():
     train(model, opts, X, y, steps=5)
     buf = io.BytesIO()
     torch.save({"model": model.state_dict(), "opts": [o.state_dict() for o in opts]}, buf)
-    assert "v" in opts[0].state[model[0].weight]["constraint"]  # power-iteration vector saved
-    assert "v" in opts[1].state[model[4].weight]["constraint"]
+    assert "basis" in opts[0].state[model[0].weight]["constraint"]  # power-iteration state saved
+    assert "basis" in opts[1].state[model[4].weight]["constraint"]
     buf.seek(0)
     saved = torch.load(buf, weights_only=True)
     model, opts = make()
