@@ -1,6 +1,6 @@
-"""Projection benchmark; same as `lipschitz bench projections`. See lipschitz/bench.py."""
+"""Projection benchmark (`lipschitz bench projections`): lipschitz/bench_projections.py."""
 
-from lipschitz.bench import main
+from lipschitz.bench_projections import main
 
 if __name__ == "__main__":
     main()

@@ -81,9 +81,11 @@ def cmd_presets(args: argparse.Namespace) -> None:
 
 
 def cmd_bench(args: argparse.Namespace) -> None:
-    from lipschitz import bench
-
-    bench.main(args.args)
+    if args.name == "projections":
+        from lipschitz.bench_projections import main as bench_main
+    else:
+        from lipschitz.bench_throughput import main as bench_main
+    bench_main(args.args)
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -115,8 +117,8 @@ def main(argv: list[str] | None = None) -> None:
     p = commands.add_parser("presets", help="list the presets")
     p.set_defaults(func=cmd_presets)
 
-    p = commands.add_parser("bench", help="run a benchmark (projections)")
-    p.add_argument("name", choices=["projections"])
+    p = commands.add_parser("bench", help="run a benchmark (projections, throughput)")
+    p.add_argument("name", choices=["projections", "throughput"])
     p.add_argument("args", nargs=argparse.REMAINDER, help="options for the benchmark")
     p.set_defaults(func=cmd_bench)
 

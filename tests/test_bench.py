@@ -1,0 +1,25 @@
+"""The benchmarks run and report what they claim (timings themselves are not asserted)."""
+
+from lipschitz import bench_projections, bench_throughput
+
+
+def test_projection_benchmark_reports_every_method():
+    results = bench_projections.run(shapes=[(24, 16)], min_rounds=1, max_rounds=1, budget_s=0)
+    rows = {row["method"]: row for row in results["rows"]}
+    assert set(rows) >= {"svd_cap", "spectral_soft_cap", "spectral_hard_cap", "stiefel"}
+    assert rows["svd_cap"]["cost_vs_svd_cap"] == 1.0
+    assert abs(rows["svd_cap"]["sigma_after_over_w_max"] - 1) < 1e-5
+    assert abs(rows["spectral_soft_cap"]["sigma_after_from_1.05_over_w_max"] - 1) < 1e-3
+    assert "| `spectral_hard_cap` |" in bench_projections.markdown(results)
+
+
+def test_throughput_benchmark_compares_the_four_setups():
+    result = bench_throughput.run("tiny", rounds=1)
+    assert set(result["step_ms"]) == {
+        "lipschitz",
+        "lipschitz-unconstrained",
+        "lipschitz-adamw",
+        "baseline",
+    }
+    assert result["tokens_per_s"]["baseline"] > 0
+    assert "Projection share" in bench_throughput.markdown(result)
