@@ -25,7 +25,7 @@ import torch.nn.functional as F
 
 from lipschitz.config import apply_overrides
 from lipschitz.presets import preset
-from lipschitz.train import build_model, build_optimizers, select_device
+from lipschitz.train import autocast, build_model, build_optimizers, select_device
 
 VOCAB = 65
 
@@ -35,9 +35,9 @@ def setups(name: str, overrides: list[str]) -> dict:
     return {
         "lipschitz": cfg,
         "lipschitz-unconstrained": dataclasses.replace(cfg, constraint="none"),
-        "lipschitz-adamw": dataclasses.replace(cfg, optimizer="adamw", constraint="none"),
+        "lipschitz-adamw": dataclasses.replace(cfg, optimizer="adamw", constraint="none", lr=3e-3),
         "baseline": dataclasses.replace(
-            cfg, model="baseline_gpt", optimizer="adamw", constraint="none"
+            cfg, model="baseline_gpt", optimizer="adamw", constraint="none", lr=3e-3
         ),
     }
 
@@ -60,7 +60,8 @@ def run(
             if device.type == "cuda":
                 torch.cuda.synchronize()
             t0 = time.perf_counter()
-            logits = model(x[:, :-1])
+            with autocast(device):
+                logits = model(x[:, :-1])
             loss = F.cross_entropy(logits.float().flatten(0, 1), x[:, 1:].flatten())
             loss.backward()
             for opt in optimizers:

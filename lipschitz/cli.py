@@ -9,19 +9,21 @@ from pathlib import Path
 
 
 def cmd_train(args: argparse.Namespace) -> None:
-    from lipschitz.config import apply_overrides
+    from lipschitz.config import Config, apply_overrides
     from lipschitz.presets import preset
     from lipschitz.train import train
 
+    if args.resume and args.set:
+        raise ValueError("--resume continues the saved config exactly; drop --set")
     cfg = apply_overrides(preset(args.preset), args.set or [])
     if args.data_dir is not None:
         cfg = apply_overrides(cfg, [f"data_dir={args.data_dir}"])
-    if args.resume and args.set:
-        raise ValueError("--resume continues the saved config exactly; drop --set")
     final = train(cfg, args.out, resume=args.resume)
+    if args.resume:
+        cfg = Config.load(Path(args.out) / "config.json")
     print(
         f"final: val_acc={final['val_acc']:.4f} val_loss={final['val_loss']:.4f} "
-        f"certified Lipschitz bound={final['lipschitz_bound']:.4g} "
+        f"certified Lipschitz bound={final['lipschitz_bound'] or 'none (unconstrained model)'} "
         f"steps={final['steps']} wall={final['wall_time_s']:.0f}s -> {args.out}/final.json"
     )
     if cfg.sample_tokens > 0:
@@ -56,13 +58,7 @@ def cmd_certify(args: argparse.Namespace) -> None:
 
     model, _ = load_run(args.dir)
     cert = certify(model)
-    result = {
-        "lipschitz_bound": cert.lipschitz,
-        "input_norm": cert.input_norm,
-        "output_norm": cert.output_norm,
-        "input_bound": cert.input_bound,
-        "layers": cert.layers,
-    }
+    result = {"lipschitz_bound": cert.lipschitz, **cert.to_dict()}
     if args.json:
         print(json.dumps(result, indent=2))
     else:
@@ -125,7 +121,13 @@ def main(argv: list[str] | None = None) -> None:
     args = parser.parse_args(argv)
     try:
         args.func(args)
-    except (ValueError, FileNotFoundError, FileExistsError, FloatingPointError) as err:
+    except (
+        ValueError,
+        NotImplementedError,
+        FloatingPointError,
+        FileNotFoundError,
+        FileExistsError,
+    ) as err:
         print(f"lipschitz {args.command}: error: {err}", file=sys.stderr)
         sys.exit(2)
 

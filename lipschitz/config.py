@@ -18,8 +18,7 @@ from pathlib import Path
 @dataclass
 class Config:
     # What to train
-    model: str = "lipschitz_gpt"  # lipschitz_gpt | baseline_gpt
-    dataset: str = "shakespeare"
+    model: str = "lipschitz_gpt"  # lipschitz_gpt | baseline_gpt (data: Tiny Shakespeare)
     data_dir: str | None = None  # else $LIPSCHITZ_DATA_DIR, else cache/download
     # Common keys (design.md)
     optimizer: str = "muon"  # muon | adamw
@@ -56,6 +55,31 @@ class Config:
     log_every: int = 50
     compile: bool = False
     sample_tokens: int = 200  # length of the text sample printed at the end (0: none)
+
+    def __post_init__(self) -> None:
+        """Reject values that cannot work, naming the key."""
+        from lipschitz.constraints import CONSTRAINTS
+
+        positive = ("steps", "batch_size", "seq_len", "d_model", "n_layer", "n_head",
+                    "grad_accum", "eval_every", "checkpoint_every", "log_every")  # fmt: skip
+        for key in positive:
+            if not getattr(self, key) > 0:
+                raise ValueError(f"config: {key} must be > 0, got {getattr(self, key)!r}")
+        choices = {
+            "model": ("lipschitz_gpt", "baseline_gpt"),
+            "optimizer": ("muon", "adamw"),
+            "constraint": tuple(CONSTRAINTS),
+            "eval_protocol": ("full", "paper"),
+        }
+        for key, allowed in choices.items():
+            if getattr(self, key) not in allowed:
+                raise ValueError(
+                    f"config: {key} must be one of {allowed}, got {getattr(self, key)!r}"
+                )
+        if not self.w_max > 0 or (self.head_w_max is not None and not self.head_w_max > 0):
+            raise ValueError("config: w_max and head_w_max must be > 0")
+        if not self.lr >= 0 or not self.weight_decay >= 0:
+            raise ValueError("config: lr and weight_decay must be >= 0")
 
     def to_json(self) -> str:
         return json.dumps(dataclasses.asdict(self), indent=2)

@@ -44,7 +44,8 @@ def rms_scale(W: Tensor) -> float:
 
 def rms_operator_norm(W: Tensor) -> Tensor:
     """Exact RMS→RMS norm of every matrix in ``W`` (float64 SVD); shape ``W.shape[:-2]``."""
-    sigma = torch.linalg.matrix_norm(W.detach().to(torch.float64), ord=2)
+    # on the CPU: float64 SVD is not available on every accelerator (e.g. Apple MPS)
+    sigma = torch.linalg.matrix_norm(W.detach().to("cpu", torch.float64), ord=2)
     return sigma / rms_scale(W)
 
 
@@ -253,7 +254,7 @@ def msign(W: Tensor, coefficients: str = "accurate8", dtype: torch.dtype | None 
     tall = X.shape[-2] > X.shape[-1]
     if tall:
         X = X.mT  # wide orientation: X Xᵀ is the small Gram matrix
-    X = X / X.norm(dim=(-2, -1), keepdim=True).clamp_min(torch.finfo(X.dtype).eps ** 2)
+    X = X / X.norm(dim=(-2, -1), keepdim=True).clamp_min(1e-12)  # a zero matrix stays zero
     for a, b, c in steps:  # σ ↦ a·σ + b·σ³ + c·σ⁵
         A = X @ X.mT  # (..., m, m)
         B = b * A + c * (A @ A)

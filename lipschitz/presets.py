@@ -8,12 +8,12 @@ from lipschitz.config import Config
 
 PRESETS: dict[str, tuple[str, dict]] = {
     "shakespeare": (
-        "the paper's 2.4M Lipschitz transformer (d 256, 3 layers, 2000 steps), Muon + soft cap, "
-        "certified bound <= 2; a GPU job",
+        "the paper's 2.4M Lipschitz transformer (d 256, 3 layers, 4 heads, 2000 steps), Muon + "
+        "soft cap, certified bound <= 2; a GPU job",
         dict(
             model="lipschitz_gpt", d_model=256, n_layer=3, n_head=4, seq_len=256, batch_size=64,
-            steps=2000, optimizer="muon", constraint="spectral_soft_cap", w_max=1.2, lr=0.1,
-            eval_every=250, checkpoint_every=500,
+            steps=2000, optimizer="muon", constraint="spectral_soft_cap", w_max=0.8,
+            head_w_max=2.0, blocks_mass=None, lr=1.0, eval_every=250, checkpoint_every=500,
         ),
     ),
     "shakespeare-baseline": (
@@ -25,12 +25,12 @@ PRESETS: dict[str, tuple[str, dict]] = {
         ),
     ),
     "shakespeare-cpu": (
-        "the default job: a smaller Lipschitz transformer that trains in <= 10 min on 2 CPU "
-        "cores with a certified bound <= 2",
+        "the default job: a 0.6M Lipschitz transformer that trains in <= 10 min on 2 CPU cores "
+        "with a certified bound <= 2",
         dict(
-            model="lipschitz_gpt", d_model=128, n_layer=3, n_head=4, seq_len=128, batch_size=32,
-            steps=1500, optimizer="muon", constraint="spectral_soft_cap", w_max=1.2, lr=0.1,
-            eval_every=250, checkpoint_every=250,
+            model="lipschitz_gpt", d_model=128, n_layer=3, n_head=1, seq_len=128, batch_size=32,
+            steps=2500, optimizer="muon", constraint="spectral_soft_cap", w_max=0.75,
+            head_w_max=3.5, blocks_mass=None, lr=1.0, eval_every=500, checkpoint_every=500,
         ),
     ),
     "tiny": (

@@ -10,6 +10,7 @@ restored, so the final weights equal those of an uninterrupted run.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import json
 import math
 import os
@@ -233,18 +234,27 @@ class Progress:
 
 def train(cfg: Config, out: str | Path, resume: bool = False) -> dict:
     """Train ``cfg`` into the run directory ``out``; returns the final metrics (final.json)."""
+    if int(os.environ.get("WORLD_SIZE", "1")) > 1:
+        raise NotImplementedError(
+            "distributed training (torchrun) is not implemented yet: every rank would train a "
+            "full copy and write the same files; run a single process"
+        )
     out = Path(out)
     ckpt_path = out / CHECKPOINT
     if resume:
         if not ckpt_path.exists():
             raise FileNotFoundError(f"--resume: no checkpoint at {ckpt_path}")
+        data_dir = cfg.data_dir  # the caller's data directory wins: the data may have moved
         cfg = Config.load(out / "config.json")
+        cfg = dataclasses.replace(cfg, data_dir=data_dir or cfg.data_dir)
     elif ckpt_path.exists():
         raise FileExistsError(f"{out} already holds a run; pass --resume or choose another --out")
     out.mkdir(parents=True, exist_ok=True)
     device = select_device(cfg.device)
 
     corpus = shakespeare.load(cfg.data_dir)
+    if resume and json.loads((out / "vocab.json").read_text()) != corpus.chars:
+        raise ValueError(f"--resume: the data's vocabulary differs from {out / 'vocab.json'}")
     torch.manual_seed(cfg.seed)
     model = build_model(cfg, corpus.vocab_size).to(device)
     optimizers = build_optimizers(cfg, model)
@@ -257,7 +267,7 @@ def train(cfg: Config, out: str | Path, resume: bool = False) -> dict:
 
     metrics_path = out / "metrics.jsonl"
     if resume:
-        state = torch.load(ckpt_path, map_location=device, weights_only=False)
+        state = torch.load(ckpt_path, map_location="cpu", weights_only=False)
         model.load_state_dict(state["model"])
         for opt, s in zip(optimizers, state["optimizers"], strict=True):
             opt.load_state_dict(s)
@@ -265,6 +275,8 @@ def train(cfg: Config, out: str | Path, resume: bool = False) -> dict:
             sched.load_state_dict(s)
         batch_gen.set_state(state["batch_generator"])
         torch.set_rng_state(state["torch_rng"])
+        if device.type == "cuda" and state.get("cuda_rng") is not None:
+            torch.cuda.set_rng_state_all(state["cuda_rng"])
         step, elapsed, train_time = state["step"], state["elapsed_s"], state["train_time_s"]
         # keep the metrics up to the checkpoint; later lines are redone
         kept = [m for m in _read_metrics(metrics_path) if m["step"] <= step]
@@ -291,6 +303,7 @@ def train(cfg: Config, out: str | Path, resume: bool = False) -> dict:
                 "schedulers": [s.state_dict() for s in schedulers],
                 "batch_generator": batch_gen.get_state(),
                 "torch_rng": torch.get_rng_state(),
+                "cuda_rng": torch.cuda.get_rng_state_all() if device.type == "cuda" else None,
                 "step": step,
                 "elapsed_s": elapsed + time.time() - t_start,
                 "train_time_s": train_time,
@@ -300,7 +313,7 @@ def train(cfg: Config, out: str | Path, resume: bool = False) -> dict:
     def eval_record() -> dict:
         record = evaluate(model, corpus.val, cfg.seq_len, val_starts, device)
         cert = certify(model) if cfg.model == "lipschitz_gpt" else None
-        record["lipschitz_bound"] = cert.lipschitz if cert is not None else math.inf
+        record["lipschitz_bound"] = cert.lipschitz if cert is not None else None  # unbounded
         if cert is not None:
             record["weight_norms"] = _weight_norms(cert)
         probe = corpus.val[: cfg.seq_len].to(device)[None]
@@ -340,6 +353,8 @@ def train(cfg: Config, out: str | Path, resume: bool = False) -> dict:
             for sched in schedulers:
                 sched.step()
             step += 1
+            if device.type == "cuda":
+                torch.cuda.synchronize()  # count this step's GPU work in this step's time
             train_time += time.time() - t0
             record = {"step": step, "train_loss": train_loss, "lr": lr,
                       "tokens_seen": step * tokens_per_step}  # fmt: skip
@@ -393,7 +408,7 @@ def plot_run(out: str | Path) -> Path:
     axes[0].legend()
     axes[1].plot([r["step"] for r in evals], [r["val_acc"] for r in evals], "o-")
     axes[1].set(xlabel="step", ylabel="accuracy", title="validation accuracy")
-    bounded = [r for r in evals if math.isfinite(r["lipschitz_bound"])]
+    bounded = [r for r in evals if r["lipschitz_bound"] is not None]
     if bounded:
         axes[2].semilogy([r["step"] for r in bounded], [r["lipschitz_bound"] for r in bounded])
     axes[2].set(xlabel="step", ylabel="bound", title="certified Lipschitz bound")

@@ -31,15 +31,6 @@ from lipschitz.nn import (
 G = GELU_MAX_SLOPE / 1.1289  # Lipschitz constant of GELU(x)/1.1289 (1.0000037)
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """Tiny tensors: threads only add contention on a shared machine."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
-
 def _rescale_randomly(model: nn.Module, g: torch.Generator, orthogonal: bool = False) -> None:
     """Every Linear gets random (Gaussian or orthogonal) weights at RMS→RMS norm U[0.5, 3]."""
     with torch.no_grad():

@@ -27,15 +27,6 @@ from lipschitz.nn.layers import apply_rope, rope_tables
 SMALL = dict(vocab_size=11, d_model=16, n_layer=2, n_head=2, seq_len=8)
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """Tiny tensors: threads only add contention on a shared machine."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
-
 def _randomize(model: nn.Module, seed: int = 0) -> nn.Module:
     """Give every zero-initialised matrix random weights, so every path carries signal."""
     g = torch.Generator().manual_seed(seed)

@@ -15,17 +15,6 @@ from lipschitz.linalg import msign, rms_operator_norm
 from lipschitz.optim import Muon, constrain, route_parameters, row_rms_cap
 from lipschitz.schedules import schedule
 
-
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """Tiny matrices gain nothing from threads, and on a shared 2-core machine OpenMP threads
-    waiting on each other can make a test 20× slower."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
-
 # --------------------------------------------------------------------------------------------
 # Small models and tasks
 
