@@ -21,9 +21,11 @@ def cmd_train(args: argparse.Namespace) -> None:
     final = train(cfg, args.out, resume=args.resume)
     if args.resume:
         cfg = Config.load(Path(args.out) / "config.json")
+    bound = final["lipschitz_bound"]
+    bound = "none (unconstrained model)" if bound is None else f"{bound:.4g}"
     print(
         f"final: val_acc={final['val_acc']:.4f} val_loss={final['val_loss']:.4f} "
-        f"certified Lipschitz bound={final['lipschitz_bound'] or 'none (unconstrained model)'} "
+        f"certified Lipschitz bound={bound} "
         f"steps={final['steps']} wall={final['wall_time_s']:.0f}s -> {args.out}/final.json"
     )
     if cfg.sample_tokens > 0:

@@ -13,7 +13,7 @@ PRESETS: dict[str, tuple[str, dict]] = {
         dict(
             model="lipschitz_gpt", d_model=256, n_layer=3, n_head=4, seq_len=256, batch_size=64,
             steps=2000, optimizer="muon", constraint="spectral_soft_cap", w_max=0.8,
-            head_w_max=2.0, blocks_mass=None, lr=1.0, eval_every=250, checkpoint_every=500,
+            head_w_max=2.0, blocks_mass=None, lr=0.2, eval_every=250, checkpoint_every=500,
         ),
     ),
     "shakespeare-baseline": (
@@ -30,7 +30,7 @@ PRESETS: dict[str, tuple[str, dict]] = {
         dict(
             model="lipschitz_gpt", d_model=128, n_layer=3, n_head=1, seq_len=128, batch_size=32,
             steps=2500, optimizer="muon", constraint="spectral_soft_cap", w_max=0.75,
-            head_w_max=3.5, blocks_mass=None, lr=1.0, eval_every=500, checkpoint_every=500,
+            head_w_max=3.5, blocks_mass=None, lr=0.2, eval_every=500, checkpoint_every=500,
         ),
     ),
     "tiny": (

@@ -366,7 +366,9 @@ def train(cfg: Config, out: str | Path, resume: bool = False) -> dict:
                 metrics.flush()
             shown = {"loss": train_loss}
             if last:
-                shown.update(val_acc=last["val_acc"], bound=last["lipschitz_bound"])
+                shown["val_acc"] = last["val_acc"]
+                if last["lipschitz_bound"] is not None:
+                    shown["bound"] = last["lipschitz_bound"]
             progress.update(step, shown)
             if step % cfg.checkpoint_every == 0 or step == cfg.steps:
                 checkpoint()
