@@ -36,7 +36,7 @@ from dataclasses import asdict, dataclass, field
 import torch
 from torch import Tensor, nn
 
-from lipschitz.linalg import rms_operator_norm
+from lipschitz.linalg import rms_operator_norm, row_rms
 from lipschitz.nn.layers import GELU_MAX_SLOPE, GELU_SCALE, MLP, Block, CausalSelfAttention, Linear
 from lipschitz.nn.models import BaselineMLP, LipschitzGPT, LipschitzMLP
 
@@ -185,11 +185,11 @@ def _certify_gpt(
     model: LipschitzGPT, inputs: str, input_bound: float | None, walk: _Walk
 ) -> tuple[float, str, str]:
     E = model.embed.weight.detach().double()  # (V, d): one row per token
-    row_rms = float(E.pow(2).mean(dim=1).sqrt().max())  # ℓ1→RMS norm for one-hot inputs
-    walk.norm("embed.weight", model.embed.weight, l1_to_rms=row_rms)
+    embed_norm = float(row_rms(E).max())  # ℓ1→RMS norm for one-hot inputs
+    walk.norm("embed.weight", model.embed.weight, l1_to_rms=embed_norm)
     if inputs == "tokens":
-        lipschitz, a, norm_in = row_rms, row_rms, "inf-l1 (token)"
-        walk.step("embed", row_rms, None, row_rms)  # input: one-hot tokens, no RMS bound
+        lipschitz, a, norm_in = embed_norm, embed_norm, "inf-l1 (token)"
+        walk.step("embed", embed_norm, None, embed_norm)  # input: one-hot tokens, no RMS bound
     else:
         lipschitz, a, norm_in = 1.0, input_bound, "inf-RMS"
     for i, block in enumerate(model.blocks):  # true forward order
@@ -257,7 +257,7 @@ def _is_sequence_model(model: nn.Module) -> bool:
 
 
 def _token_rms(x: Tensor) -> Tensor:
-    return x.pow(2).mean(-1).sqrt()  # (B, T) per-token RMS
+    return row_rms(x)  # (B, T) per-token RMS
 
 
 def empirical_lipschitz(

@@ -28,6 +28,7 @@ from lipschitz.linalg import (
     odd_polynomial,
     power_iteration,
     rms_scale,
+    row_rms,
     spectral_norm_upper_bound,
 )
 
@@ -35,6 +36,7 @@ __all__ = [
     "CONSTRAINTS",
     "HARD_CAP_QUINTICS",
     "none",
+    "row_rms_cap",
     "soft_cap_alpha",
     "spectral_hammer",
     "spectral_hard_cap",
@@ -312,6 +314,18 @@ def spectral_soft_cap(
     # σ ↦ σ·g(u) with u = α·σ_rms² = (α/s²)·σ²: the Gram matrix scaled by α/s² holds u.
     Y = odd_polynomial(X, (1.0, 0.0, -3.0, 3.0, -1.0), gram_scale=alpha / rms_scale(X) ** 2)
     return Y.to(W.dtype)
+
+
+def row_rms_cap(
+    W: Tensor, *, w_max: float, update_norm: float = 0.0, weight_decay: float = 0.0
+) -> Tensor:
+    """Embedding constraint: scale every row (token) of W down to RMS ≤ w_max.
+
+    An embedding is measured per row (ℓ1→RMS for one-hot inputs), not as a matrix, so this is
+    not in :data:`CONSTRAINTS`; it is the paper's ``E_row /= max(1, rms(E_row))``.
+    """
+    X = _checked("row_rms_cap", W, w_max)
+    return (X / (row_rms(X, keepdim=True) / w_max).clamp_min(1.0)).to(W.dtype)
 
 
 CONSTRAINTS: dict[str, Callable[..., Tensor]] = {

@@ -31,6 +31,7 @@ __all__ = [
     "power_iteration",
     "rms_operator_norm",
     "rms_scale",
+    "row_rms",
     "scalar_odd_polynomial",
     "spectral_norm_upper_bound",
 ]
@@ -40,6 +41,11 @@ def rms_scale(W: Tensor) -> float:
     """s = sqrt(out / in): a matrix with spectral norm s has RMS→RMS norm 1."""
     out_features, in_features = W.shape[-2], W.shape[-1]
     return math.sqrt(out_features / in_features)
+
+
+def row_rms(x: Tensor, keepdim: bool = False) -> Tensor:
+    """RMS over the last dimension: a token's RMS norm, or an embedding row's (ℓ1→RMS) norm."""
+    return x.square().mean(dim=-1, keepdim=keepdim).sqrt()
 
 
 def rms_operator_norm(W: Tensor) -> Tensor:

@@ -34,8 +34,8 @@ import torch
 from torch import Tensor, nn
 from torch.optim.optimizer import Optimizer, ParamsT
 
-from lipschitz.constraints import CONSTRAINTS
-from lipschitz.linalg import NS_COEFFICIENTS, NS_MAX_OUTPUT, msign, rms_scale
+from lipschitz.constraints import CONSTRAINTS, row_rms_cap
+from lipschitz.linalg import NS_COEFFICIENTS, NS_MAX_OUTPUT, msign, rms_scale, row_rms
 
 __all__ = [
     "SOFT_CAP_MAX_K",
@@ -192,7 +192,7 @@ class Muon(Optimizer):
                     update = msign(u, group["coefficients"], dtype=group["ns_dtype"])
                     scale = eta * rms_scale(p)
                 else:  # "embedding": every row to unit RMS, inflated at most max_inflation×
-                    rms = u.square().mean(dim=-1, keepdim=True).sqrt()
+                    rms = row_rms(u, keepdim=True)
                     update = u / rms.clamp_min(1 / group["max_inflation"])
                     scale = eta
                 if group["weight_decay"] != 0:
@@ -243,18 +243,6 @@ def _check_muon_group(group: dict) -> None:
 
 # --------------------------------------------------------------------------------------------
 # Constraints attached to training
-
-
-def row_rms_cap(
-    W: Tensor, *, w_max: float, update_norm: float = 0.0, weight_decay: float = 0.0
-) -> Tensor:
-    """Embedding constraint: scale every row (token) of W down to RMS ≤ w_max.
-
-    The norm of an embedding is the largest row RMS (ℓ1→RMS for one-hot inputs); this is the
-    paper's ``E_row /= max(1, rms(E_row))``. Same signature as the CONSTRAINTS functions.
-    """
-    rms = W.detach().float().square().mean(dim=-1, keepdim=True).sqrt()
-    return (W.detach() / (rms / w_max).clamp_min(1.0)).to(W.dtype)
 
 
 _ROW_CONSTRAINTS = {"row_rms_cap": row_rms_cap}

@@ -24,10 +24,10 @@ from torch import Tensor, nn
 
 from lipschitz.certify import certify
 from lipschitz.config import Config
-from lipschitz.constraints import svd_cap
+from lipschitz.constraints import row_rms_cap, svd_cap
 from lipschitz.data import shakespeare
 from lipschitz.nn import BaselineGPT, LipschitzGPT, activation_stats
-from lipschitz.optim import Muon, constrain, route_parameters, row_rms_cap
+from lipschitz.optim import Muon, constrain, route_parameters
 from lipschitz.schedules import schedule
 
 MODELS = {"lipschitz_gpt": LipschitzGPT, "baseline_gpt": BaselineGPT}

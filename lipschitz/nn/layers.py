@@ -17,6 +17,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from lipschitz.linalg import row_rms
+
 __all__ = [
     "GELU_MAX_SLOPE",
     "GELU_SCALE",
@@ -68,7 +70,7 @@ class Embedding(nn.Embedding):
     def reset_parameters(self) -> None:
         with torch.no_grad():
             nn.init.normal_(self.weight)
-            rms = self.weight.pow(2).mean(dim=1, keepdim=True).sqrt()
+            rms = row_rms(self.weight, keepdim=True)
             self.weight.div_(rms.clamp_min(torch.finfo(self.weight.dtype).tiny))
 
 
@@ -92,7 +94,7 @@ def apply_rope(x: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
 def _token_stats(x: Tensor) -> dict[str, Tensor]:
     """Largest |entry| and largest per-token (last-dim) RMS of x, detached."""
     x = x.detach()
-    return {"max_abs": x.abs().amax(), "max_rms": x.pow(2).mean(-1).sqrt().amax()}
+    return {"max_abs": x.abs().amax(), "max_rms": row_rms(x).amax()}
 
 
 class CausalSelfAttention(nn.Module):
