@@ -203,7 +203,7 @@ def test_baseline_gpt_same_interface():
     assert isinstance(names["head"], nn.Linear) and model.head.weight.shape == (11, 16)
     assert sum(isinstance(m, nn.LayerNorm) for m in model.modules()) == 2 * 2 + 1
     assert all(m.bias is None for m in model.modules() if isinstance(m, nn.Linear))
-    assert model.blocks[0].attn.scale == pytest.approx(1 / math.sqrt(8))
+    assert model.blocks[0].attn.logit_scale() == pytest.approx(1 / math.sqrt(8))
     idx = torch.randint(0, 11, (2, 8))
     model.head.weight.data.normal_()
     logits = model(idx)

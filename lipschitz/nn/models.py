@@ -15,7 +15,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from lipschitz.nn.layers import Block, Embedding, Linear, _token_stats, apply_rope, rope_tables
+from lipschitz.nn.layers import Block, CausalSelfAttention, Embedding, Linear, _token_stats
 
 __all__ = [
     "BaselineBlock",
@@ -105,34 +105,14 @@ class LipschitzGPT(nn.Module):
         return logits, stats
 
 
-class BaselineAttention(nn.Module):
-    """Standard causal attention: RoPE, logits q·kᵀ/√d_head × attn_scale, no ×1/3."""
+class BaselineAttention(CausalSelfAttention):
+    """Standard causal attention: the same RoPE and code, but logits q·kᵀ/√d_head × attn_scale
+    and no ×1/3 (BaselineGPT re-initialises the weights nanoGPT's way)."""
 
-    def __init__(self, d_model: int, n_head: int, seq_len: int, attn_scale: float = 1.0) -> None:
-        super().__init__()
-        if d_model % n_head != 0 or (d_model // n_head) % 2 != 0:
-            raise ValueError(f"d_model={d_model} / n_head={n_head} must be an even integer")
-        self.n_head, self.d_head, self.seq_len = n_head, d_model // n_head, seq_len
-        self.scale = attn_scale / math.sqrt(self.d_head)
-        self.q, self.k, self.v, self.o = (nn.Linear(d_model, d_model, bias=False) for _ in "qkvo")
-        cos, sin = rope_tables(seq_len, self.d_head)
-        self.register_buffer("cos", cos, persistent=False)  # (seq_len, d_head/2)
-        self.register_buffer("sin", sin, persistent=False)
+    out_mult = 1.0
 
-    def forward(self, x: Tensor, stats: dict | None = None) -> Tensor:
-        B, T, C = x.shape
-        if T > self.seq_len:
-            raise ValueError(f"sequence of {T} tokens exceeds seq_len={self.seq_len}")
-        H, dh = self.n_head, self.d_head
-        q, k, v = (m(x).view(B, T, H, dh).transpose(1, 2) for m in (self.q, self.k, self.v))
-        q, k = (apply_rope(t, self.cos[:T], self.sin[:T]) for t in (q, k))  # (B, H, T, dh)
-        if stats is not None:
-            with torch.no_grad():
-                logits = (q @ k.transpose(-2, -1)) * self.scale  # (B, H, T, T)
-                causal = torch.ones(T, T, dtype=torch.bool, device=x.device).tril()
-                stats["max_logit"] = logits.masked_fill(~causal, -math.inf).amax()
-        y = F.scaled_dot_product_attention(q, k, v, is_causal=True, scale=self.scale)
-        return self.o(y.transpose(1, 2).reshape(B, T, C))
+    def logit_scale(self) -> float:
+        return self.attn_scale / math.sqrt(self.d_head)
 
 
 class BaselineBlock(nn.Module):
@@ -141,7 +121,7 @@ class BaselineBlock(nn.Module):
     def __init__(self, d_model: int, n_head: int, seq_len: int, attn_scale: float = 1.0) -> None:
         super().__init__()
         self.ln_1 = nn.LayerNorm(d_model, bias=False)
-        self.attn = BaselineAttention(d_model, n_head, seq_len, attn_scale)
+        self.attn = BaselineAttention(d_model, n_head, seq_len, attn_scale, zero_init_out=False)
         self.ln_2 = nn.LayerNorm(d_model, bias=False)
         self.fc_in = nn.Linear(d_model, 4 * d_model, bias=False)
         self.fc_out = nn.Linear(4 * d_model, d_model, bias=False)
