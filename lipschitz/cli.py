@@ -28,7 +28,7 @@ def cmd_train(args: argparse.Namespace) -> None:
         f"certified Lipschitz bound={bound} "
         f"steps={final['steps']} wall={final['wall_time_s']:.0f}s -> {args.out}/final.json"
     )
-    if cfg.sample_tokens > 0:
+    if cfg.sample_tokens > 0 and cfg.dataset == "shakespeare":
         print("sample:")
         print(sample_text(args.out, "\n", cfg.sample_tokens, temperature=0.8, seed=0))
 
@@ -68,6 +68,25 @@ def cmd_certify(args: argparse.Namespace) -> None:
               f"{cert.output_norm})")  # fmt: skip
         for layer in cert.layers:
             print(f"  {layer['name']:40s} {layer['rms_operator_norm']:.4f}")
+
+
+def cmd_robustness(args: argparse.Namespace) -> None:
+    from lipschitz.robustness import report
+
+    result = report(args.dir, args.data_dir, args.n, tuple(args.eps), args.pgd_steps)
+    if args.json:
+        print(json.dumps(result, indent=2))
+        return
+    print(
+        f"clean accuracy {result['clean_acc']:.4f}, certified L (l2->l2) "
+        f"{result['lipschitz_l2']:.4g}, median certified radius "
+        f"{result['median_certified_radius']:.4g} ({result['n_examples']} test images)"
+    )
+    for row in result["eps"]:
+        print(
+            f"  eps {row['eps']:.4f}: verified {row['verified_acc']:.4f}  PGD {row['pgd_acc']:.4f}"
+        )
+    print(f"-> {args.dir}/robustness.json, robustness.png")
 
 
 def cmd_presets(args: argparse.Namespace) -> None:
@@ -111,6 +130,15 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("dir")
     p.add_argument("--json", action="store_true", help="print one JSON object")
     p.set_defaults(func=cmd_certify)
+
+    p = commands.add_parser("robustness", help="certified and PGD-l2 robustness of a classifier")
+    p.add_argument("dir")
+    p.add_argument("--data-dir", default=None)
+    p.add_argument("--n", type=int, default=1000, help="number of test images")
+    p.add_argument("--eps", type=float, nargs="+", default=[36 / 255, 72 / 255, 108 / 255])
+    p.add_argument("--pgd-steps", type=int, default=50)
+    p.add_argument("--json", action="store_true")
+    p.set_defaults(func=cmd_robustness)
 
     p = commands.add_parser("presets", help="list the presets")
     p.set_defaults(func=cmd_presets)

@@ -18,7 +18,8 @@ from pathlib import Path
 @dataclass
 class Config:
     # What to train
-    model: str = "lipschitz_gpt"  # lipschitz_gpt | baseline_gpt (data: Tiny Shakespeare)
+    model: str = "lipschitz_gpt"  # lipschitz_gpt | baseline_gpt | lipschitz_mlp | baseline_mlp
+    dataset: str = "shakespeare"  # shakespeare (GPT models) | cifar10 | mnist (MLP models)
     data_dir: str | None = None  # else $LIPSCHITZ_DATA_DIR, else cache/download
     # Common keys (design.md)
     optimizer: str = "muon"  # muon | adamw
@@ -26,12 +27,13 @@ class Config:
     w_max: float = 1.0  # RMS→RMS bound of every hidden matrix
     lr: float = 0.1
     weight_decay: float = 0.0
+    spectral_decay: float = 0.1  # λ_s of constraint=spectral_weight_decay (per step)
     steps: int = 2000
     batch_size: int = 64  # global batch (sequences per optimizer step)
     seq_len: int = 256
     seed: int = 0
     device: str = "auto"  # auto | cpu | cuda | mps
-    # Model
+    # Model (for MLPs: d_model is the hidden width, n_layer the number of Linear layers)
     d_model: int = 256
     n_layer: int = 3
     n_head: int = 4
@@ -66,7 +68,8 @@ class Config:
             if not getattr(self, key) > 0:
                 raise ValueError(f"config: {key} must be > 0, got {getattr(self, key)!r}")
         choices = {
-            "model": ("lipschitz_gpt", "baseline_gpt"),
+            "model": ("lipschitz_gpt", "baseline_gpt", "lipschitz_mlp", "baseline_mlp"),
+            "dataset": ("shakespeare", "cifar10", "mnist"),
             "optimizer": ("muon", "adamw"),
             "constraint": tuple(CONSTRAINTS),
             "eval_protocol": ("full", "paper"),
@@ -76,6 +79,11 @@ class Config:
                 raise ValueError(
                     f"config: {key} must be one of {allowed}, got {getattr(self, key)!r}"
                 )
+        if self.model.endswith("_gpt") != (self.dataset == "shakespeare"):
+            raise ValueError(
+                f"config: model {self.model!r} cannot train on dataset {self.dataset!r} "
+                "(GPT models: shakespeare; MLP models: cifar10, mnist)"
+            )
         if not self.w_max > 0 or (self.head_w_max is not None and not self.head_w_max > 0):
             raise ValueError("config: w_max and head_w_max must be > 0")
         if not self.lr >= 0 or not self.weight_decay >= 0:

@@ -44,6 +44,29 @@ PRESETS: dict[str, tuple[str, dict]] = {
 }  # fmt: skip
 
 
+# The paper's CIFAR-10 MLP (notes §5.1): 3072-256-256-10, ReLU, no biases, batch 512,
+# 4900 steps (50 epochs), linear decay, effective lr 1/3 per layer (blocks_mass 2). One preset
+# per method with the paper's best configuration for it (notes §7.1, best Muon run per method;
+# AdamW: its best-accuracy weight-decay run).
+_CIFAR = dict(
+    model="lipschitz_mlp", dataset="cifar10", d_model=256, n_layer=3, batch_size=512, steps=4900,
+    optimizer="muon", blocks_mass=2.0, eval_every=490, checkpoint_every=980, log_every=100,
+    sample_tokens=0,
+)  # fmt: skip
+_CIFAR_METHODS = {
+    "cifar-mlp": ("Muon + spectral soft cap, w_max 6", dict(constraint="spectral_soft_cap", w_max=6.0, lr=0.398)),
+    "cifar-mlp-wd": ("Muon + weight decay 0.1 (unconstrained baseline)", dict(constraint="none", weight_decay=0.1, lr=1.585)),
+    "cifar-mlp-spectral-wd": ("Muon + spectral weight decay 0.05", dict(constraint="spectral_weight_decay", spectral_decay=0.05, lr=0.157)),
+    "cifar-mlp-normalize": ("Muon + spectral normalization, w_max 6", dict(constraint="spectral_normalize", w_max=6.0, lr=1.0)),
+    "cifar-mlp-stiefel": ("Muon + Stiefel projection, w_max 5", dict(constraint="stiefel", w_max=5.0, lr=1.0)),
+    "cifar-mlp-hammer": ("Muon + spectral hammer, w_max 4", dict(constraint="spectral_hammer", w_max=4.0, lr=0.398)),
+    "cifar-mlp-hard-cap": ("Muon + spectral hard cap, w_max 5", dict(constraint="spectral_hard_cap", w_max=5.0, lr=0.631)),
+    "cifar-mlp-adamw": ("AdamW + weight decay 0.077, lr 1.26e-3", dict(optimizer="adamw", constraint="none", weight_decay=0.077, lr=1.26e-3)),
+}  # fmt: skip
+for _name, (_what, _overrides) in _CIFAR_METHODS.items():
+    PRESETS[_name] = (f"CIFAR-10 MLP (paper's best per method): {_what}", {**_CIFAR, **_overrides})
+
+
 def preset(name: str) -> Config:
     """The Config of a named preset; ValueError listing the presets for an unknown name."""
     if name not in PRESETS:

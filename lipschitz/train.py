@@ -26,11 +26,18 @@ from lipschitz.certify import certify
 from lipschitz.config import Config
 from lipschitz.constraints import row_rms_cap, svd_cap
 from lipschitz.data import shakespeare
-from lipschitz.nn import BaselineGPT, LipschitzGPT, activation_stats
+from lipschitz.data.images import LOADERS as IMAGE_LOADERS
+from lipschitz.nn import BaselineGPT, BaselineMLP, LipschitzGPT, LipschitzMLP, activation_stats
 from lipschitz.optim import Muon, constrain, route_parameters
 from lipschitz.schedules import schedule
 
-MODELS = {"lipschitz_gpt": LipschitzGPT, "baseline_gpt": BaselineGPT}
+MODELS = {
+    "lipschitz_gpt": LipschitzGPT,
+    "baseline_gpt": BaselineGPT,
+    "lipschitz_mlp": LipschitzMLP,
+    "baseline_mlp": BaselineMLP,
+}
+IMAGE_SHAPES = {"cifar10": (3072, 10), "mnist": (784, 10)}  # (input features, classes)
 CHECKPOINT = "checkpoint.pt"
 
 
@@ -45,11 +52,16 @@ def select_device(name: str) -> torch.device:
     return torch.device("cpu")
 
 
-def build_model(cfg: Config, vocab_size: int) -> nn.Module:
+def build_model(cfg: Config, n_outputs: int, n_inputs: int | None = None) -> nn.Module:
+    """The config's model: a GPT over ``n_outputs`` tokens, or an MLP n_inputs → n_outputs."""
     if cfg.model not in MODELS:
         raise ValueError(f"model must be one of {sorted(MODELS)}, got {cfg.model!r}")
+    if cfg.model.endswith("_mlp"):
+        return MODELS[cfg.model](
+            in_features=n_inputs, hidden=cfg.d_model, out_features=n_outputs, n_layers=cfg.n_layer
+        )
     kwargs = dict(
-        vocab_size=vocab_size,
+        vocab_size=n_outputs,
         d_model=cfg.d_model,
         n_layer=cfg.n_layer,
         n_head=cfg.n_head,
@@ -77,6 +89,8 @@ def build_optimizers(cfg: Config, model: nn.Module) -> list[torch.optim.Optimize
         if role in ("hidden", "head") and cfg.constraint != "none":
             group["constraint"] = cfg.constraint
             group["w_max"] = head_w_max if role == "head" else cfg.w_max
+            if cfg.constraint == "spectral_weight_decay":
+                group["constraint_kwargs"] = {"spectral_decay": cfg.spectral_decay}
         elif role == "embedding" and lipschitz_model:
             group["constraint"] = "row_rms_cap"
             group["w_max"] = cfg.embed_w_max
@@ -180,6 +194,65 @@ def evaluate(
     return {"val_loss": total_loss / count, "val_acc": correct / count}
 
 
+class TextTask:
+    """Next-character prediction on Tiny Shakespeare: windows of seq_len characters."""
+
+    def __init__(self, cfg: Config) -> None:
+        self.corpus = shakespeare.load(cfg.data_dir)
+        self.seq_len = cfg.seq_len
+        n_val, protocol = len(self.corpus.val), cfg.eval_protocol
+        self.starts = eval_windows(n_val, cfg.seq_len, protocol, cfg.batch_size)
+        self.vocab = self.corpus.chars
+        self.n_outputs, self.n_inputs, self.tokens_per_example = len(self.vocab), None, cfg.seq_len
+        self.source = self.corpus.source
+
+    def batch(self, n: int, generator: torch.Generator) -> tuple[Tensor, Tensor]:
+        return sample_batch(self.corpus.train, n, self.seq_len, generator)
+
+    def evaluate(self, model: nn.Module, device: torch.device) -> dict[str, float]:
+        return evaluate(model, self.corpus.val, self.seq_len, self.starts, device)
+
+    def probe(self, device: torch.device) -> Tensor:
+        return self.corpus.val[: self.seq_len].to(device)[None]  # (1, T)
+
+
+class ImageTask:
+    """Image classification (CIFAR-10, MNIST): flattened pixels in [0, 1], 10 classes."""
+
+    def __init__(self, cfg: Config) -> None:
+        self.data = IMAGE_LOADERS[cfg.dataset](cfg.data_dir)
+        self.vocab = None
+        self.n_outputs, self.n_inputs = self.data.n_classes, self.data.n_features
+        self.tokens_per_example = 1
+        self.source = cfg.dataset
+
+    def batch(self, n: int, generator: torch.Generator) -> tuple[Tensor, Tensor]:
+        idx = torch.randint(len(self.data.y_train), (n,), generator=generator)
+        return self.data.x_train[idx], self.data.y_train[idx]
+
+    @torch.no_grad()
+    def evaluate(self, model: nn.Module, device: torch.device) -> dict[str, float]:
+        """Cross-entropy and accuracy over the whole test split."""
+        was_training = model.training
+        model.eval()
+        total_loss, correct = 0.0, 0
+        for x, y in zip(self.data.x_test.split(1000), self.data.y_test.split(1000), strict=True):
+            logits = model(x.to(device)).float()
+            y = y.to(device)
+            total_loss += F.cross_entropy(logits, y, reduction="sum").item()
+            correct += (logits.argmax(-1) == y).sum().item()
+        model.train(was_training)
+        n = len(self.data.y_test)
+        return {"val_loss": total_loss / n, "val_acc": correct / n}
+
+    def probe(self, device: torch.device) -> Tensor:
+        return self.data.x_test[:256].to(device)
+
+
+def make_task(cfg: Config) -> TextTask | ImageTask:
+    return TextTask(cfg) if cfg.dataset == "shakespeare" else ImageTask(cfg)
+
+
 def autocast(device: torch.device):
     """bfloat16 autocast on CUDA; full precision elsewhere."""
     if device.type == "cuda":
@@ -252,11 +325,12 @@ def train(cfg: Config, out: str | Path, resume: bool = False) -> dict:
     out.mkdir(parents=True, exist_ok=True)
     device = select_device(cfg.device)
 
-    corpus = shakespeare.load(cfg.data_dir)
-    if resume and json.loads((out / "vocab.json").read_text()) != corpus.chars:
-        raise ValueError(f"--resume: the data's vocabulary differs from {out / 'vocab.json'}")
+    task = make_task(cfg)
+    if resume and task.vocab is not None:
+        if json.loads((out / "vocab.json").read_text()) != task.vocab:
+            raise ValueError(f"--resume: the data's vocabulary differs from {out / 'vocab.json'}")
     torch.manual_seed(cfg.seed)
-    model = build_model(cfg, corpus.vocab_size).to(device)
+    model = build_model(cfg, task.n_outputs, task.n_inputs).to(device)
     optimizers = build_optimizers(cfg, model)
     start_inside_constraints(optimizers)
     lr_lambda = schedule(cfg.schedule, cfg.steps, warmup_steps=cfg.warmup_steps)
@@ -283,11 +357,11 @@ def train(cfg: Config, out: str | Path, resume: bool = False) -> dict:
         metrics_path.write_text("".join(json.dumps(m) + "\n" for m in kept))
     else:
         (out / "config.json").write_text(cfg.to_json())
-        (out / "vocab.json").write_text(json.dumps(corpus.chars))
+        if task.vocab is not None:
+            (out / "vocab.json").write_text(json.dumps(task.vocab))
         metrics_path.write_text("")
 
-    tokens_per_step = cfg.batch_size * cfg.seq_len
-    val_starts = eval_windows(len(corpus.val), cfg.seq_len, cfg.eval_protocol, cfg.batch_size)
+    tokens_per_step = cfg.batch_size * task.tokens_per_example
     micro_batch = cfg.batch_size // cfg.grad_accum
     if micro_batch * cfg.grad_accum != cfg.batch_size:
         raise ValueError(
@@ -311,15 +385,16 @@ def train(cfg: Config, out: str | Path, resume: bool = False) -> dict:
         )
 
     def eval_record() -> dict:
-        record = evaluate(model, corpus.val, cfg.seq_len, val_starts, device)
-        cert = certify(model) if cfg.model == "lipschitz_gpt" else None
+        record = task.evaluate(model, device)
+        cert = certify(model) if cfg.model != "baseline_gpt" else None  # LayerNorm: no bound
         record["lipschitz_bound"] = cert.lipschitz if cert is not None else None  # unbounded
         if cert is not None:
+            if cert.lipschitz_l2 is not None:
+                record["lipschitz_bound_l2"] = cert.lipschitz_l2
             record["weight_norms"] = _weight_norms(cert)
-        probe = corpus.val[: cfg.seq_len].to(device)[None]
         model.eval()
         with torch.no_grad():
-            record["activations"] = activation_stats(model, probe)
+            record["activations"] = activation_stats(model, task.probe(device))
         model.train()
         return record
 
@@ -332,11 +407,11 @@ def train(cfg: Config, out: str | Path, resume: bool = False) -> dict:
             t0 = time.time()
             loss_sum = 0.0
             for _ in range(cfg.grad_accum):
-                x, y = sample_batch(corpus.train, micro_batch, cfg.seq_len, batch_gen)
+                x, y = task.batch(micro_batch, batch_gen)
                 x, y = x.to(device), y.to(device)
                 with autocast(device):
                     logits = forward(x)
-                loss = F.cross_entropy(logits.float().flatten(0, 1), y.flatten())
+                loss = F.cross_entropy(logits.float().flatten(0, -2), y.flatten())
                 (loss / cfg.grad_accum).backward()
                 loss_sum += loss.item()
             train_loss = loss_sum / cfg.grad_accum
@@ -379,13 +454,14 @@ def train(cfg: Config, out: str | Path, resume: bool = False) -> dict:
         "val_loss": last["val_loss"],
         "val_acc": last["val_acc"],
         "lipschitz_bound": last["lipschitz_bound"],
+        "lipschitz_bound_l2": last.get("lipschitz_bound_l2"),
         "steps": step,
         "tokens_seen": step * tokens_per_step,
         "wall_time_s": elapsed + time.time() - t_start,
         "train_time_s": train_time,
         "tokens_per_s": step * tokens_per_step / max(train_time, 1e-9),
         "eval_protocol": cfg.eval_protocol,
-        "data_source": corpus.source,
+        "data_source": task.source,
         "device": str(device),
     }
     (out / "final.json").write_text(json.dumps(final, indent=2))
@@ -425,8 +501,11 @@ def load_run(out: str | Path) -> tuple[nn.Module, Config]:
     """The trained model of a run directory (eval mode, on CPU) and its config."""
     out = Path(out)
     cfg = Config.load(out / "config.json")
-    vocab = json.loads((out / "vocab.json").read_text())
-    model = build_model(cfg, len(vocab))
+    if cfg.dataset == "shakespeare":
+        model = build_model(cfg, len(json.loads((out / "vocab.json").read_text())))
+    else:
+        n_inputs, n_outputs = IMAGE_SHAPES[cfg.dataset]
+        model = build_model(cfg, n_outputs, n_inputs)
     state = torch.load(out / CHECKPOINT, map_location="cpu", weights_only=False)
     model.load_state_dict(state["model"])
     return model.eval(), cfg

@@ -84,8 +84,8 @@ def test_tiny_interrupt_resume_certify_sample(tmp_path, monkeypatch, capsys):
 def test_nan_loss_names_the_step(tmp_path, monkeypatch):
     real_build = train_module.build_model
 
-    def poisoned(cfg, vocab_size):
-        model = real_build(cfg, vocab_size)
+    def poisoned(*args):
+        model = real_build(*args)
         calls = {"n": 0}
 
         def hook(module, args, output):
