@@ -47,7 +47,7 @@ PRESETS: dict[str, tuple[str, dict]] = {
 # The paper's CIFAR-10 MLP (notes §5.1): 3072-256-256-10, ReLU, no biases, batch 512,
 # 4900 steps (50 epochs), linear decay, effective lr 1/3 per layer (blocks_mass 2). One preset
 # per method with the paper's best configuration for it (notes §7.1, best Muon run per method;
-# AdamW: its best-accuracy weight-decay run).
+# AdamW: its best-accuracy weight-decay run), and the paper's adversarial pair.
 _CIFAR = dict(
     model="lipschitz_mlp", dataset="cifar10", d_model=256, n_layer=3, batch_size=512, steps=4900,
     optimizer="muon", blocks_mass=2.0, eval_every=490, checkpoint_every=980, log_every=100,
@@ -61,10 +61,15 @@ _CIFAR_METHODS = {
     "cifar-mlp-stiefel": ("Muon + Stiefel projection, w_max 5", dict(constraint="stiefel", w_max=5.0, lr=1.0)),
     "cifar-mlp-hammer": ("Muon + spectral hammer, w_max 4", dict(constraint="spectral_hammer", w_max=4.0, lr=0.398)),
     "cifar-mlp-hard-cap": ("Muon + spectral hard cap, w_max 5", dict(constraint="spectral_hard_cap", w_max=5.0, lr=0.631)),
-    "cifar-mlp-adamw": ("AdamW + weight decay 0.077, lr 1.26e-3", dict(optimizer="adamw", constraint="none", weight_decay=0.077, lr=1.26e-3)),
+    # AdamW decay here is torch's λ·η per step; the paper's JAX decay is λ·η·tn with tn = 1/3 for
+    # each MLP layer, so the paper's λ is divided by 3 below.
+    "cifar-mlp-adamw": ("AdamW + weight decay 0.077 (paper units), lr 1.26e-3", dict(optimizer="adamw", constraint="none", weight_decay=0.077 / 3, lr=1.26e-3)),
+    # the paper's adversarial pair (notes §7.1): 20 epochs each, similar clean accuracy
+    "cifar-adv-adamw": ("adversarial pair, AdamW lr 8.1e-3 + weight decay 0.1, 20 epochs (paper: L ≈ 7600)", dict(optimizer="adamw", constraint="none", weight_decay=0.1 / 3, lr=8.1e-3, steps=1960, eval_every=490)),
+    "cifar-adv-softcap": ("adversarial pair, Muon + soft cap w_max 3, lr 0.231, 20 epochs (paper: L ≈ 15)", dict(constraint="spectral_soft_cap", w_max=3.0, lr=0.231, steps=1960, eval_every=490)),
 }  # fmt: skip
 for _name, (_what, _overrides) in _CIFAR_METHODS.items():
-    PRESETS[_name] = (f"CIFAR-10 MLP (paper's best per method): {_what}", {**_CIFAR, **_overrides})
+    PRESETS[_name] = (f"CIFAR-10 MLP: {_what}", {**_CIFAR, **_overrides})
 
 
 def preset(name: str) -> Config:
