@@ -47,6 +47,7 @@ def run(
 ) -> dict:
     configs = setups(name, overrides or [])
     device = select_device(configs["lipschitz"].device)
+    torch.set_flush_denormal(True)  # as `lipschitz train` does
     gen = torch.Generator().manual_seed(0)
     states = {}
     for key, cfg in configs.items():
