@@ -45,9 +45,17 @@ def setups(name: str, overrides: list[str]) -> dict:
 def run(
     name: str = "shakespeare-cpu", overrides: list[str] | None = None, rounds: int = 20
 ) -> dict:
+    """Time the four set-ups (denormals flushed, as `lipschitz train` does)."""
+    torch.set_flush_denormal(True)
+    try:
+        return _run(name, overrides, rounds)
+    finally:
+        torch.set_flush_denormal(False)
+
+
+def _run(name: str, overrides: list[str] | None, rounds: int) -> dict:
     configs = setups(name, overrides or [])
     device = select_device(configs["lipschitz"].device)
-    torch.set_flush_denormal(True)  # as `lipschitz train` does
     gen = torch.Generator().manual_seed(0)
     states = {}
     for key, cfg in configs.items():

@@ -306,7 +306,19 @@ class Progress:
 
 
 def train(cfg: Config, out: str | Path, resume: bool = False) -> dict:
-    """Train ``cfg`` into the run directory ``out``; returns the final metrics (final.json)."""
+    """Train ``cfg`` into the run directory ``out``; returns the final metrics (final.json).
+
+    Denormal floats (e.g. in the momentum of dead units) slow CPU matmuls ~5×, so they are
+    flushed to zero while training; the process-wide setting is restored afterwards.
+    """
+    torch.set_flush_denormal(True)
+    try:
+        return _train(cfg, out, resume)
+    finally:
+        torch.set_flush_denormal(False)
+
+
+def _train(cfg: Config, out: str | Path, resume: bool) -> dict:
     if int(os.environ.get("WORLD_SIZE", "1")) > 1:
         raise NotImplementedError(
             "distributed training (torchrun) is not implemented yet: every rank would train a "
@@ -324,8 +336,6 @@ def train(cfg: Config, out: str | Path, resume: bool = False) -> dict:
         raise FileExistsError(f"{out} already holds a run; pass --resume or choose another --out")
     out.mkdir(parents=True, exist_ok=True)
     device = select_device(cfg.device)
-    # Denormal floats (e.g. in the momentum of dead units) slow CPU matmuls ~5×: flush them.
-    torch.set_flush_denormal(True)
 
     task = make_task(cfg)
     if resume and task.vocab is not None:
