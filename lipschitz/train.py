@@ -143,14 +143,18 @@ def start_inside_constraints(optimizers: list[torch.optim.Optimizer]) -> None:
                 p.copy_(cap(p, w_max=group["w_max"]))
 
 
+def windows(data: Tensor, starts: Tensor, seq_len: int) -> tuple[Tensor, Tensor]:
+    """Windows at ``starts``: inputs x (B, T) and their next-token targets y (B, T)."""
+    w = data[starts[:, None] + torch.arange(seq_len + 1)]  # (B, T + 1)
+    return w[:, :-1], w[:, 1:]
+
+
 def sample_batch(
     data: Tensor, batch_size: int, seq_len: int, generator: torch.Generator
 ) -> tuple[Tensor, Tensor]:
     """Random windows: x (B, T) and the next-token targets y (B, T)."""
     starts = torch.randint(len(data) - seq_len, (batch_size,), generator=generator)
-    offsets = torch.arange(seq_len + 1)
-    windows = data[starts[:, None] + offsets]  # (B, T + 1)
-    return windows[:, :-1], windows[:, 1:]
+    return windows(data, starts, seq_len)
 
 
 def eval_windows(n_tokens: int, seq_len: int, protocol: str, batch_size: int) -> Tensor:
@@ -168,6 +172,24 @@ def eval_windows(n_tokens: int, seq_len: int, protocol: str, batch_size: int) ->
 
 
 @torch.no_grad()
+def score(model: nn.Module, batches, device: torch.device) -> dict[str, float]:
+    """Mean cross-entropy and accuracy over every target of the (x, y) batches."""
+    was_training = model.training
+    model.eval()
+    total_loss, correct, count = 0.0, 0, 0
+    for x, y in batches:
+        x, y = x.to(device), y.to(device)
+        with autocast(device):
+            logits = model(x)
+        logits = logits.float().flatten(0, -2)  # (N, classes)
+        y = y.flatten()
+        total_loss += F.cross_entropy(logits, y, reduction="sum").item()
+        correct += (logits.argmax(-1) == y).sum().item()
+        count += y.numel()
+    model.train(was_training)
+    return {"val_loss": total_loss / count, "val_acc": correct / count}
+
+
 def evaluate(
     model: nn.Module,
     data: Tensor,
@@ -177,21 +199,8 @@ def evaluate(
     batch_size: int = 64,
 ) -> dict[str, float]:
     """Mean cross-entropy and next-token accuracy over every position of the given windows."""
-    was_training = model.training
-    model.eval()
-    total_loss, correct, count = 0.0, 0, 0
-    offsets = torch.arange(seq_len + 1)
-    for chunk in starts.split(batch_size):
-        windows = data[chunk[:, None] + offsets].to(device)
-        x, y = windows[:, :-1], windows[:, 1:]
-        with autocast(device):
-            logits = model(x)
-        logits = logits.float()
-        total_loss += F.cross_entropy(logits.flatten(0, 1), y.flatten(), reduction="sum").item()
-        correct += (logits.argmax(-1) == y).sum().item()
-        count += y.numel()
-    model.train(was_training)
-    return {"val_loss": total_loss / count, "val_acc": correct / count}
+    batches = (windows(data, chunk, seq_len) for chunk in starts.split(batch_size))
+    return score(model, batches, device)
 
 
 class TextTask:
@@ -230,20 +239,10 @@ class ImageTask:
         idx = torch.randint(len(self.data.y_train), (n,), generator=generator)
         return self.data.x_train[idx], self.data.y_train[idx]
 
-    @torch.no_grad()
     def evaluate(self, model: nn.Module, device: torch.device) -> dict[str, float]:
         """Cross-entropy and accuracy over the whole test split."""
-        was_training = model.training
-        model.eval()
-        total_loss, correct = 0.0, 0
-        for x, y in zip(self.data.x_test.split(1000), self.data.y_test.split(1000), strict=True):
-            logits = model(x.to(device)).float()
-            y = y.to(device)
-            total_loss += F.cross_entropy(logits, y, reduction="sum").item()
-            correct += (logits.argmax(-1) == y).sum().item()
-        model.train(was_training)
-        n = len(self.data.y_test)
-        return {"val_loss": total_loss / n, "val_acc": correct / n}
+        batches = zip(self.data.x_test.split(1000), self.data.y_test.split(1000), strict=True)
+        return score(model, batches, device)
 
     def probe(self, device: torch.device) -> Tensor:
         return self.data.x_test[:256].to(device)

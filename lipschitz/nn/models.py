@@ -49,6 +49,25 @@ def _embed_input(embed: nn.Embedding, idx: Tensor | None, inputs_embeds: Tensor 
     return inputs_embeds
 
 
+def _gpt_forward(
+    model: nn.Module,
+    idx: Tensor | None,
+    inputs_embeds: Tensor | None,
+    return_stats: bool,
+    final_norm: nn.Module,
+) -> Tensor | tuple[Tensor, dict]:
+    """embed → blocks → final_norm → head × final_scale, shared by both GPTs."""
+    x = _embed_input(model.embed, idx, inputs_embeds)  # (B, T, d)
+    stats = {"embed": _token_stats(x)} if return_stats else None
+    for i, block in enumerate(model.blocks):
+        x = block(x, stats, prefix=f"blocks.{i}.")
+    logits = model.head(final_norm(x)) * model.final_scale  # (B, T, V)
+    if stats is None:
+        return logits
+    stats["logits"] = _token_stats(logits)
+    return logits, stats
+
+
 class LipschitzGPT(nn.Module):
     """GPT with no layer norm whose Lipschitz bound is read off its weights (paper §5.2).
 
@@ -94,15 +113,7 @@ class LipschitzGPT(nn.Module):
         inputs_embeds: Tensor | None = None,
         return_stats: bool = False,
     ) -> Tensor | tuple[Tensor, dict]:
-        x = _embed_input(self.embed, idx, inputs_embeds)  # (B, T, d)
-        stats = {"embed": _token_stats(x)} if return_stats else None
-        for i, block in enumerate(self.blocks):
-            x = block(x, stats, prefix=f"blocks.{i}.")
-        logits = self.head(x) * self.final_scale  # (B, T, V)
-        if stats is None:
-            return logits
-        stats["logits"] = _token_stats(logits)
-        return logits, stats
+        return _gpt_forward(self, idx, inputs_embeds, return_stats, final_norm=nn.Identity())
 
 
 class BaselineAttention(CausalSelfAttention):
@@ -188,15 +199,7 @@ class BaselineGPT(nn.Module):
         inputs_embeds: Tensor | None = None,
         return_stats: bool = False,
     ) -> Tensor | tuple[Tensor, dict]:
-        x = _embed_input(self.embed, idx, inputs_embeds)  # (B, T, d)
-        stats = {"embed": _token_stats(x)} if return_stats else None
-        for i, block in enumerate(self.blocks):
-            x = block(x, stats, prefix=f"blocks.{i}.")
-        logits = self.head(self.ln_f(x)) * self.final_scale  # (B, T, V)
-        if stats is None:
-            return logits
-        stats["logits"] = _token_stats(logits)
-        return logits, stats
+        return _gpt_forward(self, idx, inputs_embeds, return_stats, final_norm=self.ln_f)
 
 
 def _mlp_forward(
