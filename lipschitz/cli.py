@@ -1,4 +1,4 @@
-"""The `lipschitz` command: train, sample, certify, presets, bench."""
+"""The `lipschitz` command: train, sample, certify, robustness, sweep, plot, presets, bench."""
 
 from __future__ import annotations
 
@@ -89,6 +89,25 @@ def cmd_robustness(args: argparse.Namespace) -> None:
     print(f"-> {args.dir}/robustness.json, robustness.png")
 
 
+def cmd_sweep(args: argparse.Namespace) -> None:
+    from lipschitz.sweep import run_sweep
+
+    rows = run_sweep(args.spec, args.out, args.data_dir, args.parallel)
+    failed = [row["run"] for row in rows if row["status"] == "failed"]
+    if failed:
+        print(f"lipschitz sweep: {len(failed)} of {len(rows)} runs failed", file=sys.stderr)
+        sys.exit(1)
+
+
+def cmd_plot(args: argparse.Namespace) -> None:
+    from lipschitz.pareto import find_runs, frontier_table, frontiers, load_points, plot
+
+    points = load_points(find_runs(args.runs), args.x, args.y)
+    out = plot(points, args.x, args.y, args.out, log_x=not args.linear_x)
+    print(frontier_table(frontiers(points), args.x, args.y), end="")
+    print(f"-> {out}, {out.with_suffix('.md')} ({len(points)} runs)")
+
+
 def cmd_presets(args: argparse.Namespace) -> None:
     from lipschitz.presets import PRESETS
 
@@ -139,6 +158,21 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--pgd-steps", type=int, default=50)
     p.add_argument("--json", action="store_true")
     p.set_defaults(func=cmd_robustness)
+
+    p = commands.add_parser("sweep", help="run a grid of trainings from a TOML spec")
+    p.add_argument("spec", help="TOML file: preset, [set], [[grid]] (see lipschitz.sweep)")
+    p.add_argument("--out", default=None, help="sweep directory (default: the spec's out)")
+    p.add_argument("--data-dir", default=None)
+    p.add_argument("--parallel", type=int, default=None, help="runs at a time")
+    p.set_defaults(func=cmd_sweep)
+
+    p = commands.add_parser("plot", help="bound-versus-accuracy scatter and Pareto frontiers")
+    p.add_argument("runs", nargs="+", help="run directories or folders of runs")
+    p.add_argument("--x", default="lipschitz_bound", help="a final.json or config.json key")
+    p.add_argument("--y", default="val_acc")
+    p.add_argument("--out", default="pareto.png", help="PNG path; the table goes to .md")
+    p.add_argument("--linear-x", action="store_true", help="linear instead of log x axis")
+    p.set_defaults(func=cmd_plot)
 
     p = commands.add_parser("presets", help="list the presets")
     p.set_defaults(func=cmd_presets)
