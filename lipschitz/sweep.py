@@ -38,6 +38,7 @@ from lipschitz.presets import preset
 from lipschitz.train import CHECKPOINT
 
 SPEC_KEYS = {"preset", "out", "parallel", "set", "grid"}
+SUMMARY_KEYS = ("val_acc", "val_loss", "lipschitz_bound", "lipschitz_bound_l2", "wall_time_s")
 
 
 @dataclass
@@ -159,7 +160,7 @@ def run_sweep(
                 run_dir = out / run.name
                 run_dir.mkdir(parents=True, exist_ok=True)
                 resume = _status(run_dir) == "resume"
-                log = open(run_dir / "train.log", "a")  # noqa: SIM115 (closed with the process)
+                log = open(run_dir / "train.log", "a")  # the child keeps its own handle
                 proc = subprocess.Popen(_command(spec, run, run_dir, data_dir, resume),
                                         stdout=log, stderr=subprocess.STDOUT, env=env)  # fmt: skip
                 log.close()
@@ -192,11 +193,11 @@ def summarize(out: Path, runs: list[Run], failed: dict[str, str] | None = None) 
     rows = []
     for run in runs:
         final_path = out / run.name / "final.json"
-        row = {"run": run.name, "status": "failed" if run.name in failed else _status(out / run.name)}
+        status = "failed" if run.name in failed else _status(out / run.name)
+        row = {"run": run.name, "status": status}
         if final_path.exists():
             final = json.loads(final_path.read_text())
-            row.update({k: final.get(k) for k in
-                        ("val_acc", "val_loss", "lipschitz_bound", "lipschitz_bound_l2", "wall_time_s")})  # fmt: skip
+            row.update({k: final.get(k) for k in SUMMARY_KEYS})
         rows.append(row)
     (out / "summary.json").write_text(json.dumps(rows, indent=2))
     lines = ["| run | status | val acc | val loss | certified bound | wall s |",

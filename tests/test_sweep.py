@@ -117,7 +117,8 @@ def test_frontier_equals_brute_force(pairs):
 
 
 def test_methods_group_runs():
-    assert method_of({"constraint": "spectral_soft_cap", "weight_decay": 0.1}) == "spectral_soft_cap"
+    soft_cap = {"constraint": "spectral_soft_cap", "weight_decay": 0.1}
+    assert method_of(soft_cap) == "spectral_soft_cap"
     assert method_of({"constraint": "none", "weight_decay": 0.1}) == "weight decay"
     assert method_of({"constraint": "none", "weight_decay": 0.0}) == "none"
 
