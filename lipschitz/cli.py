@@ -73,7 +73,8 @@ def cmd_certify(args: argparse.Namespace) -> None:
 def cmd_robustness(args: argparse.Namespace) -> None:
     from lipschitz.robustness import report
 
-    result = report(args.dir, args.data_dir, args.n, tuple(args.eps), args.pgd_steps)
+    result = report(args.dir, args.data_dir, args.n, tuple(args.eps), args.pgd_steps,
+                    args.autoattack)  # fmt: skip
     if args.json:
         print(json.dumps(result, indent=2))
         return
@@ -83,8 +84,10 @@ def cmd_robustness(args: argparse.Namespace) -> None:
         f"{result['median_certified_radius']:.4g} ({result['n_examples']} test images)"
     )
     for row in result["eps"]:
+        auto = f"  AutoAttack {row['autoattack_acc']:.4f}" if "autoattack_acc" in row else ""
         print(
             f"  eps {row['eps']:.4f}: verified {row['verified_acc']:.4f}  PGD {row['pgd_acc']:.4f}"
+            + auto
         )
     print(f"-> {args.dir}/robustness.json, robustness.png")
 
@@ -156,6 +159,8 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--n", type=int, default=1000, help="number of test images")
     p.add_argument("--eps", type=float, nargs="+", default=[36 / 255, 72 / 255, 108 / 255])
     p.add_argument("--pgd-steps", type=int, default=50)
+    p.add_argument("--autoattack", action="store_true",
+                   help="also run AutoAttack-l2 (needs the autoattack extra)")  # fmt: skip
     p.add_argument("--json", action="store_true")
     p.set_defaults(func=cmd_robustness)
 
@@ -191,6 +196,7 @@ def main(argv: list[str] | None = None) -> None:
         FloatingPointError,
         FileNotFoundError,
         FileExistsError,
+        ImportError,
     ) as err:
         print(f"lipschitz {args.command}: error: {err}", file=sys.stderr)
         sys.exit(2)
