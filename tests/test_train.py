@@ -112,12 +112,6 @@ def test_initial_weights_start_inside_a_small_ball(tmp_path):
             assert rms_operator_norm(p).item() <= 0.5 * (1 + 1e-3), name
 
 
-def test_torchrun_is_refused_until_implemented(tmp_path, monkeypatch):
-    monkeypatch.setenv("WORLD_SIZE", "2")
-    with pytest.raises(NotImplementedError, match="torchrun"):
-        train_module.train(preset("tiny"), tmp_path / "run")
-
-
 def test_set_overrides_are_typed_and_checked():
     cfg = apply_overrides(Config(), ["lr=0.5", "steps=7", "nesterov=true", "head_w_max=none"])
     assert (cfg.lr, cfg.steps, cfg.nesterov, cfg.head_w_max) == (0.5, 7, True, None)

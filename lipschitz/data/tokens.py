@@ -20,7 +20,7 @@ from pathlib import Path
 
 import numpy as np
 
-from lipschitz.data.files import fetch
+from lipschitz.data.files import fetch, resolve_data_dir
 
 MAGIC = 20240520
 VERSION = 1
@@ -180,6 +180,24 @@ def shard_paths(folder: str | Path, split: str) -> list[Path]:
     if split not in ("train", "val"):
         raise ValueError(f"split must be 'train' or 'val', got {split!r}")
     return sorted(Path(folder).glob(f"*_{split}_*.bin"))
+
+
+def resolve_token_dir(token_dir: str | Path, data_dir: str | Path | None = None) -> Path:
+    """The shard folder: an absolute path as is; a relative one in the data directory
+    (``--data-dir`` / ``$LIPSCHITZ_DATA_DIR``) if it is there, else in the working directory."""
+    path = Path(token_dir).expanduser()
+    candidates = [path]
+    root = resolve_data_dir(data_dir)
+    if not path.is_absolute() and root is not None:
+        candidates.insert(0, root / path)
+    for candidate in candidates:
+        if candidate.is_dir():
+            return candidate
+    raise FileNotFoundError(
+        f"token_dir {str(token_dir)!r}: no such folder (looked in "
+        f"{', '.join(str(c.absolute()) for c in candidates)}); make the shards with `lipschitz "
+        "prepare TEXT_FILES... --out DIR`, or point --set token_dir=DIR / --data-dir at them"
+    )
 
 
 @dataclass
