@@ -614,10 +614,11 @@ def _train(cfg: Config, out: str | Path, resume: bool) -> dict:
     progress.close()
     if not last:  # resumed a finished run: evaluate what is there
         last = eval_record()
-    work = [{k: v for opt in optimizers for k, v in _work(opt).items()}]
+    counts = {k: sum(_work(opt)[k] for opt in optimizers) for k in ("msign", "projections")}
+    work = [counts]
     if world > 1:
         work = [None] * world
-        dist.all_gather_object(work, {k: v for opt in optimizers for k, v in _work(opt).items()})
+        dist.all_gather_object(work, counts)
     final = {
         "val_loss": last["val_loss"],
         "val_acc": last["val_acc"],
