@@ -6,7 +6,7 @@ One training step, for every constrained weight W (paper §2)::
     W ← W − η·update             the optimizer's step        (inside optimizer.step)
     W ← project(W; w_max, ...)   a CONSTRAINTS function      (a step post-hook, see constrain)
 
-η is the group's ``lr``, tn its ``target_norm`` and λ its ``weight_decay``. Three pieces:
+η is the group's ``lr``, tn its ``target_norm`` and λ its ``weight_decay``. Four pieces:
 
 - :class:`Muon` takes steps whose RMS→RMS norm is known: η·tn times the Newton–Schulz set's
   largest output. It is the optimizer that lets the spectral soft cap guarantee its bound.
@@ -17,6 +17,10 @@ One training step, for every constrained weight W (paper §2)::
   :data:`lipschitz.constraints.CONSTRAINTS`, or ``"row_rms_cap"`` for embeddings), ``w_max``
   and ``constraint_kwargs``. Power-iteration warm-start vectors are kept in
   ``optimizer.state[p]["constraint"]``, so they are saved and restored with ``state_dict``.
+- :func:`distribute` splits the matrix work (Muon's msign, the projections) across the ranks of
+  a process group under ``torchrun``: each matrix has one owner that computes it, and one
+  all-gather gives every rank the new weights. Same-shaped matrices are always orthogonalized
+  and projected as one stacked call; ``optimizer.lipschitz_work`` counts the matrices.
 
 Decay belongs to the optimizer's step, as in ``torch.optim``: Muon decays by λ·η·tn (the
 paper); ``torch.optim.AdamW`` decays by λ·η, so to reproduce the paper's λ·η·tn for AdamW give
