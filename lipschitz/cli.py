@@ -1,4 +1,5 @@
-"""The `lipschitz` command: train, sample, certify, presets, bench, prepare."""
+"""The `lipschitz` command: train, sample, certify, robustness, sweep, plot, prepare, presets,
+bench."""
 
 from __future__ import annotations
 
@@ -98,7 +99,8 @@ def cmd_certify(args: argparse.Namespace) -> None:
 def cmd_robustness(args: argparse.Namespace) -> None:
     from lipschitz.robustness import report
 
-    result = report(args.dir, args.data_dir, args.n, tuple(args.eps), args.pgd_steps)
+    result = report(args.dir, args.data_dir, args.n, tuple(args.eps), args.pgd_steps,
+                    args.autoattack)  # fmt: skip
     if args.json:
         print(json.dumps(result, indent=2))
         return
@@ -108,10 +110,31 @@ def cmd_robustness(args: argparse.Namespace) -> None:
         f"{result['median_certified_radius']:.4g} ({result['n_examples']} test images)"
     )
     for row in result["eps"]:
+        auto = f"  AutoAttack {row['autoattack_acc']:.4f}" if "autoattack_acc" in row else ""
         print(
             f"  eps {row['eps']:.4f}: verified {row['verified_acc']:.4f}  PGD {row['pgd_acc']:.4f}"
+            + auto
         )
     print(f"-> {args.dir}/robustness.json, robustness.png")
+
+
+def cmd_sweep(args: argparse.Namespace) -> None:
+    from lipschitz.sweep import run_sweep
+
+    rows = run_sweep(args.spec, args.out, args.data_dir, args.parallel)
+    failed = [row["run"] for row in rows if row["status"] == "failed"]
+    if failed:
+        print(f"lipschitz sweep: {len(failed)} of {len(rows)} runs failed", file=sys.stderr)
+        sys.exit(1)
+
+
+def cmd_plot(args: argparse.Namespace) -> None:
+    from lipschitz.pareto import find_runs, frontier_table, frontiers, load_points, plot
+
+    points = load_points(find_runs(args.runs), args.x, args.y)
+    out = plot(points, args.x, args.y, args.out, log_x=not args.linear_x)
+    print(frontier_table(frontiers(points), args.x, args.y), end="")
+    print(f"-> {out}, {out.with_suffix('.md')} ({len(points)} runs)")
 
 
 def cmd_presets(args: argparse.Namespace) -> None:
@@ -163,6 +186,8 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--n", type=int, default=1000, help="number of test images")
     p.add_argument("--eps", type=float, nargs="+", default=[36 / 255, 72 / 255, 108 / 255])
     p.add_argument("--pgd-steps", type=int, default=50)
+    p.add_argument("--autoattack", action="store_true",
+                   help="also run AutoAttack-l2 (needs the autoattack extra)")  # fmt: skip
     p.add_argument("--json", action="store_true")
     p.set_defaults(func=cmd_robustness)
 
@@ -176,6 +201,21 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--name", default="tokens", help="shard file prefix: NAME_train_000000.bin")
     p.add_argument("--data-dir", default=None, help="where gpt2_bpe/ is (else downloaded)")
     p.set_defaults(func=cmd_prepare)
+
+    p = commands.add_parser("sweep", help="run a grid of trainings from a TOML spec")
+    p.add_argument("spec", help="TOML file: preset, [set], [[grid]] (see lipschitz.sweep)")
+    p.add_argument("--out", default=None, help="sweep directory (default: the spec's out)")
+    p.add_argument("--data-dir", default=None)
+    p.add_argument("--parallel", type=int, default=None, help="runs at a time")
+    p.set_defaults(func=cmd_sweep)
+
+    p = commands.add_parser("plot", help="bound-versus-accuracy scatter and Pareto frontiers")
+    p.add_argument("runs", nargs="+", help="run directories or folders of runs")
+    p.add_argument("--x", default="lipschitz_bound", help="a final.json or config.json key")
+    p.add_argument("--y", default="val_acc")
+    p.add_argument("--out", default="pareto.png", help="PNG path; the table goes to .md")
+    p.add_argument("--linear-x", action="store_true", help="linear instead of log x axis")
+    p.set_defaults(func=cmd_plot)
 
     p = commands.add_parser("presets", help="list the presets")
     p.set_defaults(func=cmd_presets)
@@ -194,6 +234,7 @@ def main(argv: list[str] | None = None) -> None:
         FloatingPointError,
         FileNotFoundError,
         FileExistsError,
+        ImportError,
     ) as err:
         print(f"lipschitz {args.command}: error: {err}", file=sys.stderr)
         sys.exit(2)

@@ -6,6 +6,9 @@ perturbation δ moves the difference of two logits by at most √2·L·‖δ‖)
 accuracy at ε counts correctly classified inputs whose radius exceeds ε. An attack can only
 find adversarial examples outside those radii, so empirical robust accuracy under any attack
 is never below verified robust accuracy: :func:`evaluate` checks that and fails loudly if not.
+
+AutoAttack (Croce & Hein, the standard ℓ2 ensemble: APGD-CE, APGD-T, FAB-T, Square) runs too
+when the optional ``pyautoattack`` package is installed (``pip install "lipschitz[autoattack]"``).
 """
 
 from __future__ import annotations
@@ -14,6 +17,8 @@ import math
 
 import torch
 from torch import Tensor, nn
+
+IMAGE_SHAPES = {"cifar10": (32, 32, 3), "mnist": (28, 28, 1)}  # (H, W, C) of the flat pixels
 
 
 def margins(logits: Tensor, labels: Tensor) -> Tensor:
@@ -62,6 +67,40 @@ def pgd_l2(
     return (x + delta).detach()
 
 
+class _FlatImages(nn.Module):
+    """Feeds AutoAttack's (B, C, H, W) images to a model of flattened (B, H·W·C) pixels."""
+
+    def __init__(self, model: nn.Module) -> None:
+        super().__init__()
+        self.model = model
+
+    def forward(self, images: Tensor) -> Tensor:
+        return self.model(images.permute(0, 2, 3, 1).flatten(1))
+
+
+def autoattack_l2(
+    model: nn.Module, x: Tensor, labels: Tensor, eps: float, image_shape: tuple[int, int, int]
+) -> Tensor:
+    """AutoAttack's standard ℓ2 evaluation: adversarial inputs of x's (flattened) shape.
+    ``image_shape`` is (H, W, C), the layout the pixels were flattened from."""
+    try:
+        from pyautoattack import AutoAttack
+    except ImportError as err:
+        raise ImportError(
+            "AutoAttack needs the optional pyautoattack package: "
+            'pip install "lipschitz[autoattack]"'
+        ) from err
+    import logging
+
+    logging.getLogger("auto-attack").setLevel(logging.WARNING)
+    h, w, c = image_shape
+    images = x.view(len(x), h, w, c).permute(0, 3, 1, 2).contiguous()  # (B, C, H, W)
+    attack = AutoAttack(_FlatImages(model).eval(), norm="L2", eps=eps, version="standard",
+                        seed=0, device=x.device)  # fmt: skip
+    x_adv, _ = attack.run_standard_evaluation(images, labels, batch_size=len(x))
+    return x_adv.permute(0, 2, 3, 1).reshape(x.shape)
+
+
 @torch.no_grad()
 def _accuracy(model: nn.Module, x: Tensor, labels: Tensor) -> Tensor:
     return model(x).argmax(dim=1) == labels
@@ -74,9 +113,11 @@ def evaluate(
     lipschitz_l2: float,
     eps_list: tuple[float, ...] = (36 / 255, 72 / 255, 108 / 255),
     pgd_steps: int = 50,
+    image_shape: tuple[int, int, int] | None = None,
 ) -> dict:
-    """Clean accuracy, and verified and PGD robust accuracy at each ε; raises RuntimeError if
-    an attack ever beats a certificate (a wrong certificate or a wrong attack)."""
+    """Clean accuracy, and verified and PGD robust accuracy at each ε (and AutoAttack's, when
+    ``image_shape`` (H, W, C) is given); raises RuntimeError if an attack ever beats a
+    certificate (a wrong certificate or a wrong attack)."""
     model.eval()
     with torch.no_grad():
         logits = model(x)
@@ -85,21 +126,23 @@ def evaluate(
     result = {"clean_acc": clean.float().mean().item(), "lipschitz_l2": lipschitz_l2, "eps": []}
     for eps in eps_list:
         verified = clean & (radii > eps)
-        x_adv = pgd_l2(model, x, labels, eps, steps=pgd_steps)
-        robust = _accuracy(model, x_adv, labels)
-        broken = verified & ~robust
-        if broken.any():
-            raise RuntimeError(
-                f"PGD at eps={eps:.4g} flipped {int(broken.sum())} inputs with a certified "
-                f"radius > eps: the certificate (L={lipschitz_l2:.4g}) or the attack is wrong"
-            )
-        result["eps"].append(
-            {
-                "eps": eps,
-                "verified_acc": verified.float().mean().item(),
-                "pgd_acc": robust.float().mean().item(),
-            }
-        )
+        row = {"eps": eps, "verified_acc": verified.float().mean().item()}
+        for name in ["pgd"] if image_shape is None else ["pgd", "autoattack"]:
+            if name == "pgd":
+                x_adv = pgd_l2(model, x, labels, eps, steps=pgd_steps)
+            else:
+                x_adv = autoattack_l2(model, x, labels, eps, image_shape)
+            if not ((x_adv - x).flatten(1).norm(dim=1) <= eps * (1 + 1e-4) + 1e-6).all():
+                raise RuntimeError(f"{name} at eps={eps:.4g} left the eps-ball")
+            robust = _accuracy(model, x_adv, labels) & clean
+            broken = verified & ~robust
+            if broken.any():
+                raise RuntimeError(
+                    f"{name} at eps={eps:.4g} flipped {int(broken.sum())} inputs with a certified"
+                    f" radius > eps: the certificate (L={lipschitz_l2:.4g}) or the attack is wrong"
+                )
+            row[f"{name}_acc"] = robust.float().mean().item()
+        result["eps"].append(row)
     return result
 
 
@@ -109,10 +152,12 @@ def report(
     n: int = 1000,
     eps_list: tuple[float, ...] = (36 / 255, 72 / 255, 108 / 255),
     pgd_steps: int = 50,
+    autoattack: bool = False,
 ) -> dict:
     """Robustness of a trained image classifier (a run directory): clean accuracy, certified
-    radii, verified and PGD-ℓ2 robust accuracy at each ε on the first ``n`` test images, and a
-    verified-accuracy curve over ε. Writes ``robustness.json`` and ``robustness.png``."""
+    radii, verified and PGD-ℓ2 (and AutoAttack) robust accuracy at each ε on the first ``n``
+    test images, and a verified-accuracy curve over ε. Writes ``robustness.json`` and
+    ``robustness.png``."""
     import json
     from pathlib import Path
 
@@ -126,7 +171,8 @@ def report(
     data = LOADERS[cfg.dataset](data_dir or cfg.data_dir)
     x, y = data.x_test[:n], data.y_test[:n]
     cert = certify(model)
-    result = evaluate(model, x, y, cert.lipschitz_l2, eps_list, pgd_steps)
+    image_shape = IMAGE_SHAPES[cfg.dataset] if autoattack else None
+    result = evaluate(model, x, y, cert.lipschitz_l2, eps_list, pgd_steps, image_shape)
     with torch.no_grad():
         radii = certified_radii(model(x), y, cert.lipschitz_l2)
     grid = torch.linspace(0, 2 * max(eps_list), 41)
@@ -156,6 +202,9 @@ def _plot(result: dict, path) -> None:
     ax.plot([c["eps"] for c in curve], [c["verified_acc"] for c in curve], label="verified")
     rows = result["eps"]
     ax.plot([r["eps"] for r in rows], [r["pgd_acc"] for r in rows], "o-", label="PGD-ℓ2")
+    if "autoattack_acc" in rows[0]:
+        ax.plot([r["eps"] for r in rows], [r["autoattack_acc"] for r in rows], "s--",
+                label="AutoAttack-ℓ2")  # fmt: skip
     ax.set(xlabel="ε (ℓ2, pixels in [0, 1])", ylabel="accuracy",
            title=f"L_ℓ2 = {result['lipschitz_l2']:.3g}")  # fmt: skip
     ax.legend()

@@ -101,3 +101,35 @@ def test_cifar_mlp_trains_then_robustness_report(tmp_path, capsys):
     assert result["n_examples"] == 100 and (run / "robustness.png").stat().st_size > 0
     for row in result["eps"]:
         assert row["pgd_acc"] >= row["verified_acc"]
+
+
+def _images_mlp(seed: int, scale: float) -> tuple[torch.nn.Module, torch.Tensor, torch.Tensor]:
+    """A 3-layer, 10-class MLP on 8 random 8×8×3 "images" (flattened HWC), labelled by itself."""
+    gen = torch.Generator().manual_seed(seed)
+    x = torch.rand(8, 8 * 8 * 3, generator=gen)
+    torch.manual_seed(seed)
+    model = LipschitzMLP(in_features=192, hidden=32, out_features=10, n_layers=3)
+    with torch.no_grad():
+        for layer in model.layers:
+            layer.weight.mul_(scale)
+        y = model(x).argmax(1)  # clean accuracy 100% by construction
+    return model, x, y
+
+
+def test_autoattack_respects_certificates_and_breaks_a_sensitive_model():
+    pytest.importorskip("pyautoattack")
+    smooth, x, y = _images_mlp(0, scale=1.0)
+    L = certify(smooth).lipschitz_l2
+    with torch.no_grad():
+        radii = certified_radii(smooth(x), y, L)
+    eps = radii.median().item()  # half the inputs are certified at this eps
+    report = evaluate(smooth, x, y, L, eps_list=(eps,), pgd_steps=20, image_shape=(8, 8, 3))
+    row = report["eps"][0]
+    assert row["verified_acc"] == pytest.approx(0.5, abs=1 / 8)
+    assert row["autoattack_acc"] >= row["verified_acc"]
+
+    sensitive, x, y = _images_mlp(1, scale=6.0)
+    L = certify(sensitive).lipschitz_l2
+    report = evaluate(sensitive, x, y, L, eps_list=(2.0,), pgd_steps=20, image_shape=(8, 8, 3))
+    assert report["eps"][0]["verified_acc"] == 0  # L_l2 ≈ 100: nothing is certified at 2
+    assert report["eps"][0]["autoattack_acc"] < 0.5

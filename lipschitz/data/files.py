@@ -15,6 +15,7 @@ import shutil
 import tempfile
 import urllib.error
 import urllib.request
+from collections.abc import Callable
 from pathlib import Path
 
 
@@ -40,14 +41,24 @@ def sha256_of(path: Path) -> str:
     return digest.hexdigest()
 
 
-def _verified(path: Path, sha256: str | None) -> bool:
+def md5_of(path: Path) -> str:
+    """md5 of a file: the only checksum some canonical datasets publish (CIFAR-10, MNIST)."""
+    digest = hashlib.md5(usedforsecurity=False)
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+def _verified(path: Path, sha256: str | None, check: Callable[[Path], None] | None) -> bool:
     if not path.is_file():
         return False
-    if sha256 is None:
-        return True
-    got = sha256_of(path)
-    if got != sha256:
-        raise ValueError(f"{path}: sha256 {got} does not match the expected {sha256}")
+    if sha256 is not None:
+        got = sha256_of(path)
+        if got != sha256:
+            raise ValueError(f"{path}: sha256 {got} does not match the expected {sha256}")
+    if check is not None:
+        check(path)
     return True
 
 
@@ -57,21 +68,24 @@ def fetch(
     sha256: str | None,
     data_dir: str | os.PathLike | None = None,
     timeout_s: float = 30.0,
+    check: Callable[[Path], None] | None = None,
 ) -> Path:
     """Path to a verified copy of ``relpath``: from the data directory, the cache, or ``url``.
 
-    A file that exists but fails its checksum is an error (never silently replaced).
+    ``check(path)`` is an extra verification that raises ValueError (e.g. an md5, or a checksum
+    of decompressed content). A file that exists but fails a check is an error (never
+    silently replaced).
     """
     looked = []
     root = resolve_data_dir(data_dir)
     if root is not None:
         candidate = root / relpath
         looked.append(str(candidate))
-        if _verified(candidate, sha256):
+        if _verified(candidate, sha256, check):
             return candidate
     cached = cache_dir() / relpath
     looked.append(str(cached))
-    if _verified(cached, sha256):
+    if _verified(cached, sha256, check):
         return cached
     if url is None:
         raise DatasetUnavailable(f"{relpath}: not found (looked in {', '.join(looked)})")
@@ -86,6 +100,8 @@ def fetch(
             raise ValueError(
                 f"download of {url}: sha256 {got} does not match the expected {sha256}"
             )
+        if check is not None:
+            check(tmp_path)
         os.replace(tmp_path, cached)
     except (urllib.error.URLError, OSError, TimeoutError) as err:
         raise DatasetUnavailable(

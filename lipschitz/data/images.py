@@ -1,47 +1,49 @@
 """Image classification data: CIFAR-10 and MNIST as float pixels in [0, 1].
 
-CIFAR-10 comes from ``cifar10/cifar10.npz`` in a data directory (the layout of
-``../shared/data``: ``x_train`` (50000, 32, 32, 3) uint8, ``y_train``, ``x_test``, ``y_test``),
-verified by sha256. MNIST comes from the four IDX files ``mnist/*-ubyte.gz``. Pixels are
-returned raw, scaled to [0, 1] and flattened: any normalization belongs inside the model, so
-that attacks and certificates see the same inputs a user feeds.
-
-Not done yet: downloading the canonical CIFAR-10 python archive and the MNIST files for users
-without a data directory (their published checksums are md5 and could not be verified here).
+CIFAR-10 is read from ``cifar10/cifar10.npz`` in a data directory (the layout of
+``../shared/data``: ``x_train`` (50000, 32, 32, 3) uint8, ``y_train``, ``x_test``, ``y_test``,
+verified by sha256). Without one, the canonical python archive is downloaded from the
+authors' site (md5-verified, the only checksum they publish), converted once, checked against
+the pixel content of the verified copy and cached. MNIST is read from the four IDX files
+``mnist/*-ubyte.gz`` in the data directory or downloaded; either way the decompressed bytes
+must match the canonical md5. Pixels are returned raw, scaled to [0, 1] and flattened: any
+normalization belongs inside the model, so that attacks and certificates see the same inputs
+a user feeds.
 """
 
 from __future__ import annotations
 
 import gzip
+import hashlib
+import os
+import pickle
+import tarfile
+import tempfile
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 import torch
 
-from lipschitz.data.files import fetch
+from lipschitz.data.files import DatasetUnavailable, cache_dir, fetch, md5_of
 
 CIFAR10_NPZ = "cifar10/cifar10.npz"
-SHA256 = {
-    CIFAR10_NPZ: "a44cc18e4ad961b5158c7da062a6232fb65938b615bf013046199b823b75c43d",
-    "mnist/train-images-idx3-ubyte.gz": (
-        "0b367032e93c5d0cea0925647cfdb18614af8ee15f83e6f2fc2ad904a6835971"
-    ),
-    "mnist/train-labels-idx1-ubyte.gz": (
-        "1787548bbe0bff1ec2ecdc0ef292b02df999e2d1a6002d27500982c652b17203"
-    ),
-    "mnist/t10k-images-idx3-ubyte.gz": (
-        "1a1a05eab793c14bb050b398624a11b0ffd1a2953baed553b1b9bd079e2a20be"
-    ),
-    "mnist/t10k-labels-idx1-ubyte.gz": (
-        "b91679a0acfe4ba0e50a2437a903084cba1f5f92592b016a25a7dfd00455798b"
-    ),
-}  # the files in ../shared/data (the MNIST gzips are re-packed: canonical content)
-MNIST_FILES = {
-    "train_x": "mnist/train-images-idx3-ubyte.gz",
-    "train_y": "mnist/train-labels-idx1-ubyte.gz",
-    "test_x": "mnist/t10k-images-idx3-ubyte.gz",
-    "test_y": "mnist/t10k-labels-idx1-ubyte.gz",
+CIFAR10_NPZ_SHA256 = "a44cc18e4ad961b5158c7da062a6232fb65938b615bf013046199b823b75c43d"
+CIFAR10_ARCHIVE = "cifar10/cifar-10-python.tar.gz"
+CIFAR10_URL = "https://www.cs.toronto.edu/~kriz/cifar-10-python.tar.gz"
+CIFAR10_ARCHIVE_MD5 = "c58f30108f718f92721af3b95e74349a"  # published with the archive
+CIFAR10_CONVERTED = "cifar10/cifar10-from-archive.npz"
+# sha256 of x_train, y_train, x_test, y_test bytes (C order) of the verified copy: a
+# conversion of the archive must reproduce it pixel for pixel.
+CIFAR10_ARRAYS_SHA256 = "80387ddb9a0edf3fc4a964ee3770296169bb26a651050df20035579673099660"
+
+MNIST_URL = "https://ossci-datasets.s3.amazonaws.com/mnist/"  # torchvision's mirror
+MNIST_FILES = {  # key: (file under mnist/, md5 of the decompressed canonical IDX file)
+    "train_x": ("train-images-idx3-ubyte.gz", "6bbc9ace898e44ae57da46a324031adb"),
+    "train_y": ("train-labels-idx1-ubyte.gz", "a25bea736e30d166cdddb491f175f624"),
+    "test_x": ("t10k-images-idx3-ubyte.gz", "2646ac647ad5339dbf082846283269ea"),
+    "test_y": ("t10k-labels-idx1-ubyte.gz", "27ae3e4e09519cfbb04c329615203637"),
 }
 
 
@@ -68,8 +70,82 @@ def _labels(y: np.ndarray) -> torch.Tensor:
     return torch.from_numpy(y.astype(np.int64))
 
 
+def _md5_is(expected: str) -> Callable[[Path], None]:
+    def check(path: Path) -> None:
+        got = md5_of(path)
+        if got != expected:
+            raise ValueError(f"{path}: md5 {got} does not match the expected {expected}")
+
+    return check
+
+
+def _gunzipped_md5_is(expected: str) -> Callable[[Path], None]:
+    def check(path: Path) -> None:
+        with gzip.open(path, "rb") as f:
+            got = hashlib.md5(f.read(), usedforsecurity=False).hexdigest()
+        if got != expected:
+            raise ValueError(f"{path}: decompressed md5 {got} does not match {expected}")
+
+    return check
+
+
+def arrays_sha256(arrays: dict[str, np.ndarray]) -> str:
+    digest = hashlib.sha256()
+    for key in ("x_train", "y_train", "x_test", "y_test"):
+        digest.update(np.ascontiguousarray(arrays[key]).tobytes())
+    return digest.hexdigest()
+
+
+def read_cifar10_archive(path: Path) -> dict[str, np.ndarray]:
+    """The arrays of the canonical ``cifar-10-python.tar.gz`` (call only on a verified file:
+    its batches are pickles). Each batch row is 3072 bytes: the R, G, B planes of 32×32."""
+    batches = {}
+    with tarfile.open(path, "r:gz") as tar:
+        for member in tar.getmembers():
+            name = Path(member.name).name
+            if name.startswith("data_batch_") or name == "test_batch":
+                batches[name] = pickle.load(tar.extractfile(member), encoding="bytes")
+    names = [f"data_batch_{i}" for i in range(1, 6)]
+    missing = sorted(set([*names, "test_batch"]) - set(batches))
+    if missing:
+        raise ValueError(f"{path}: not the CIFAR-10 python archive (missing {missing})")
+
+    def images(batch_names: list[str]) -> tuple[np.ndarray, np.ndarray]:
+        x = np.concatenate([np.asarray(batches[n][b"data"], np.uint8) for n in batch_names])
+        y = np.concatenate([np.asarray(batches[n][b"labels"], np.uint8) for n in batch_names])
+        return x.reshape(-1, 3, 32, 32).transpose(0, 2, 3, 1).copy(), y  # (N, 32, 32, 3)
+
+    x_train, y_train = images(names)
+    x_test, y_test = images(["test_batch"])
+    return {"x_train": x_train, "y_train": y_train, "x_test": x_test, "y_test": y_test}
+
+
+def cifar10_from_archive(data_dir: str | Path | None = None) -> Path:
+    """The cached conversion of the canonical archive (downloaded if needed) to an npz."""
+    converted = cache_dir() / CIFAR10_CONVERTED
+    if converted.is_file():
+        return converted
+    archive = fetch(CIFAR10_ARCHIVE, CIFAR10_URL, sha256=None, data_dir=data_dir,
+                    timeout_s=120.0, check=_md5_is(CIFAR10_ARCHIVE_MD5))  # fmt: skip
+    arrays = read_cifar10_archive(archive)
+    if arrays_sha256(arrays) != CIFAR10_ARRAYS_SHA256:
+        raise ValueError(f"{archive}: its images differ from the canonical CIFAR-10 arrays")
+    converted.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=converted.parent, suffix=".npz")
+    try:
+        with os.fdopen(fd, "wb") as f:
+            np.savez(f, **arrays)
+        os.replace(tmp, converted)
+    finally:
+        Path(tmp).unlink(missing_ok=True)
+    return converted
+
+
 def load_cifar10(data_dir: str | Path | None = None) -> ImageSplits:
-    path = fetch(CIFAR10_NPZ, url=None, sha256=SHA256[CIFAR10_NPZ], data_dir=data_dir)
+    try:
+        path = fetch(CIFAR10_NPZ, url=None, sha256=CIFAR10_NPZ_SHA256, data_dir=data_dir)
+    except DatasetUnavailable:
+        path = cifar10_from_archive(data_dir)
     with np.load(path) as d:
         return ImageSplits(
             _pixels(d["x_train"]), _labels(d["y_train"]), _pixels(d["x_test"]), _labels(d["y_test"])
@@ -88,10 +164,11 @@ def read_idx(path: Path) -> np.ndarray:
 
 
 def load_mnist(data_dir: str | Path | None = None) -> ImageSplits:
-    arrays = {
-        key: read_idx(fetch(rel, url=None, sha256=SHA256[rel], data_dir=data_dir))
-        for key, rel in MNIST_FILES.items()
-    }
+    arrays = {}
+    for key, (name, md5) in MNIST_FILES.items():
+        path = fetch(f"mnist/{name}", MNIST_URL + name, sha256=None, data_dir=data_dir,
+                     check=_gunzipped_md5_is(md5))  # fmt: skip
+        arrays[key] = read_idx(path)
     return ImageSplits(
         _pixels(arrays["train_x"]),
         _labels(arrays["train_y"]),

@@ -1,0 +1,216 @@
+"""Sweeps: run a grid of `lipschitz train` runs from a TOML spec, N at a time, resumably.
+
+A spec names a preset, overrides shared by every run, and one or more grids. In a grid a list
+is an axis and a scalar is fixed, so a grid with only scalars is a single run::
+
+    preset = "cifar-mlp"
+    parallel = 2                      # runs at a time (each gets cpu_count / parallel threads)
+    [set]                             # every run
+    steps = 1000
+    [[grid]]                          # Muon and AdamW with weight decay
+    optimizer = ["muon", "adamw"]
+    constraint = "none"
+    weight_decay = [0.01, 0.1]
+    [[grid]]                          # the soft cap at three w_max
+    constraint = "spectral_soft_cap"
+    w_max = [2, 4, 8]
+
+Every run gets its own directory under the sweep's ``out`` named by its grid values
+(``optimizer=adamw,constraint=none,weight_decay=0.1``). Finished runs (``final.json``) are
+skipped, interrupted ones are resumed from their checkpoint, failed ones are reported with the
+end of their log; a summary table (``summary.md``, ``summary.json``) is written at the end.
+"""
+
+from __future__ import annotations
+
+import itertools
+import json
+import os
+import subprocess
+import sys
+import time
+import tomllib
+from dataclasses import dataclass
+from pathlib import Path
+
+from lipschitz.config import apply_overrides
+from lipschitz.presets import preset
+from lipschitz.train import CHECKPOINT
+
+SPEC_KEYS = {"preset", "out", "parallel", "set", "grid"}
+SUMMARY_KEYS = ("val_acc", "val_loss", "lipschitz_bound", "lipschitz_bound_l2", "wall_time_s")
+
+
+@dataclass
+class Run:
+    name: str  # directory name, from the grid values
+    overrides: dict  # every --set of this run: the spec's [set], then the grid values
+
+    def assignments(self) -> list[str]:
+        return [f"{key}={_format(value)}" for key, value in self.overrides.items()]
+
+
+def _format(value) -> str:
+    if isinstance(value, bool):
+        return str(value).lower()
+    if isinstance(value, list | tuple):
+        return ",".join(_format(v) for v in value)
+    return "none" if value is None else str(value)
+
+
+def load_spec(path: str | Path) -> dict:
+    """Read and check a sweep spec; every run's config is validated before anything runs."""
+    path = Path(path)
+    if not path.exists():
+        raise FileNotFoundError(f"sweep spec {path} does not exist")
+    with open(path, "rb") as f:
+        try:
+            spec = tomllib.load(f)
+        except tomllib.TOMLDecodeError as err:
+            raise ValueError(f"sweep spec {path}: {err}") from err
+    unknown = set(spec) - SPEC_KEYS
+    if unknown:
+        raise ValueError(f"sweep spec {path}: unknown keys {sorted(unknown)}; "
+                         f"known: {sorted(SPEC_KEYS)}")  # fmt: skip
+    if "preset" not in spec:
+        raise ValueError(f"sweep spec {path}: missing 'preset'")
+    grids = spec.get("grid", [{}])
+    if isinstance(grids, dict):
+        grids = [grids]
+    spec["grid"] = grids
+    if int(spec.get("parallel", 1)) < 1:
+        raise ValueError(f"sweep spec {path}: parallel must be >= 1")
+    return spec
+
+
+def expand(spec: dict) -> list[Run]:
+    """The runs of a spec: the union of its grids' Cartesian products, in order."""
+    base = preset(spec["preset"])  # ValueError naming the presets for a bad name
+    shared = dict(spec.get("set", {}))
+    runs: dict[str, Run] = {}
+    for grid in spec["grid"]:
+        axes = {k: (v if isinstance(v, list) else [v]) for k, v in grid.items()}
+        for values in itertools.product(*axes.values()):
+            point = dict(zip(axes, values, strict=True))
+            name = ",".join(f"{k}={_format(v)}" for k, v in point.items()) or "run"
+            name = name.replace("/", "_")
+            run = Run(name, {**shared, **point})
+            try:
+                apply_overrides(base, run.assignments())
+            except ValueError as err:
+                raise ValueError(f"sweep run {name}: {err}") from err
+            if name in runs and runs[name].overrides != run.overrides:
+                raise ValueError(f"two sweep runs share the directory name {name!r}")
+            runs[name] = run
+    return list(runs.values())
+
+
+def _status(run_dir: Path) -> str:
+    if (run_dir / "final.json").exists():
+        return "done"
+    if (run_dir / CHECKPOINT).exists():
+        return "resume"
+    return "new"
+
+
+def _command(spec: dict, run: Run, run_dir: Path, data_dir: str | None, resume: bool) -> list:
+    cmd = [sys.executable, "-m", "lipschitz", "train", spec["preset"], "--out", str(run_dir)]
+    if resume:
+        cmd.append("--resume")
+    else:
+        for assignment in run.assignments():
+            cmd += ["--set", assignment]
+    if data_dir is not None:
+        cmd += ["--data-dir", str(data_dir)]
+    return cmd
+
+
+def _tail(path: Path, lines: int = 5) -> str:
+    try:
+        return "\n".join(path.read_text(errors="replace").splitlines()[-lines:])
+    except FileNotFoundError:
+        return "(no log)"
+
+
+def run_sweep(
+    spec_path: str | Path,
+    out: str | Path | None = None,
+    data_dir: str | None = None,
+    parallel: int | None = None,
+) -> list[dict]:
+    """Run every run of the spec that has not finished; returns one summary row per run."""
+    spec = load_spec(spec_path)
+    runs = expand(spec)
+    out = Path(out or spec.get("out") or Path(spec_path).with_suffix(""))
+    parallel = int(parallel or spec.get("parallel", 1))
+    out.mkdir(parents=True, exist_ok=True)
+    threads = max(1, (os.cpu_count() or 1) // parallel)
+    env = {**os.environ, "OMP_NUM_THREADS": str(threads), "PYTHONUNBUFFERED": "1"}
+
+    pending = [r for r in runs if _status(out / r.name) != "done"]
+    print(f"sweep {spec_path}: {len(runs)} runs, {len(runs) - len(pending)} already done, "
+          f"{parallel} at a time -> {out}", flush=True)  # fmt: skip
+    failed: dict[str, str] = {}
+    active: list[tuple[Run, subprocess.Popen, float]] = []
+    started = 0
+    try:
+        while pending or active:
+            while pending and len(active) < parallel:
+                run = pending.pop(0)
+                run_dir = out / run.name
+                run_dir.mkdir(parents=True, exist_ok=True)
+                resume = _status(run_dir) == "resume"
+                log = open(run_dir / "train.log", "a")  # the child keeps its own handle
+                proc = subprocess.Popen(_command(spec, run, run_dir, data_dir, resume),
+                                        stdout=log, stderr=subprocess.STDOUT, env=env)  # fmt: skip
+                log.close()
+                started += 1
+                print(f"[{started}/{len(runs)}] {'resume' if resume else 'start'} {run.name}",
+                      flush=True)  # fmt: skip
+                active.append((run, proc, time.time()))
+            time.sleep(0.5)
+            for item in list(active):
+                run, proc, t0 = item
+                if proc.poll() is None:
+                    continue
+                active.remove(item)
+                if proc.returncode == 0 and _status(out / run.name) == "done":
+                    print(f"  done {run.name} ({time.time() - t0:.0f} s)", flush=True)
+                else:
+                    failed[run.name] = _tail(out / run.name / "train.log")
+                    print(f"  FAILED {run.name} (exit {proc.returncode}):\n{failed[run.name]}",
+                          flush=True)  # fmt: skip
+    finally:
+        for _, proc, _ in active:  # interrupted: stop the children, keep their checkpoints
+            proc.terminate()
+    rows = summarize(out, runs, failed)
+    return rows
+
+
+def summarize(out: Path, runs: list[Run], failed: dict[str, str] | None = None) -> list[dict]:
+    """Collect each run's final.json into summary.json and a markdown table summary.md."""
+    failed = failed or {}
+    rows = []
+    for run in runs:
+        final_path = out / run.name / "final.json"
+        status = "failed" if run.name in failed else _status(out / run.name)
+        row = {"run": run.name, "status": status}
+        if final_path.exists():
+            final = json.loads(final_path.read_text())
+            row.update({k: final.get(k) for k in SUMMARY_KEYS})
+        rows.append(row)
+    (out / "summary.json").write_text(json.dumps(rows, indent=2))
+    lines = ["| run | status | val acc | val loss | certified bound | wall s |",
+             "|---|---|---|---|---|---|"]  # fmt: skip
+    for row in rows:
+        cells = [row["run"], row["status"]]
+        for key, fmt in (("val_acc", ".4f"), ("val_loss", ".4f"), ("lipschitz_bound", ".4g"),
+                         ("wall_time_s", ".0f")):  # fmt: skip
+            value = row.get(key)
+            cells.append("–" if value is None else format(value, fmt))
+        lines.append("| " + " | ".join(cells) + " |")
+    (out / "summary.md").write_text("\n".join(lines) + "\n")
+    print("\n".join(lines))
+    if failed:
+        print(f"{len(failed)} run(s) failed: {', '.join(failed)} (their logs: <run>/train.log)")
+    return rows
