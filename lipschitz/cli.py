@@ -1,9 +1,11 @@
-"""The `lipschitz` command: train, sample, certify, robustness, sweep, plot, presets, bench."""
+"""The `lipschitz` command: train, sample, certify, robustness, sweep, plot, prepare, presets,
+bench."""
 
 from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 from pathlib import Path
 
@@ -19,6 +21,8 @@ def cmd_train(args: argparse.Namespace) -> None:
     if args.data_dir is not None:
         cfg = apply_overrides(cfg, [f"data_dir={args.data_dir}"])
     final = train(cfg, args.out, resume=args.resume)
+    if int(os.environ.get("RANK", "0")) != 0:  # under torchrun, rank 0 reports
+        return
     if args.resume:
         cfg = Config.load(Path(args.out) / "config.json")
     bound = final["lipschitz_bound"]
@@ -28,30 +32,52 @@ def cmd_train(args: argparse.Namespace) -> None:
         f"certified Lipschitz bound={bound} "
         f"steps={final['steps']} wall={final['wall_time_s']:.0f}s -> {args.out}/final.json"
     )
-    if cfg.sample_tokens > 0 and cfg.dataset == "shakespeare":
+    if cfg.sample_tokens > 0 and cfg.dataset in ("shakespeare", "tokens"):
+        prompt = "\n" if cfg.dataset == "shakespeare" else "<|endoftext|>"
         print("sample:")
-        print(sample_text(args.out, "\n", cfg.sample_tokens, temperature=0.8, seed=0))
+        print(sample_text(args.out, prompt, cfg.sample_tokens, temperature=0.8, seed=0))
 
 
-def sample_text(out: str, prompt: str, tokens: int, temperature: float, seed: int) -> str:
+def sample_text(
+    out: str, prompt: str, tokens: int, temperature: float, seed: int, data_dir: str | None = None
+) -> str:
     import torch
 
     from lipschitz.train import generate, load_run
 
     model, cfg = load_run(out)
+    gen = torch.Generator().manual_seed(seed)
+    if cfg.dataset == "tokens":  # GPT-2 tokens
+        from lipschitz.data.tokens import gpt2_tokenizer
+
+        enc = gpt2_tokenizer(data_dir or cfg.data_dir)
+        idx = torch.tensor([enc.encode(prompt, allowed_special="all")], dtype=torch.long)
+        ids = generate(model, idx, tokens, cfg.seq_len, temperature, gen)[0].tolist()
+        return enc.decode([i for i in ids if i < enc.n_vocab])  # padded vocabularies
     vocab = json.loads((Path(out) / "vocab.json").read_text())
     lookup = {c: i for i, c in enumerate(vocab)}
     unknown = sorted(set(prompt) - lookup.keys())
     if unknown:
         raise ValueError(f"prompt has characters outside the vocabulary: {unknown!r}")
     idx = torch.tensor([[lookup[c] for c in prompt]], dtype=torch.long)
-    gen = torch.Generator().manual_seed(seed)
     ids = generate(model, idx, tokens, cfg.seq_len, temperature, gen)[0].tolist()
     return "".join(vocab[i] for i in ids)
 
 
 def cmd_sample(args: argparse.Namespace) -> None:
-    print(sample_text(args.dir, args.prompt, args.tokens, args.temperature, args.seed))
+    print(sample_text(args.dir, args.prompt, args.tokens, args.temperature, args.seed,
+                      args.data_dir))  # fmt: skip
+
+
+def cmd_prepare(args: argparse.Namespace) -> None:
+    from lipschitz.data.tokens import prepare
+
+    summary = prepare(args.files, args.out, args.tokenizer, args.val_fraction,
+                      args.shard_tokens, args.name, args.data_dir)  # fmt: skip
+    print(
+        f"{len(summary['documents'])} documents -> {summary['train_tokens']:,} train and "
+        f"{summary['val_tokens']:,} validation tokens in {args.out} (see prepare.json)"
+    )
 
 
 def cmd_certify(args: argparse.Namespace) -> None:
@@ -146,6 +172,7 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--tokens", type=int, default=500)
     p.add_argument("--temperature", type=float, default=0.8)
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--data-dir", default=None, help="where gpt2_bpe/ is (GPT-2 token runs)")
     p.set_defaults(func=cmd_sample)
 
     p = commands.add_parser("certify", help="certify a trained run's Lipschitz bound")
@@ -163,6 +190,17 @@ def main(argv: list[str] | None = None) -> None:
                    help="also run AutoAttack-l2 (needs the autoattack extra)")  # fmt: skip
     p.add_argument("--json", action="store_true")
     p.set_defaults(func=cmd_robustness)
+
+    p = commands.add_parser("prepare", help="tokenize text files into token shards")
+    p.add_argument("files", nargs="+", metavar="TEXT_FILE", help="one document per file")
+    p.add_argument("--out", required=True, help="folder for the *_train_*/*_val_*.bin shards")
+    p.add_argument("--tokenizer", default="gpt2", choices=["gpt2"])
+    p.add_argument("--val-fraction", type=float, default=0.1, help="the last fraction of every "
+                   "document's tokens that is validation")  # fmt: skip
+    p.add_argument("--shard-tokens", type=int, default=100_000_000, help="tokens per shard")
+    p.add_argument("--name", default="tokens", help="shard file prefix: NAME_train_000000.bin")
+    p.add_argument("--data-dir", default=None, help="where gpt2_bpe/ is (else downloaded)")
+    p.set_defaults(func=cmd_prepare)
 
     p = commands.add_parser("sweep", help="run a grid of trainings from a TOML spec")
     p.add_argument("spec", help="TOML file: preset, [set], [[grid]] (see lipschitz.sweep)")

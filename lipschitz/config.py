@@ -19,8 +19,14 @@ from pathlib import Path
 class Config:
     # What to train
     model: str = "lipschitz_gpt"  # lipschitz_gpt | baseline_gpt | lipschitz_mlp | baseline_mlp
-    dataset: str = "shakespeare"  # shakespeare (GPT models) | cifar10 | mnist (MLP models)
+    dataset: str = "shakespeare"  # shakespeare | tokens (GPT models) | cifar10 | mnist (MLPs)
     data_dir: str | None = None  # else $LIPSCHITZ_DATA_DIR, else cache/download
+    # dataset "tokens": a folder of *_train_*.bin / *_val_*.bin GPT-2 token shards (`lipschitz
+    # prepare`, or modded-nanogpt's FineWeb ones); a relative path is looked up in the data dir,
+    # then in the working directory
+    token_dir: str | None = None
+    vocab_size: int | None = None  # tokens: model vocabulary (None: GPT-2's 50257; ≥ 50257)
+    val_tokens: int | None = None  # tokens: validate on this many tokens (None: the whole split)
     # Common keys (design.md)
     optimizer: str = "muon"  # muon | adamw
     constraint: str = "spectral_soft_cap"  # a lipschitz.constraints.CONSTRAINTS name
@@ -41,14 +47,22 @@ class Config:
     final_scale: float = 1.0  # multiplies the logits
     # Optimizer details
     head_w_max: float | None = None  # None: same as w_max
+    head_lr: float | None = None  # the head's learning rate (None: lr)
+    embed_lr: float | None = None  # the embedding's learning rate (None: lr)
+    embed_optimizer: str = "muon"  # muon (row-normalized steps) | adamw; rows capped either way
     embed_w_max: float = 1.0  # cap on every embedding row's RMS
     blocks_mass: float | None = 32.0  # the paper's target-norm split; None: every group 1
     momentum: float = 0.9
     nesterov: bool = False
+    momentum_warmup_steps: int = 0  # Muon's momentum rises linearly from momentum_start
+    momentum_start: float = 0.85
     coefficients: str = "you6"  # Newton–Schulz set for Muon
+    ns_dtype: str = "float32"  # float32 | bfloat16: Muon's Newton–Schulz compute dtype
     adam_betas: tuple[float, float] = (0.9, 0.95)
     schedule: str = "linear"  # linear | cosine | constant | constant_cooldown
     warmup_steps: int = 0
+    lr_floor: float = 0.0  # final lr multiplier of linear, cosine and constant_cooldown
+    cooldown_frac: float = 0.4  # constant_cooldown: the final fraction of steps that decays
     # Loop
     grad_accum: int = 1
     eval_every: int = 250
@@ -69,21 +83,39 @@ class Config:
                 raise ValueError(f"config: {key} must be > 0, got {getattr(self, key)!r}")
         choices = {
             "model": ("lipschitz_gpt", "baseline_gpt", "lipschitz_mlp", "baseline_mlp"),
-            "dataset": ("shakespeare", "cifar10", "mnist"),
+            "dataset": ("shakespeare", "tokens", "cifar10", "mnist"),
             "optimizer": ("muon", "adamw"),
             "constraint": tuple(CONSTRAINTS),
             "eval_protocol": ("full", "paper"),
+            "embed_optimizer": ("muon", "adamw"),
+            "ns_dtype": ("float32", "bfloat16"),
         }
         for key, allowed in choices.items():
             if getattr(self, key) not in allowed:
                 raise ValueError(
                     f"config: {key} must be one of {allowed}, got {getattr(self, key)!r}"
                 )
-        if self.model.endswith("_gpt") != (self.dataset == "shakespeare"):
+        if self.model.endswith("_gpt") != (self.dataset in ("shakespeare", "tokens")):
             raise ValueError(
                 f"config: model {self.model!r} cannot train on dataset {self.dataset!r} "
-                "(GPT models: shakespeare; MLP models: cifar10, mnist)"
+                "(GPT models: shakespeare, tokens; MLP models: cifar10, mnist)"
             )
+        if self.dataset == "tokens" and not self.token_dir:
+            raise ValueError(
+                "config: dataset 'tokens' needs token_dir=FOLDER of *_train_*.bin / *_val_*.bin "
+                "shards (make them with `lipschitz prepare TEXT_FILES... --out FOLDER`)"
+            )
+        if self.vocab_size is not None and self.vocab_size < 50257:
+            raise ValueError(f"config: vocab_size must be >= 50257 (GPT-2), got {self.vocab_size}")
+        if self.val_tokens is not None and not self.val_tokens >= self.seq_len:
+            raise ValueError(f"config: val_tokens must be >= seq_len, got {self.val_tokens}")
+        for key in ("head_lr", "embed_lr"):
+            if getattr(self, key) is not None and not getattr(self, key) >= 0:
+                raise ValueError(f"config: {key} must be >= 0, got {getattr(self, key)!r}")
+        if not 0 <= self.lr_floor <= 1 or not 0 < self.cooldown_frac <= 1:
+            raise ValueError("config: lr_floor must be in [0, 1] and cooldown_frac in (0, 1]")
+        if self.schedule == "constant" and self.lr_floor != 0:
+            raise ValueError("config: schedule 'constant' has no lr_floor")
         if not self.w_max > 0 or (self.head_w_max is not None and not self.head_w_max > 0):
             raise ValueError("config: w_max and head_w_max must be > 0")
         if not self.lr >= 0 or not self.weight_decay >= 0:

@@ -6,7 +6,7 @@ One training step, for every constrained weight W (paper §2)::
     W ← W − η·update             the optimizer's step        (inside optimizer.step)
     W ← project(W; w_max, ...)   a CONSTRAINTS function      (a step post-hook, see constrain)
 
-η is the group's ``lr``, tn its ``target_norm`` and λ its ``weight_decay``. Three pieces:
+η is the group's ``lr``, tn its ``target_norm`` and λ its ``weight_decay``. Four pieces:
 
 - :class:`Muon` takes steps whose RMS→RMS norm is known: η·tn times the Newton–Schulz set's
   largest output. It is the optimizer that lets the spectral soft cap guarantee its bound.
@@ -17,6 +17,10 @@ One training step, for every constrained weight W (paper §2)::
   :data:`lipschitz.constraints.CONSTRAINTS`, or ``"row_rms_cap"`` for embeddings), ``w_max``
   and ``constraint_kwargs``. Power-iteration warm-start vectors are kept in
   ``optimizer.state[p]["constraint"]``, so they are saved and restored with ``state_dict``.
+- :func:`distribute` splits the matrix work (Muon's msign, the projections) across the ranks of
+  a process group under ``torchrun``: each matrix has one owner that computes it, and one
+  all-gather gives every rank the new weights. Same-shaped matrices are always orthogonalized
+  and projected as one stacked call; ``optimizer.lipschitz_work`` counts the matrices.
 
 Decay belongs to the optimizer's step, as in ``torch.optim``: Muon decays by λ·η·tn (the
 paper); ``torch.optim.AdamW`` decays by λ·η, so to reproduce the paper's λ·η·tn for AdamW give
@@ -29,6 +33,7 @@ import inspect
 import math
 import warnings
 from collections.abc import Callable
+from typing import NamedTuple
 
 import torch
 from torch import Tensor, nn
@@ -41,9 +46,12 @@ __all__ = [
     "SOFT_CAP_MAX_K",
     "UPDATE_NORM_MARGIN",
     "Muon",
+    "assign_ranks",
     "constrain",
+    "distribute",
     "route_parameters",
     "row_rms_cap",
+    "sync_constraint_state",
 ]
 
 # Safety margin on Muon's update-norm bound handed to the soft cap (the paper's NanoGPT script:
@@ -168,13 +176,19 @@ class Muon(Optimizer):
 
     @torch.no_grad()
     def step(self, closure: Callable[[], float] | None = None) -> float | None:
-        """Take one step for every parameter with a gradient (constraints run after it)."""
+        """Take one step for every parameter with a gradient (constraints run after it).
+
+        Same-shaped matrices of a group are orthogonalized together, as one stacked msign.
+        Under :func:`distribute`, every rank updates every momentum buffer but orthogonalizes
+        and steps only its share of the "matrix"-rule weights; the others arrive by all-gather.
+        """
         loss = None
         if closure is not None:
             with torch.enable_grad():
                 loss = closure()
         for group in self.param_groups:
             eta = group["lr"] * group["target_norm"]
+            todo: list[tuple[Tensor, Tensor]] = []  # (weight, momentum direction u)
             for p in group["params"]:
                 if p.grad is None:
                     continue
@@ -188,18 +202,28 @@ class Muon(Optimizer):
                 buf = state["momentum_buffer"]
                 buf.lerp_(p.grad, 1 - mu)  # m ← μ·m + (1 − μ)·g
                 u = p.grad.lerp(buf, mu) if group["nesterov"] else buf
-                if group["rule"] == "matrix":
-                    update = msign(u, group["coefficients"], dtype=group["ns_dtype"])
-                    scale = eta * rms_scale(p)
-                else:  # "embedding": every row to unit RMS, inflated at most max_inflation×
-                    rms = row_rms(u, keepdim=True)
-                    update = u / rms.clamp_min(1 / group["max_inflation"])
-                    scale = eta
-                if group["weight_decay"] != 0:
-                    p.mul_(1 - eta * group["weight_decay"])
-                p.add_(update, alpha=-scale)
                 state["step"] += 1
+                if group["rule"] == "embedding":  # every row to unit RMS, ≤ max_inflation×
+                    rms = row_rms(u, keepdim=True)
+                    self._decay_and_step(p, group, u / rms.clamp_min(1 / group["max_inflation"]),
+                                         eta)  # fmt: skip
+                elif _computes(self, p):
+                    todo.append((p, u))
+            for batch in _same_shape(todo):
+                U = batch[0][1] if len(batch) == 1 else torch.stack([u for _, u in batch])
+                O = msign(U, group["coefficients"], dtype=group["ns_dtype"])
+                self.lipschitz_work["msign"] += _n_matrices(U)
+                for i, (p, _) in enumerate(batch):
+                    self._decay_and_step(p, group, O if len(batch) == 1 else O[i],
+                                         eta * rms_scale(p))  # fmt: skip
         return loss
+
+    @staticmethod
+    def _decay_and_step(p: Tensor, group: dict, update: Tensor, scale: float) -> None:
+        """W ← W·(1 − λ·η·tn), then W ← W − scale·update."""
+        if group["weight_decay"] != 0:
+            p.mul_(1 - group["lr"] * group["target_norm"] * group["weight_decay"])
+        p.add_(update, alpha=-scale)
 
 
 def _check_muon_group(group: dict) -> None:
@@ -337,17 +361,181 @@ def constrain(optimizer: Optimizer) -> Optimizer:
                         "the bound is not guaranteed — lower the learning rate",
                         stacklevel=2,
                     )
-            stateful = "state" in inspect.signature(fn).parameters
-            for p in group["params"]:
-                if p.grad is None:
-                    continue
-                if stateful:  # power-iteration warm start, saved with the optimizer's state
-                    kw["state"] = opt.state[p].setdefault("constraint", {})
-                p.copy_(fn(p, **kw))
+            params = [p for p in group["params"] if p.grad is not None and _computes(opt, p)]
+            if name in CONSTRAINTS:
+                opt.lipschitz_work["projections"] += sum(_n_matrices(p) for p in params)
+            if "state" in inspect.signature(fn).parameters:
+                for p in params:  # power-iteration warm start, saved with the optimizer's state
+                    p.copy_(fn(p, **kw, state=opt.state[p].setdefault("constraint", {})))
+            elif name in _STACKABLE:
+                for batch in _same_shape([(p, None) for p in params]):
+                    if len(batch) == 1:
+                        batch[0][0].copy_(fn(batch[0][0], **kw))
+                        continue
+                    out = fn(torch.stack([p for p, _ in batch]), **kw)
+                    for i, (p, _) in enumerate(batch):
+                        p.copy_(out[i])
+            else:
+                for p in params:
+                    p.copy_(fn(p, **kw))
 
     optimizer.register_step_post_hook(project)
     optimizer._lipschitz_constrained = True
+    optimizer.lipschitz_work = {"msign": 0, "projections": 0}
+    optimizer._lipschitz_shard = None
     return optimizer
+
+
+# Constraints whose result on a stack (k, out, in) is exactly that of each matrix alone, so
+# same-shaped weights are projected in one batched call. (spectral_hard_cap picks its number of
+# stages from the largest σ of the whole stack; the power-iteration ones keep per-weight state.)
+_STACKABLE = ("spectral_soft_cap", "stiefel", "svd_cap", "row_rms_cap")
+
+
+def _n_matrices(p: Tensor) -> int:
+    return math.prod(p.shape[:-2])
+
+
+def _same_shape(items: list[tuple[Tensor, object]]) -> list[list[tuple[Tensor, object]]]:
+    """(weight, x) pairs grouped by weight shape, in order of first appearance."""
+    groups: dict[tuple, list] = {}
+    for item in items:
+        groups.setdefault((tuple(item[0].shape), item[0].dtype), []).append(item)
+    return list(groups.values())
+
+
+# --------------------------------------------------------------------------------------------
+# Matrix work split across ranks (torchrun)
+
+
+class _Shard(NamedTuple):
+    rank: int
+    world_size: int
+    owner: dict[int, int]  # id(weight) -> the rank that computes it
+    params: list[Tensor]  # the split weights, in the same order on every rank
+    group: object  # the process group (None: the default group)
+
+
+def _computes(opt: Optimizer, p: Tensor) -> bool:
+    """Whether this rank computes p's matrix work (always, unless the optimizer is distributed)."""
+    shard = opt._lipschitz_shard
+    return shard is None or shard.owner.get(id(p), shard.rank) == shard.rank
+
+
+def matrix_cost(shape: tuple[int, ...]) -> int:
+    """Relative cost of msign or a projection of a (..., out, in) weight: its Gram products,
+    ∝ n_matrices · out · in · min(out, in)."""
+    *lead, out_features, in_features = shape
+    return math.prod(lead) * out_features * in_features * min(out_features, in_features)
+
+
+def assign_ranks(shapes: list[tuple[int, ...]], world_size: int) -> list[int]:
+    """A rank for every weight, balancing the total :func:`matrix_cost` per rank.
+
+    Greedy: weights in decreasing cost (ties: in order), each to the least loaded rank (ties:
+    the lowest rank). Deterministic, so every rank computes the same assignment.
+    """
+    if world_size < 1:
+        raise ValueError(f"assign_ranks: world_size must be >= 1, got {world_size}")
+    load = [0] * world_size
+    ranks = [0] * len(shapes)
+    order = sorted(range(len(shapes)), key=lambda i: -matrix_cost(shapes[i]))
+    for i in order:
+        r = min(range(world_size), key=lambda r: (load[r], r))
+        ranks[i] = r
+        load[r] += matrix_cost(shapes[i])
+    return ranks
+
+
+def distribute(optimizer: Optimizer, process_group=None) -> Optimizer:
+    """Split an optimizer's matrix work across the ranks of ``process_group``; returns it.
+
+    Every rank must hold identical weights and (averaged) gradients before ``step()``. The
+    expensive work is then done once, not once per rank: each split weight belongs to one rank
+    (:func:`assign_ranks`), which alone orthogonalizes its update (Muon, "matrix" rule) and
+    projects it (constraints from ``CONSTRAINTS``); after the step every rank receives the other
+    ranks' new weights by one all-gather, so all ranks end the step with identical weights.
+    Cheap elementwise work (momentum buffers, the embedding rule and its row cap, an AdamW
+    step) is done by every rank, so optimizer states stay identical except the power-iteration
+    warm starts of a rank's own weights (see :func:`sync_constraint_state`).
+
+    ``optimizer.lipschitz_work`` counts the matrices this rank orthogonalized (``msign``) and
+    projected (``projections``). The optimizer must already be constrained (Muon always is; call
+    :func:`constrain` on others first).
+    """
+    import torch.distributed as dist
+
+    if not getattr(optimizer, "_lipschitz_constrained", False):
+        raise ValueError("distribute: call constrain(optimizer) first (Muon is constrained)")
+    if optimizer._lipschitz_shard is not None:
+        raise ValueError("distribute: this optimizer is already distributed")
+    rank, world_size = dist.get_rank(process_group), dist.get_world_size(process_group)
+    params = []
+    for group in optimizer.param_groups:
+        if isinstance(optimizer, Muon):
+            split = group["rule"] == "matrix"
+        else:
+            split = group.get("constraint", "none") in set(CONSTRAINTS) - {"none"}
+        if split:
+            params += group["params"]
+    owners = assign_ranks([tuple(p.shape) for p in params], world_size)
+    owner = {id(p): r for p, r in zip(params, owners, strict=True)}
+    optimizer._lipschitz_shard = _Shard(rank, world_size, owner, params, process_group)
+
+    @torch.no_grad()
+    def gather(opt: Optimizer, args: tuple, kwargs: dict) -> None:
+        shard = opt._lipschitz_shard
+        stepped = [p for p in shard.params if p.grad is not None]  # the same on every rank
+        for dtype in dict.fromkeys(p.dtype for p in stepped):
+            by_rank = [[] for _ in range(shard.world_size)]
+            for p in stepped:
+                if p.dtype == dtype:
+                    by_rank[shard.owner[id(p)]].append(p)
+            size = max(sum(p.numel() for p in ps) for ps in by_rank)
+            device = stepped[0].device
+            mine = torch.zeros(size, dtype=dtype, device=device)
+            if by_rank[shard.rank]:
+                flat = torch.cat([p.reshape(-1) for p in by_rank[shard.rank]])
+                mine[: flat.numel()] = flat
+            out = [torch.empty_like(mine) for _ in range(shard.world_size)]
+            dist.all_gather(out, mine, group=shard.group)
+            for r, ps in enumerate(by_rank):
+                if r == shard.rank:
+                    continue
+                offset = 0
+                for p in ps:
+                    p.copy_(out[r][offset : offset + p.numel()].view_as(p))
+                    offset += p.numel()
+
+    optimizer.register_step_post_hook(gather)  # after the projection hook
+    return optimizer
+
+
+def sync_constraint_state(optimizer: Optimizer) -> None:
+    """Give every rank the power-iteration warm starts that each weight's owner keeps.
+
+    Under :func:`distribute` only a weight's owner updates ``state[p]["constraint"]``; call this
+    on every rank before saving the optimizer's state, so a checkpoint from any rank resumes
+    exactly. A no-op for an optimizer that is not distributed.
+    """
+    import torch.distributed as dist
+
+    shard = getattr(optimizer, "_lipschitz_shard", None)
+    if shard is None:
+        return
+    mine = {}
+    for i, p in enumerate(shard.params):
+        state = optimizer.state.get(p, {}).get("constraint")
+        if shard.owner[id(p)] == shard.rank and state:
+            mine[i] = {k: v.cpu() if isinstance(v, Tensor) else v for k, v in state.items()}
+    everyone: list = [None] * shard.world_size
+    dist.all_gather_object(everyone, mine, group=shard.group)
+    for states in everyone:
+        for i, state in states.items():
+            p = shard.params[i]
+            optimizer.state[p]["constraint"] = {
+                k: v.to(p.device) if isinstance(v, Tensor) else v for k, v in state.items()
+            }
 
 
 # --------------------------------------------------------------------------------------------

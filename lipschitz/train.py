@@ -5,6 +5,11 @@ line, flushed as it is written), ``checkpoint.pt`` (written atomically), and at 
 ``final.json`` and ``curves.png``. ``train(config, out, resume=True)`` continues from the
 checkpoint exactly: model, optimizer, schedule, data-sampling generator and RNG states are all
 restored, so the final weights equal those of an uninterrupted run.
+
+Under ``torchrun --nproc_per_node=N -m lipschitz train ...`` the same loop runs on every rank:
+each computes the gradient of its slice of the global batch, gradients are averaged, each rank
+orthogonalizes and projects only its share of the matrices (``lipschitz.optim.distribute``),
+and rank 0 alone writes the run directory.
 """
 
 from __future__ import annotations
@@ -18,7 +23,9 @@ import sys
 import time
 from pathlib import Path
 
+import numpy as np
 import torch
+import torch.distributed as dist
 import torch.nn.functional as F
 from torch import Tensor, nn
 
@@ -27,8 +34,9 @@ from lipschitz.config import Config
 from lipschitz.constraints import row_rms_cap, svd_cap
 from lipschitz.data import shakespeare
 from lipschitz.data.images import LOADERS as IMAGE_LOADERS
+from lipschitz.data.tokens import GPT2_VOCAB, TokenShards, resolve_token_dir
 from lipschitz.nn import BaselineGPT, BaselineMLP, LipschitzGPT, LipschitzMLP, activation_stats
-from lipschitz.optim import Muon, constrain, route_parameters
+from lipschitz.optim import Muon, constrain, distribute, route_parameters, sync_constraint_state
 from lipschitz.schedules import schedule
 
 MODELS = {
@@ -94,26 +102,34 @@ def build_optimizers(cfg: Config, model: nn.Module) -> list[torch.optim.Optimize
         elif role == "embedding" and lipschitz_model:
             group["constraint"] = "row_rms_cap"
             group["w_max"] = cfg.embed_w_max
-    matrices = [g for g in groups if g["role"] != "vector"]
-    vectors = [g for g in groups if g["role"] == "vector"]
+        if role == "head" and cfg.head_lr is not None:
+            group["lr"] = cfg.head_lr
+        if role == "embedding" and cfg.embed_lr is not None:
+            group["lr"] = cfg.embed_lr
     if cfg.optimizer == "muon":
+        to_adamw = ("vector", "embedding") if cfg.embed_optimizer == "adamw" else ("vector",)
+        matrices = [g for g in groups if g["role"] not in to_adamw]
+        others = [{k: v for k, v in g.items() if k != "rule"} for g in groups
+                  if g["role"] in to_adamw]  # fmt: skip
         muon = Muon(
             matrices,
             lr=cfg.lr,
             momentum=cfg.momentum,
             nesterov=cfg.nesterov,
+            momentum_warmup_steps=cfg.momentum_warmup_steps,
+            momentum_start=cfg.momentum_start,
             coefficients=cfg.coefficients,
+            ns_dtype=getattr(torch, cfg.ns_dtype),
             weight_decay=cfg.weight_decay,
         )
-        if not vectors:
+        if not others:
             return [muon]
-        adamw = torch.optim.AdamW(
-            [{k: v for k, v in g.items() if k != "rule"} for g in vectors],
-            lr=cfg.lr * 0.01,  # vectors (e.g. LayerNorm gains) at an Adam-sized step
-            betas=cfg.adam_betas,
-            weight_decay=0.0,
-        )
-        return [muon, adamw]
+        for group in others:
+            group.pop("target_norm")
+            if group["role"] == "vector":  # e.g. LayerNorm gains, at an Adam-sized step
+                group["lr"] = cfg.lr * 0.01
+        adamw = torch.optim.AdamW(others, lr=cfg.lr, betas=cfg.adam_betas, weight_decay=0.0)
+        return [muon, constrain(adamw)]
     if cfg.optimizer == "adamw":
         for group in groups:
             group.pop("rule", None)
@@ -171,9 +187,19 @@ def eval_windows(n_tokens: int, seq_len: int, protocol: str, batch_size: int) ->
     raise ValueError(f"eval_protocol must be 'full' or 'paper', got {protocol!r}")
 
 
+def rank_and_world() -> tuple[int, int]:
+    """(rank, world size) of the default process group; (0, 1) outside torchrun."""
+    if dist.is_available() and dist.is_initialized():
+        return dist.get_rank(), dist.get_world_size()
+    return 0, 1
+
+
 @torch.no_grad()
 def score(model: nn.Module, batches, device: torch.device) -> dict[str, float]:
-    """Mean cross-entropy and accuracy over every target of the (x, y) batches."""
+    """Mean cross-entropy and accuracy over every target of the (x, y) batches.
+
+    Under torchrun every rank passes its share of the batches and gets the totals of all.
+    """
     was_training = model.training
     model.eval()
     total_loss, correct, count = 0.0, 0, 0
@@ -187,6 +213,10 @@ def score(model: nn.Module, batches, device: torch.device) -> dict[str, float]:
         correct += (logits.argmax(-1) == y).sum().item()
         count += y.numel()
     model.train(was_training)
+    if rank_and_world()[1] > 1:
+        sums = torch.tensor([total_loss, correct, count], dtype=torch.float64, device=device)
+        dist.all_reduce(sums)
+        total_loss, correct, count = sums.tolist()
     return {"val_loss": total_loss / count, "val_acc": correct / count}
 
 
@@ -198,8 +228,10 @@ def evaluate(
     device: torch.device,
     batch_size: int = 64,
 ) -> dict[str, float]:
-    """Mean cross-entropy and next-token accuracy over every position of the given windows."""
-    batches = (windows(data, chunk, seq_len) for chunk in starts.split(batch_size))
+    """Mean cross-entropy and next-token accuracy over every position of the given windows
+    (under torchrun each rank scores every world-size-th window)."""
+    rank, world = rank_and_world()
+    batches = (windows(data, chunk, seq_len) for chunk in starts[rank::world].split(batch_size))
     return score(model, batches, device)
 
 
@@ -241,15 +273,71 @@ class ImageTask:
 
     def evaluate(self, model: nn.Module, device: torch.device) -> dict[str, float]:
         """Cross-entropy and accuracy over the whole test split."""
+        rank, world = rank_and_world()
         batches = zip(self.data.x_test.split(1000), self.data.y_test.split(1000), strict=True)
-        return score(model, batches, device)
+        return score(model, list(batches)[rank::world], device)
 
     def probe(self, device: torch.device) -> Tensor:
         return self.data.x_test[:256].to(device)
 
 
-def make_task(cfg: Config) -> TextTask | ImageTask:
-    return TextTask(cfg) if cfg.dataset == "shakespeare" else ImageTask(cfg)
+class TokenTask:
+    """Next-token prediction on GPT-2 token shards (``lipschitz prepare``, FineWeb10B).
+
+    Training windows start anywhere in the concatenated train shards (read through memmaps,
+    never loaded whole). Validation uses non-overlapping windows of the val shards, each
+    position predicted once: all of them, or ``val_tokens // seq_len`` windows spread evenly
+    over the split.
+    """
+
+    eval_batch_tokens = 8192  # tokens per evaluation batch (logits are batch × vocab floats)
+
+    def __init__(self, cfg: Config) -> None:
+        folder = resolve_token_dir(cfg.token_dir, cfg.data_dir)
+        self.train, self.val = TokenShards.open(folder, "train"), TokenShards.open(folder, "val")
+        self.seq_len = cfg.seq_len
+        self.n_train_starts = int(self.train.n_starts(cfg.seq_len + 1).sum())
+        if self.n_train_starts == 0:
+            raise ValueError(f"{folder}: no train shard holds a window of seq_len+1 tokens")
+        # non-overlapping validation windows, as indices into val.windows' start numbering
+        counts = self.val.n_starts(cfg.seq_len + 1)
+        bases = np.cumsum(counts) - counts
+        starts = np.concatenate(
+            [b + np.arange(0, c, cfg.seq_len) for b, c in zip(bases, counts, strict=True)]
+        )
+        if len(starts) == 0:
+            raise ValueError(f"{folder}: no val shard holds a window of seq_len+1 tokens")
+        if cfg.val_tokens is not None and cfg.val_tokens // cfg.seq_len < len(starts):
+            n = cfg.val_tokens // cfg.seq_len
+            starts = starts[np.arange(n) * len(starts) // n]  # evenly spread over the split
+        self.val_starts = starts
+        self.vocab, self.n_inputs, self.tokens_per_example = None, None, cfg.seq_len
+        self.n_outputs = cfg.vocab_size or GPT2_VOCAB
+        self.source = str(folder)
+
+    def _windows(self, shards: TokenShards, starts: np.ndarray) -> tuple[Tensor, Tensor]:
+        w = torch.from_numpy(shards.windows(starts, self.seq_len + 1))  # (B, T + 1)
+        return w[:, :-1], w[:, 1:]
+
+    def batch(self, n: int, generator: torch.Generator) -> tuple[Tensor, Tensor]:
+        starts = torch.randint(self.n_train_starts, (n,), generator=generator)
+        return self._windows(self.train, starts.numpy())
+
+    def evaluate(self, model: nn.Module, device: torch.device) -> dict[str, float]:
+        rank, world = rank_and_world()
+        mine = self.val_starts[rank::world]
+        per_batch = max(1, self.eval_batch_tokens // self.seq_len)
+        chunks = (mine[i : i + per_batch] for i in range(0, len(mine), per_batch))
+        return score(model, (self._windows(self.val, c) for c in chunks), device)
+
+    def probe(self, device: torch.device) -> Tensor:
+        return self._windows(self.val, self.val_starts[:1])[0].to(device)  # (1, T)
+
+
+def make_task(cfg: Config) -> TextTask | TokenTask | ImageTask:
+    if cfg.dataset == "shakespeare":
+        return TextTask(cfg)
+    return TokenTask(cfg) if cfg.dataset == "tokens" else ImageTask(cfg)
 
 
 def autocast(device: torch.device):
@@ -277,18 +365,21 @@ def _weight_norms(cert) -> dict[str, float]:
 
 
 class Progress:
-    """A tqdm bar on a terminal; plain log lines every ``every`` steps otherwise."""
+    """A tqdm bar on a terminal; plain log lines every ``every`` steps otherwise; silent when
+    not ``enabled`` (ranks other than 0)."""
 
-    def __init__(self, total: int, initial: int, every: int) -> None:
+    def __init__(self, total: int, initial: int, every: int, enabled: bool = True) -> None:
         self.total, self.every, self.start = total, every, time.time()
-        self.initial = initial
+        self.initial, self.enabled = initial, enabled
         self.bar = None
-        if sys.stdout.isatty():
+        if enabled and sys.stdout.isatty():
             from tqdm import tqdm
 
             self.bar = tqdm(total=total, initial=initial, unit="step", dynamic_ncols=True)
 
     def update(self, step: int, info: dict) -> None:
+        if not self.enabled:
+            return
         shown = {k: (f"{v:.4g}" if isinstance(v, float) else v) for k, v in info.items()}
         if self.bar is not None:
             self.bar.update(1)
@@ -304,25 +395,58 @@ class Progress:
             self.bar.close()
 
 
+def init_distributed(device: str) -> bool:
+    """Join torchrun's process group (NCCL on CUDA, else gloo) if WORLD_SIZE > 1 and it is not
+    joined yet; returns whether it was started here (and must be destroyed by the caller)."""
+    if int(os.environ.get("WORLD_SIZE", "1")) <= 1 or dist.is_initialized():
+        return False
+    cuda = device.startswith("cuda") or (device == "auto" and torch.cuda.is_available())
+    if cuda:
+        torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
+    dist.init_process_group("nccl" if cuda else "gloo")
+    return True
+
+
+@torch.no_grad()
+def all_reduce_gradients(model: nn.Module, loss: float) -> float:
+    """Average every gradient (and the loss) over the ranks, in one flat all-reduce; returns
+    the mean loss. Parameters without a gradient are skipped (the same ones on every rank)."""
+    world = dist.get_world_size()
+    grads = [p.grad for p in model.parameters() if p.grad is not None]
+    flat = torch.cat([g.reshape(-1).float() for g in grads] + [grads[0].new_tensor([loss]).float()])
+    dist.all_reduce(flat)
+    flat /= world
+    offset = 0
+    for g in grads:
+        g.copy_(flat[offset : offset + g.numel()].view_as(g))
+        offset += g.numel()
+    return flat[-1].item()
+
+
 def train(cfg: Config, out: str | Path, resume: bool = False) -> dict:
     """Train ``cfg`` into the run directory ``out``; returns the final metrics (final.json).
+
+    Under ``torchrun`` (WORLD_SIZE > 1) every rank runs this: ``batch_size`` is the global
+    batch, each rank computes the gradient of its slice of it, gradients are averaged, and the
+    optimizers split their matrix work across ranks (:func:`lipschitz.optim.distribute`). The
+    result equals a single-process run with the same global batch. Only rank 0 writes files.
 
     Denormal floats (e.g. in the momentum of dead units) slow CPU matmuls ~5×, so they are
     flushed to zero while training; the process-wide setting is restored afterwards.
     """
+    started = init_distributed(cfg.device)
     torch.set_flush_denormal(True)
     try:
         return _train(cfg, out, resume)
     finally:
         torch.set_flush_denormal(False)
+        if started:
+            dist.destroy_process_group()
 
 
 def _train(cfg: Config, out: str | Path, resume: bool) -> dict:
-    if int(os.environ.get("WORLD_SIZE", "1")) > 1:
-        raise NotImplementedError(
-            "distributed training (torchrun) is not implemented yet: every rank would train a "
-            "full copy and write the same files; run a single process"
-        )
+    rank, world = rank_and_world()
+    main = rank == 0  # the only rank that writes files
     out = Path(out)
     ckpt_path = out / CHECKPOINT
     if resume:
@@ -333,8 +457,16 @@ def _train(cfg: Config, out: str | Path, resume: bool) -> dict:
         cfg = dataclasses.replace(cfg, data_dir=data_dir or cfg.data_dir)
     elif ckpt_path.exists():
         raise FileExistsError(f"{out} already holds a run; pass --resume or choose another --out")
-    out.mkdir(parents=True, exist_ok=True)
+    if cfg.batch_size % (cfg.grad_accum * world) != 0:
+        raise ValueError(
+            f"batch_size={cfg.batch_size} must be divisible by grad_accum={cfg.grad_accum} "
+            f"× the number of processes ({world})"
+        )
     device = select_device(cfg.device)
+    if world > 1 and device.type == "cuda":
+        device = torch.device("cuda", torch.cuda.current_device())  # this rank's GPU
+    if main:
+        out.mkdir(parents=True, exist_ok=True)
 
     task = make_task(cfg)
     if resume and task.vocab is not None:
@@ -344,9 +476,20 @@ def _train(cfg: Config, out: str | Path, resume: bool) -> dict:
     model = build_model(cfg, task.n_outputs, task.n_inputs).to(device)
     optimizers = build_optimizers(cfg, model)
     start_inside_constraints(optimizers)
-    lr_lambda = schedule(cfg.schedule, cfg.steps, warmup_steps=cfg.warmup_steps)
+    if world > 1:
+        for p in model.parameters():  # identical by seeding; made bit-identical here
+            dist.broadcast(p.detach(), 0)
+        for opt in optimizers:
+            if getattr(opt, "_lipschitz_constrained", False):
+                distribute(opt)
+    sched_kw: dict = {"warmup_steps": cfg.warmup_steps}
+    if cfg.schedule != "constant":
+        sched_kw["floor"] = cfg.lr_floor
+    if cfg.schedule == "constant_cooldown":
+        sched_kw["cooldown_frac"] = cfg.cooldown_frac
+    lr_lambda = schedule(cfg.schedule, cfg.steps, **sched_kw)
     schedulers = [torch.optim.lr_scheduler.LambdaLR(opt, lr_lambda) for opt in optimizers]
-    batch_gen = torch.Generator().manual_seed(cfg.seed + 1)
+    batch_gen = torch.Generator().manual_seed(cfg.seed + 1)  # the same global batches everywhere
     forward = torch.compile(model) if cfg.compile else model
     step, elapsed, train_time = 0, 0.0, 0.0
 
@@ -363,23 +506,25 @@ def _train(cfg: Config, out: str | Path, resume: bool) -> dict:
         if device.type == "cuda" and state.get("cuda_rng") is not None:
             torch.cuda.set_rng_state_all(state["cuda_rng"])
         step, elapsed, train_time = state["step"], state["elapsed_s"], state["train_time_s"]
-        # keep the metrics up to the checkpoint; later lines are redone
-        kept = [m for m in _read_metrics(metrics_path) if m["step"] <= step]
-        metrics_path.write_text("".join(json.dumps(m) + "\n" for m in kept))
-    else:
+        if main:  # keep the metrics up to the checkpoint; later lines are redone
+            kept = [m for m in _read_metrics(metrics_path) if m["step"] <= step]
+            metrics_path.write_text("".join(json.dumps(m) + "\n" for m in kept))
+    elif main:
         (out / "config.json").write_text(cfg.to_json())
         if task.vocab is not None:
             (out / "vocab.json").write_text(json.dumps(task.vocab))
         metrics_path.write_text("")
 
     tokens_per_step = cfg.batch_size * task.tokens_per_example
-    micro_batch = cfg.batch_size // cfg.grad_accum
-    if micro_batch * cfg.grad_accum != cfg.batch_size:
-        raise ValueError(
-            f"batch_size={cfg.batch_size} must be divisible by grad_accum={cfg.grad_accum}"
-        )
+    micro_batch = cfg.batch_size // cfg.grad_accum  # global sequences per micro-step
+    local = micro_batch // world  # this rank's slice of each micro-batch
+    mine = slice(rank * local, (rank + 1) * local)
 
     def checkpoint() -> None:
+        for opt in optimizers:
+            sync_constraint_state(opt)  # every rank takes part
+        if not main:
+            return
         save_checkpoint(
             ckpt_path,
             {
@@ -392,40 +537,48 @@ def _train(cfg: Config, out: str | Path, resume: bool) -> dict:
                 "step": step,
                 "elapsed_s": elapsed + time.time() - t_start,
                 "train_time_s": train_time,
+                "world_size": world,
             },
         )
 
     def eval_record() -> dict:
-        record = task.evaluate(model, device)
-        cert = certify(model) if cfg.model != "baseline_gpt" else None  # LayerNorm: no bound
-        record["lipschitz_bound"] = cert.lipschitz if cert is not None else None  # unbounded
-        if cert is not None:
-            if cert.lipschitz_l2 is not None:
-                record["lipschitz_bound_l2"] = cert.lipschitz_l2
-            record["weight_norms"] = _weight_norms(cert)
-        model.eval()
-        with torch.no_grad():
-            record["activations"] = activation_stats(model, task.probe(device))
-        model.train()
+        record = task.evaluate(model, device)  # every rank scores its share
+        if main:
+            cert = certify(model) if cfg.model != "baseline_gpt" else None  # LayerNorm: no bound
+            record["lipschitz_bound"] = cert.lipschitz if cert is not None else None
+            if cert is not None:
+                if cert.lipschitz_l2 is not None:
+                    record["lipschitz_bound_l2"] = cert.lipschitz_l2
+                record["weight_norms"] = _weight_norms(cert)
+            model.eval()
+            with torch.no_grad():
+                record["activations"] = activation_stats(model, task.probe(device))
+            model.train()
+        if world > 1:  # rank 0's certificate, so that every rank returns the same metrics
+            shared = [record]
+            dist.broadcast_object_list(shared, src=0)
+            record = shared[0]
         return record
 
     t_start = time.time()
-    progress = Progress(cfg.steps, step, cfg.log_every)
+    progress = Progress(cfg.steps, step, cfg.log_every, enabled=main)
     last: dict = {}
     model.train()
-    with open(metrics_path, "a") as metrics:
+    with open(metrics_path, "a") if main else contextlib.nullcontext() as metrics:
         while step < cfg.steps:
             t0 = time.time()
             loss_sum = 0.0
             for _ in range(cfg.grad_accum):
-                x, y = task.batch(micro_batch, batch_gen)
-                x, y = x.to(device), y.to(device)
+                x, y = task.batch(micro_batch, batch_gen)  # the global micro-batch ...
+                x, y = x[mine].to(device), y[mine].to(device)  # ... and this rank's slice
                 with autocast(device):
                     logits = forward(x)
                 loss = F.cross_entropy(logits.float().flatten(0, -2), y.flatten())
                 (loss / cfg.grad_accum).backward()
                 loss_sum += loss.item()
             train_loss = loss_sum / cfg.grad_accum
+            if world > 1:
+                train_loss = all_reduce_gradients(model, train_loss)
             if not math.isfinite(train_loss):
                 progress.close()
                 raise FloatingPointError(
@@ -447,7 +600,7 @@ def _train(cfg: Config, out: str | Path, resume: bool) -> dict:
             if step % cfg.eval_every == 0 or step == cfg.steps:
                 record.update(eval_record())
                 last = record
-            if step % cfg.log_every == 0 or "val_loss" in record:
+            if main and (step % cfg.log_every == 0 or "val_loss" in record):
                 metrics.write(json.dumps(record) + "\n")
                 metrics.flush()
             shown = {"loss": train_loss}
@@ -461,6 +614,11 @@ def _train(cfg: Config, out: str | Path, resume: bool) -> dict:
     progress.close()
     if not last:  # resumed a finished run: evaluate what is there
         last = eval_record()
+    counts = {k: sum(_work(opt)[k] for opt in optimizers) for k in ("msign", "projections")}
+    work = [counts]
+    if world > 1:
+        work = [None] * world
+        dist.all_gather_object(work, counts)
     final = {
         "val_loss": last["val_loss"],
         "val_acc": last["val_acc"],
@@ -474,10 +632,20 @@ def _train(cfg: Config, out: str | Path, resume: bool) -> dict:
         "eval_protocol": cfg.eval_protocol,
         "data_source": task.source,
         "device": str(device),
+        "world_size": world,
+        # matrices orthogonalized / projected by each rank since this process started
+        "work_per_rank": work,
     }
-    (out / "final.json").write_text(json.dumps(final, indent=2))
-    plot_run(out)
+    if main:
+        (out / "final.json").write_text(json.dumps(final, indent=2))
+        plot_run(out)
+    if world > 1:
+        dist.barrier()  # nobody leaves while rank 0 still writes
     return final
+
+
+def _work(opt: torch.optim.Optimizer) -> dict[str, int]:
+    return getattr(opt, "lipschitz_work", {"msign": 0, "projections": 0})
 
 
 def plot_run(out: str | Path) -> Path:
@@ -514,6 +682,8 @@ def load_run(out: str | Path) -> tuple[nn.Module, Config]:
     cfg = Config.load(out / "config.json")
     if cfg.dataset == "shakespeare":
         model = build_model(cfg, len(json.loads((out / "vocab.json").read_text())))
+    elif cfg.dataset == "tokens":
+        model = build_model(cfg, cfg.vocab_size or GPT2_VOCAB)
     else:
         n_inputs, n_outputs = IMAGE_SHAPES[cfg.dataset]
         model = build_model(cfg, n_outputs, n_inputs)

@@ -1,14 +1,38 @@
-"""Test-wide settings: one torch thread, and derandomized Hypothesis under CI (CI=true)."""
+"""Test-wide settings: one torch thread, derandomized Hypothesis under CI (CI=true), and
+synthetic GPT-2 token shards."""
 
 import os
 
+import numpy as np
 import pytest
 import torch
-from hypothesis import settings
 
-settings.register_profile("ci", derandomize=True, print_blob=True)
-if os.environ.get("CI"):
-    settings.load_profile("ci")
+try:  # absent on some GPU machines; only the property-based tests need it
+    from hypothesis import settings
+except ImportError:
+    settings = None
+
+if settings is not None:
+    settings.register_profile("ci", derandomize=True, print_blob=True)
+    if os.environ.get("CI"):
+        settings.load_profile("ci")
+
+
+@pytest.fixture
+def token_shards(tmp_path):
+    """A folder of GPT-2-token shards (two train, one val) holding a noisy repeating pattern."""
+    from lipschitz.data.tokens import write_shard
+
+    rng = np.random.default_rng(0)
+    stream = np.tile(rng.integers(0, 50257, 97), 60)
+    noise = rng.random(len(stream)) < 0.1
+    stream[noise] = rng.integers(0, 50257, noise.sum())
+    folder = tmp_path / "toy"
+    folder.mkdir()
+    write_shard(folder / "toy_train_000000.bin", stream[:3000])
+    write_shard(folder / "toy_train_000001.bin", stream[3000:5000])
+    write_shard(folder / "toy_val_000000.bin", stream[5000:])
+    return folder
 
 
 @pytest.fixture(autouse=True, scope="module")

@@ -10,9 +10,9 @@ import torch
 import torch.optim._muon as torch_muon
 from torch import nn
 
-from lipschitz.constraints import svd_cap
-from lipschitz.linalg import msign, rms_operator_norm
-from lipschitz.optim import Muon, constrain, route_parameters, row_rms_cap
+from lipschitz.constraints import spectral_soft_cap, svd_cap
+from lipschitz.linalg import NS_MAX_OUTPUT, msign, rms_operator_norm
+from lipschitz.optim import UPDATE_NORM_MARGIN, Muon, constrain, route_parameters, row_rms_cap
 from lipschitz.schedules import schedule
 
 # --------------------------------------------------------------------------------------------
@@ -193,6 +193,34 @@ def test_stacked_weights_are_separate_matrices():
         opt_stack.step()
         opt_singles.step()
     torch.testing.assert_close(stack.detach(), torch.stack([q.detach() for q in singles]))
+
+
+@pytest.mark.parametrize(
+    "device",
+    [
+        "cpu",
+        pytest.param("cuda", marks=[pytest.mark.cuda, pytest.mark.skipif(
+            not torch.cuda.is_available(), reason="needs a CUDA device")]),
+    ],
+)  # fmt: skip
+def test_same_shaped_weights_are_batched_yet_treated_one_by_one(device):
+    """Muon orthogonalizes (and the soft cap projects) same-shaped weights as one stack; the
+    result is each weight's own formula, and the work counters count matrices."""
+    torch.manual_seed(0)
+    shapes = [(64, 32)] * 4 + [(32, 64), (2, 64, 32)]
+    ws = [nn.Parameter(svd_cap(torch.randn(s, device=device), w_max=0.45)) for s in shapes]
+    before = [w.detach().clone() for w in ws]
+    grads = [torch.randn(s, device=device) for s in shapes]
+    opt = Muon([{"params": ws, "constraint": "spectral_soft_cap", "w_max": 0.5}], lr=0.1)
+    for w, g in zip(ws, grads, strict=True):
+        w.grad = g.clone()
+    opt.step()
+    update_norm = 0.1 * NS_MAX_OUTPUT["you6"] * UPDATE_NORM_MARGIN
+    for w, w0, g in zip(ws, before, grads, strict=True):
+        step = msign(0.1 * g, "you6") * math.sqrt(w0.shape[-2] / w0.shape[-1])  # EMA m = 0.1·g
+        expected = spectral_soft_cap(w0 - 0.1 * step, w_max=0.5, update_norm=update_norm)
+        torch.testing.assert_close(w.detach(), expected, atol=1e-6, rtol=1e-5)
+    assert opt.lipschitz_work == {"msign": 7, "projections": 7}  # the (2, 64, 32) stack is 2
 
 
 def test_embedding_rule_normalizes_rows():

@@ -112,12 +112,6 @@ def test_initial_weights_start_inside_a_small_ball(tmp_path):
             assert rms_operator_norm(p).item() <= 0.5 * (1 + 1e-3), name
 
 
-def test_torchrun_is_refused_until_implemented(tmp_path, monkeypatch):
-    monkeypatch.setenv("WORLD_SIZE", "2")
-    with pytest.raises(NotImplementedError, match="torchrun"):
-        train_module.train(preset("tiny"), tmp_path / "run")
-
-
 def test_set_overrides_are_typed_and_checked():
     cfg = apply_overrides(Config(), ["lr=0.5", "steps=7", "nesterov=true", "head_w_max=none"])
     assert (cfg.lr, cfg.steps, cfg.nesterov, cfg.head_w_max) == (0.5, 7, True, None)
@@ -151,3 +145,53 @@ def test_eval_windows_cover_the_split_once():
     assert starts[-1] + 64 + 1 <= 1000 < starts[-1] + 2 * 64 + 1  # last full window is used
     paper = train_module.eval_windows(100_000, 64, "paper", 8)
     assert len(paper) == 160 and (paper == torch.arange(160)).all()
+
+
+def test_token_task_windows(token_shards):
+    cfg = apply_overrides(preset("tiny"), ["dataset=tokens", f"token_dir={token_shards}"])
+    task = train_module.TokenTask(cfg)  # val shard: 820 tokens, seq_len 32
+    assert task.n_outputs == 50257 and task.n_train_starts == (3000 - 32) + (2000 - 32)
+    assert list(task.val_starts) == list(range(0, 820 - 32, 32))  # every position once
+    x, y = task.batch(5, torch.Generator().manual_seed(0))
+    assert x.shape == y.shape == (5, 32) and torch.equal(x[:, 1:], y[:, :-1])
+    few = train_module.TokenTask(apply_overrides(cfg, ["val_tokens=128"]))
+    assert list(few.val_starts) == [0, 192, 384, 576]  # 4 windows spread over the 25
+    with pytest.raises(FileNotFoundError, match="lipschitz prepare"):
+        train_module.TokenTask(apply_overrides(cfg, ["token_dir=no/such/folder"]))
+    with pytest.raises(ValueError, match="needs token_dir"):
+        apply_overrides(preset("tiny"), ["dataset=tokens"])
+
+
+def test_token_run_with_adamw_embedding(tmp_path, token_shards, capsys):
+    cfg = apply_overrides(
+        preset("tiny"),
+        ["dataset=tokens", f"token_dir={token_shards}", "steps=4", "eval_every=4",
+         "embed_optimizer=adamw", "embed_lr=0.05", "head_lr=0.01", "val_tokens=256"],
+    )  # fmt: skip
+    final = train_module.train(cfg, tmp_path / "run")
+    n_matrices = 2 * 6 + 1  # q, k, v, o, fc_in, fc_out per layer, and the head
+    assert final["work_per_rank"] == [{"msign": 4 * n_matrices, "projections": 4 * n_matrices}]
+    model, loaded = train_module.load_run(tmp_path / "run")
+    assert loaded.dataset == "tokens" and model.head.weight.shape == (50257, cfg.d_model)
+    assert model.embed.weight.norm(dim=1).max() <= cfg.d_model**0.5 * (1 + 1e-5)  # rows RMS ≤ 1
+    capsys.readouterr()
+    cli_main(["certify", str(tmp_path / "run"), "--json"])
+    cert = json.loads(capsys.readouterr().out)
+    assert cert["lipschitz_bound"] == pytest.approx(final["lipschitz_bound"], rel=1e-12)
+
+
+def test_optimizer_keys_reach_the_param_groups():
+    cfg = apply_overrides(
+        preset("gpt-small-cpu"), ["d_model=32", "n_layer=1", "n_head=1", "seq_len=16"]
+    )
+    muon, adamw = train_module.build_optimizers(cfg, train_module.build_model(cfg, 100))
+    lrs = {g["role"]: g["lr"] for g in muon.param_groups}
+    assert lrs == {"hidden": cfg.lr, "head": cfg.head_lr}
+    assert all(g["nesterov"] and g["momentum_warmup_steps"] == 20 for g in muon.param_groups)
+    (embed,) = adamw.param_groups
+    assert embed["role"] == "embedding" and embed["lr"] == cfg.embed_lr
+    assert embed["constraint"] == "row_rms_cap" and embed["betas"] == (0.8, 0.95)
+    big = preset("gpt-145m")
+    assert (big.d_model, big.n_layer, big.n_head, big.seq_len, big.batch_size) == (
+        768, 12, 6, 1024, 384)  # fmt: skip
+    assert big.ns_dtype == "bfloat16" and big.compile and big.token_dir == "fineweb10B"
