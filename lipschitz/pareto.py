@@ -88,7 +88,7 @@ def plot(points: list[dict], x: str, y: str, out: str | Path, log_x: bool = True
         raise ValueError(f"no run has both {x} and {y}")
     out = Path(out)
     fronts = frontiers(points)
-    fig, ax = plt.subplots(figsize=(7, 4.5))
+    fig, ax = plt.subplots(figsize=(9, 4.5))
     for i, (group, front) in enumerate(fronts.items()):
         color = f"C{i % 10}"
         members = [p for p in points if p["group"] == group]
@@ -101,7 +101,8 @@ def plot(points: list[dict], x: str, y: str, out: str | Path, log_x: bool = True
     ax.set_xlabel(x)
     ax.set_ylabel(y)
     ax.grid(alpha=0.3, which="both")
-    ax.legend(fontsize=8)
+    ax.set_title("every run (faint) and each group's Pareto frontier", fontsize=9)
+    ax.legend(fontsize=8, loc="center left", bbox_to_anchor=(1.01, 0.5))
     fig.tight_layout()
     out.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(out, dpi=130)
