@@ -132,8 +132,8 @@ def cmd_plot(args: argparse.Namespace) -> None:
     from lipschitz.pareto import find_runs, frontier_table, frontiers, load_points, plot
 
     points = load_points(find_runs(args.runs), args.x, args.y)
-    out = plot(points, args.x, args.y, args.out, log_x=not args.linear_x)
-    print(frontier_table(frontiers(points), args.x, args.y), end="")
+    out = plot(points, args.x, args.y, args.out, log_x=not args.linear_x, lower_y=args.lower_y)
+    print(frontier_table(frontiers(points, args.lower_y), args.x, args.y), end="")
     print(f"-> {out}, {out.with_suffix('.md')} ({len(points)} runs)")
 
 
@@ -215,6 +215,7 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--y", default="val_acc")
     p.add_argument("--out", default="pareto.png", help="PNG path; the table goes to .md")
     p.add_argument("--linear-x", action="store_true", help="linear instead of log x axis")
+    p.add_argument("--lower-y", action="store_true", help="lower y is better (e.g. val_loss)")
     p.set_defaults(func=cmd_plot)
 
     p = commands.add_parser("presets", help="list the presets")

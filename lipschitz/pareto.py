@@ -3,7 +3,8 @@
 A run is a directory with ``config.json`` and ``final.json``; a sweep directory is expanded
 into its runs. Runs are grouped by (optimizer, method), where the method is the constraint,
 or "weight decay" for an unconstrained run with decay. On the frontier no other run of the
-group has both a lower-or-equal x and a higher-or-equal y (x minimized, y maximized).
+group has both a lower-or-equal x and a better-or-equal y (x minimized; y maximized, or
+minimized for a loss with ``lower_y=True``).
 """
 
 from __future__ import annotations
@@ -53,20 +54,21 @@ def load_points(run_dirs: list[Path], x: str, y: str) -> list[dict]:
     return points
 
 
-def frontier(points: list[dict]) -> list[dict]:
-    """The Pareto-optimal points (minimize x, maximize y), sorted by x."""
+def frontier(points: list[dict], lower_y: bool = False) -> list[dict]:
+    """The Pareto-optimal points (minimize x; maximize y, or minimize it), sorted by x."""
+    sign = -1.0 if lower_y else 1.0
     best_y = -math.inf
     kept = []
-    for p in sorted(points, key=lambda p: (p["x"], -p["y"])):
-        if p["y"] > best_y:
+    for p in sorted(points, key=lambda p: (p["x"], -sign * p["y"])):
+        if sign * p["y"] > best_y:
             kept.append(p)
-            best_y = p["y"]
+            best_y = sign * p["y"]
     return kept
 
 
-def frontiers(points: list[dict]) -> dict[str, list[dict]]:
+def frontiers(points: list[dict], lower_y: bool = False) -> dict[str, list[dict]]:
     groups = sorted({p["group"] for p in points})
-    return {g: frontier([p for p in points if p["group"] == g]) for g in groups}
+    return {g: frontier([p for p in points if p["group"] == g], lower_y) for g in groups}
 
 
 def frontier_table(fronts: dict[str, list[dict]], x: str, y: str) -> str:
@@ -77,7 +79,9 @@ def frontier_table(fronts: dict[str, list[dict]], x: str, y: str) -> str:
     return "\n".join(lines) + "\n"
 
 
-def plot(points: list[dict], x: str, y: str, out: str | Path, log_x: bool = True) -> Path:
+def plot(
+    points: list[dict], x: str, y: str, out: str | Path, log_x: bool = True, lower_y: bool = False
+) -> Path:
     """Scatter every run, draw each group's frontier; writes ``out`` (PNG) and ``out``.md."""
     import matplotlib
 
@@ -87,7 +91,7 @@ def plot(points: list[dict], x: str, y: str, out: str | Path, log_x: bool = True
     if not points:
         raise ValueError(f"no run has both {x} and {y}")
     out = Path(out)
-    fronts = frontiers(points)
+    fronts = frontiers(points, lower_y)
     fig, ax = plt.subplots(figsize=(9, 4.5))
     for i, (group, front) in enumerate(fronts.items()):
         color = f"C{i % 10}"

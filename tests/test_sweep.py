@@ -114,6 +114,10 @@ def test_frontier_equals_brute_force(pairs):
     assert {(p["x"], p["y"]) for p in front} == _brute_force_frontier(points)
     assert len(front) == len({(p["x"], p["y"]) for p in front})  # each point once
     assert [p["x"] for p in front] == sorted(p["x"] for p in front)
+    # minimizing y is maximizing -y
+    flipped = [{**p, "y": -p["y"]} for p in points]
+    lower = frontier(flipped, lower_y=True)
+    assert {(p["x"], -p["y"]) for p in lower} == {(p["x"], p["y"]) for p in front}
 
 
 def test_methods_group_runs():
