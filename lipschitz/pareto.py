@@ -47,8 +47,11 @@ def load_points(run_dirs: list[Path], x: str, y: str) -> list[dict]:
             if key not in values:
                 raise ValueError(f"{run}: no key {key!r} in final.json or config.json; "
                                  f"keys: {sorted(values)}")  # fmt: skip
-        if values[x] is None or values[y] is None:
-            continue  # e.g. an unbounded baseline has no lipschitz_bound
+        if values[x] is None or values[y] is None or not (
+            math.isfinite(values[x]) and math.isfinite(values[y])
+        ):  # e.g. an unbounded baseline has no lipschitz_bound; a diverged run has NaN
+            print(f"plot: leaving out {run} ({x}={values[x]}, {y}={values[y]})")
+            continue
         points.append({"run": str(run), "x": float(values[x]), "y": float(values[y]),
                        "group": f"{config.get('optimizer')} + {method_of(config)}"})  # fmt: skip
     return points

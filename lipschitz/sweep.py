@@ -26,6 +26,7 @@ from __future__ import annotations
 import itertools
 import json
 import os
+import signal
 import subprocess
 import sys
 import time
@@ -45,6 +46,7 @@ SUMMARY_KEYS = ("val_acc", "val_loss", "lipschitz_bound", "lipschitz_bound_l2", 
 class Run:
     name: str  # directory name, from the grid values
     overrides: dict  # every --set of this run: the spec's [set], then the grid values
+    config: dict  # the full config it trains (config.json, without data_dir)
 
     def assignments(self) -> list[str]:
         return [f"{key}={_format(value)}" for key, value in self.overrides.items()]
@@ -78,31 +80,70 @@ def load_spec(path: str | Path) -> dict:
     if isinstance(grids, dict):
         grids = [grids]
     spec["grid"] = grids
-    if int(spec.get("parallel", 1)) < 1:
-        raise ValueError(f"sweep spec {path}: parallel must be >= 1")
+    if not isinstance(spec.get("set", {}), dict):
+        raise ValueError(f"sweep spec {path}: [set] must be a table of key = value")
+    if not grids or not all(isinstance(g, dict) for g in grids):
+        raise ValueError(f"sweep spec {path}: [[grid]] must be one or more tables")
+    for grid in grids:
+        empty = [k for k, v in grid.items() if v == []]
+        if empty:
+            raise ValueError(f"sweep spec {path}: empty axis {empty} gives no runs")
     return spec
 
 
+def _comparable(config_json: str) -> dict:
+    config = json.loads(config_json)
+    config.pop("data_dir", None)  # where the data lives does not change the run
+    return config
+
+
 def expand(spec: dict) -> list[Run]:
-    """The runs of a spec: the union of its grids' Cartesian products, in order."""
+    """The runs of a spec: the union of its grids' Cartesian products, in order. A point that
+    two grids share (same config) is run once; names use the parsed values (2 and 2.0 agree)."""
     base = preset(spec["preset"])  # ValueError naming the presets for a bad name
     shared = dict(spec.get("set", {}))
     runs: dict[str, Run] = {}
+    seen: set[str] = set()
     for grid in spec["grid"]:
         axes = {k: (v if isinstance(v, list) else [v]) for k, v in grid.items()}
         for values in itertools.product(*axes.values()):
             point = dict(zip(axes, values, strict=True))
-            name = ",".join(f"{k}={_format(v)}" for k, v in point.items()) or "run"
-            name = name.replace("/", "_")
-            run = Run(name, {**shared, **point})
+            overrides = {**shared, **point}
+            assignments = [f"{k}={_format(v)}" for k, v in overrides.items()]
             try:
-                apply_overrides(base, run.assignments())
+                cfg = apply_overrides(base, assignments)
             except ValueError as err:
-                raise ValueError(f"sweep run {name}: {err}") from err
-            if name in runs and runs[name].overrides != run.overrides:
-                raise ValueError(f"two sweep runs share the directory name {name!r}")
-            runs[name] = run
+                raise ValueError(f"sweep run {point}: {err}") from err
+            name = ",".join(f"{k}={_format(getattr(cfg, k))}" for k in point) or "run"
+            name = name.replace("/", "_")
+            config = _comparable(cfg.to_json())
+            key = json.dumps(config, sort_keys=True)
+            if key in seen:
+                continue
+            if name in runs:
+                raise ValueError(f"two different sweep runs share the directory name {name!r}")
+            seen.add(key)
+            runs[name] = Run(name, overrides, config)
     return list(runs.values())
+
+
+def check_not_stale(out: Path, runs: list[Run]) -> None:
+    """Refuse to skip or resume a run directory that holds a different config (the spec or
+    the preset changed since): its results would be reported as this spec's."""
+    stale = []
+    for run in runs:
+        path = out / run.name / "config.json"
+        if _status(out / run.name) != "new" and path.exists():
+            old = _comparable(path.read_text())
+            changed = sorted(k for k in run.config.keys() | old.keys()
+                             if run.config.get(k) != old.get(k))  # fmt: skip
+            if changed:
+                stale.append(f"{run.name} ({', '.join(changed)})")
+    if stale:
+        raise ValueError(
+            f"{len(stale)} run directories in {out} were trained with another config: "
+            f"{'; '.join(stale[:5])}. Use another --out, or delete them to retrain."
+        )
 
 
 def _status(run_dir: Path) -> str:
@@ -142,7 +183,10 @@ def run_sweep(
     spec = load_spec(spec_path)
     runs = expand(spec)
     out = Path(out or spec.get("out") or Path(spec_path).with_suffix(""))
-    parallel = int(parallel or spec.get("parallel", 1))
+    parallel = int(parallel if parallel is not None else spec.get("parallel", 1))
+    if parallel < 1:
+        raise ValueError(f"parallel must be >= 1, got {parallel}")
+    check_not_stale(out, runs)
     out.mkdir(parents=True, exist_ok=True)
     threads = max(1, (os.cpu_count() or 1) // parallel)
     env = {**os.environ, "OMP_NUM_THREADS": str(threads), "PYTHONUNBUFFERED": "1"}
@@ -153,6 +197,11 @@ def run_sweep(
     failed: dict[str, str] = {}
     active: list[tuple[Run, subprocess.Popen, float]] = []
     started = 0
+
+    def stop(signum, frame):  # kill / closed terminal: stop the children like Ctrl-C does
+        raise KeyboardInterrupt(f"signal {signum}")
+
+    previous = {sig: signal.signal(sig, stop) for sig in (signal.SIGTERM, signal.SIGHUP)}
     try:
         while pending or active:
             while pending and len(active) < parallel:
@@ -181,10 +230,17 @@ def run_sweep(
                     print(f"  FAILED {run.name} (exit {proc.returncode}):\n{failed[run.name]}",
                           flush=True)  # fmt: skip
     finally:
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
         for _, proc, _ in active:  # interrupted: stop the children, keep their checkpoints
             proc.terminate()
-    rows = summarize(out, runs, failed)
-    return rows
+        for _, proc, _ in active:
+            try:
+                proc.wait(timeout=30)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+                proc.wait()
+    return summarize(out, runs, failed)
 
 
 def summarize(out: Path, runs: list[Run], failed: dict[str, str] | None = None) -> list[dict]:

@@ -46,6 +46,17 @@ w_max = [1.0, 2.0, 3.0]
     assert "steps=4" in runs[0].assignments()
 
 
+def test_the_same_point_in_two_grids_runs_once_under_one_name(tmp_path):
+    spec = load_spec(_spec(tmp_path, """
+preset = "tiny"
+[[grid]]
+w_max = [2, 3.0]
+[[grid]]
+w_max = 2.0
+"""))
+    assert [r.name for r in expand(spec)] == ["w_max=2.0", "w_max=3.0"]
+
+
 @pytest.mark.parametrize(
     ("text", "message"),
     [
@@ -55,6 +66,9 @@ w_max = [1.0, 2.0, 3.0]
         ('preset = "tiny"\ngrids = 3\n', "grids"),
         ("[[grid]]\nw_max = [1.0]\n", "preset"),
         ('preset = "tiny"\n[[grid]\n', "spec.toml"),
+        ('preset = "tiny"\n[[grid]]\nw_max = []\n', "empty axis"),
+        ('preset = "tiny"\ngrid = []\n', "one or more tables"),
+        ('preset = "tiny"\nset = 3\n', "table"),
     ],
 )
 def test_bad_specs_are_refused_before_anything_runs(tmp_path, text, message):
@@ -97,6 +111,13 @@ grad_accum = 3  # passes validation, fails in the trainer: batch_size 8 is not d
     assert (out / "w_max=1.0" / "train.log").read_text() == log
     assert (out / "w_max=2.0" / "final.json").exists()
     assert "resume w_max=2.0" in capsys.readouterr().out
+
+    # Changing the spec's shared settings makes the old directories stale: refused, not reused.
+    spec.write_text(spec.read_text().replace("steps = 4", "steps = 5"))
+    with pytest.raises(ValueError, match=r"another config: w_max=1\.0 \(steps\)"):
+        run_sweep(spec, out, data_dir=DATA_DIR)
+    with pytest.raises(ValueError, match="parallel"):
+        run_sweep(spec, tmp_path / "other", data_dir=DATA_DIR, parallel=0)
 
 
 def _brute_force_frontier(points):
@@ -141,6 +162,8 @@ def test_plot_writes_png_and_frontier_table(tmp_path, capsys):
                   {"lipschitz_bound": bound, "val_acc": acc})  # fmt: skip
     _fake_run(runs, "baseline", {"optimizer": "adamw", "constraint": "none"},
               {"lipschitz_bound": None, "val_acc": 0.7})  # no bound: left out of the plot
+    _fake_run(runs, "diverged", {"optimizer": "muon", "constraint": "none"},
+              {"lipschitz_bound": float("nan"), "val_acc": 0.9})  # NaN: left out too
     points = load_points(find_runs([runs]), "lipschitz_bound", "val_acc")
     assert len(points) == 4
     cli_main(["plot", str(runs), "--out", str(tmp_path / "p.png")])

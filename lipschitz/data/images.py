@@ -147,9 +147,11 @@ def load_cifar10(data_dir: str | Path | None = None) -> ImageSplits:
     except DatasetUnavailable:
         path = cifar10_from_archive(data_dir)
     with np.load(path) as d:
-        return ImageSplits(
-            _pixels(d["x_train"]), _labels(d["y_train"]), _pixels(d["x_test"]), _labels(d["y_test"])
-        )
+        arrays = {key: d[key] for key in ("x_train", "y_train", "x_test", "y_test")}
+    if path.name == Path(CIFAR10_CONVERTED).name and arrays_sha256(arrays) != CIFAR10_ARRAYS_SHA256:
+        raise ValueError(f"{path}: not the canonical CIFAR-10 arrays; delete it to convert again")
+    return ImageSplits(_pixels(arrays["x_train"]), _labels(arrays["y_train"]),
+                       _pixels(arrays["x_test"]), _labels(arrays["y_test"]))  # fmt: skip
 
 
 def read_idx(path: Path) -> np.ndarray:
