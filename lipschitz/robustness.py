@@ -18,8 +18,6 @@ import math
 import torch
 from torch import Tensor, nn
 
-IMAGE_SHAPES = {"cifar10": (32, 32, 3), "mnist": (28, 28, 1)}  # (H, W, C) of the flat pixels
-
 
 def margins(logits: Tensor, labels: Tensor) -> Tensor:
     """True-class logit minus the largest other logit, per example (B,); < 0 if misclassified."""
@@ -162,7 +160,7 @@ def report(
     from pathlib import Path
 
     from lipschitz.certify import certify
-    from lipschitz.data.images import LOADERS
+    from lipschitz.data.images import IMAGE_SHAPES, LOADERS
     from lipschitz.train import load_run
 
     model, cfg = load_run(run_dir)

@@ -33,6 +33,7 @@ from lipschitz.certify import certify
 from lipschitz.config import Config
 from lipschitz.constraints import row_rms_cap, svd_cap
 from lipschitz.data import shakespeare
+from lipschitz.data.images import IMAGE_SHAPES, N_CLASSES
 from lipschitz.data.images import LOADERS as IMAGE_LOADERS
 from lipschitz.data.tokens import GPT2_VOCAB, TokenShards, resolve_token_dir
 from lipschitz.nn import BaselineGPT, BaselineMLP, LipschitzGPT, LipschitzMLP, activation_stats
@@ -45,7 +46,6 @@ MODELS = {
     "lipschitz_mlp": LipschitzMLP,
     "baseline_mlp": BaselineMLP,
 }
-IMAGE_SHAPES = {"cifar10": (3072, 10), "mnist": (784, 10)}  # (input features, classes)
 CHECKPOINT = "checkpoint.pt"
 
 
@@ -685,8 +685,7 @@ def load_run(out: str | Path) -> tuple[nn.Module, Config]:
     elif cfg.dataset == "tokens":
         model = build_model(cfg, cfg.vocab_size or GPT2_VOCAB)
     else:
-        n_inputs, n_outputs = IMAGE_SHAPES[cfg.dataset]
-        model = build_model(cfg, n_outputs, n_inputs)
+        model = build_model(cfg, N_CLASSES, math.prod(IMAGE_SHAPES[cfg.dataset]))
     state = torch.load(out / CHECKPOINT, map_location="cpu", weights_only=False)
     model.load_state_dict(state["model"])
     return model.eval(), cfg

@@ -38,6 +38,10 @@ CIFAR10_CONVERTED = "cifar10/cifar10-from-archive.npz"
 # conversion of the archive must reproduce it pixel for pixel.
 CIFAR10_ARRAYS_SHA256 = "80387ddb9a0edf3fc4a964ee3770296169bb26a651050df20035579673099660"
 
+# (H, W, C) each dataset's images are flattened from (pixels in H, W, C order), and its classes
+IMAGE_SHAPES = {"cifar10": (32, 32, 3), "mnist": (28, 28, 1)}
+N_CLASSES = 10
+
 MNIST_URL = "https://ossci-datasets.s3.amazonaws.com/mnist/"  # torchvision's mirror
 MNIST_FILES = {  # key: (file under mnist/, md5 of the decompressed canonical IDX file)
     "train_x": ("train-images-idx3-ubyte.gz", "6bbc9ace898e44ae57da46a324031adb"),
@@ -55,7 +59,7 @@ class ImageSplits:
     y_train: torch.Tensor  # (N,)
     x_test: torch.Tensor
     y_test: torch.Tensor
-    n_classes: int = 10
+    n_classes: int = N_CLASSES
 
     @property
     def n_features(self) -> int:
