@@ -129,11 +129,11 @@ def cmd_sweep(args: argparse.Namespace) -> None:
 
 
 def cmd_plot(args: argparse.Namespace) -> None:
-    from lipschitz.pareto import find_runs, frontier_table, frontiers, load_points, plot
+    from lipschitz.pareto import find_runs, load_points, plot
 
     points = load_points(find_runs(args.runs), args.x, args.y)
     out = plot(points, args.x, args.y, args.out, log_x=not args.linear_x, lower_y=args.lower_y)
-    print(frontier_table(frontiers(points, args.lower_y), args.x, args.y), end="")
+    print(out.with_suffix(".md").read_text(), end="")  # the frontier table plot() wrote
     print(f"-> {out}, {out.with_suffix('.md')} ({len(points)} runs)")
 
 

@@ -49,7 +49,12 @@ class Run:
     config: dict  # the full config it trains (config.json, without data_dir)
 
     def assignments(self) -> list[str]:
-        return [f"{key}={_format(value)}" for key, value in self.overrides.items()]
+        return _assignments(self.overrides)
+
+
+def _assignments(overrides: dict) -> list[str]:
+    """``--set`` strings for a dict of overrides."""
+    return [f"{key}={_format(value)}" for key, value in overrides.items()]
 
 
 def _format(value) -> str:
@@ -109,9 +114,8 @@ def expand(spec: dict) -> list[Run]:
         for values in itertools.product(*axes.values()):
             point = dict(zip(axes, values, strict=True))
             overrides = {**shared, **point}
-            assignments = [f"{k}={_format(v)}" for k, v in overrides.items()]
             try:
-                cfg = apply_overrides(base, assignments)
+                cfg = apply_overrides(base, _assignments(overrides))
             except ValueError as err:
                 raise ValueError(f"sweep run {point}: {err}") from err
             name = ",".join(f"{k}={_format(getattr(cfg, k))}" for k in point) or "run"
