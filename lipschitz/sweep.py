@@ -34,7 +34,7 @@ import tomllib
 from dataclasses import dataclass
 from pathlib import Path
 
-from lipschitz.config import apply_overrides
+from lipschitz.config import Config, apply_overrides
 from lipschitz.presets import preset
 from lipschitz.train import CHECKPOINT
 
@@ -138,7 +138,7 @@ def check_not_stale(out: Path, runs: list[Run]) -> None:
     for run in runs:
         path = out / run.name / "config.json"
         if _status(out / run.name) != "new" and path.exists():
-            old = _comparable(path.read_text())
+            old = _comparable(Config.load(path).to_json())  # keys added since: defaults
             changed = sorted(k for k in run.config.keys() | old.keys()
                              if run.config.get(k) != old.get(k))  # fmt: skip
             if changed:

@@ -10,7 +10,7 @@ from hypothesis import strategies as st
 
 from lipschitz.cli import main as cli_main
 from lipschitz.pareto import find_runs, frontier, load_points, method_of, plot
-from lipschitz.sweep import expand, load_spec, run_sweep
+from lipschitz.sweep import check_not_stale, expand, load_spec, run_sweep
 
 DATA_DIR = os.environ.get("LIPSCHITZ_DATA_DIR")
 needs_data = pytest.mark.skipif(
@@ -111,6 +111,12 @@ grad_accum = 3  # passes validation, fails in the trainer: batch_size 8 is not d
     assert (out / "w_max=1.0" / "train.log").read_text() == log
     assert (out / "w_max=2.0" / "final.json").exists()
     assert "resume w_max=2.0" in capsys.readouterr().out
+
+    # A run written before a config key existed reads that key's default: not stale.
+    old = json.loads((out / "w_max=1.0" / "config.json").read_text())
+    del old["lr_floor"]
+    (out / "w_max=1.0" / "config.json").write_text(json.dumps(old))
+    check_not_stale(out, expand(load_spec(spec)))
 
     # Changing the spec's shared settings makes the old directories stale: refused, not reused.
     spec.write_text(spec.read_text().replace("steps = 4", "steps = 5"))
