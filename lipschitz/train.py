@@ -33,6 +33,7 @@ from lipschitz.certify import certify
 from lipschitz.config import Config
 from lipschitz.constraints import row_rms_cap, svd_cap
 from lipschitz.data import shakespeare
+from lipschitz.data.files import atomic_write
 from lipschitz.data.images import IMAGE_SHAPES, N_CLASSES
 from lipschitz.data.images import LOADERS as IMAGE_LOADERS
 from lipschitz.data.tokens import GPT2_VOCAB, TokenShards, resolve_token_dir
@@ -349,9 +350,8 @@ def autocast(device: torch.device):
 
 def save_checkpoint(path: Path, state: dict) -> None:
     """Write atomically: a crash leaves either the old checkpoint or the new one, never half."""
-    tmp = path.with_name(path.name + ".tmp")
-    torch.save(state, tmp)
-    os.replace(tmp, path)
+    with atomic_write(path) as f:
+        torch.save(state, f)
 
 
 def _read_metrics(path: Path) -> list[dict]:

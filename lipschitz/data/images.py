@@ -15,10 +15,8 @@ from __future__ import annotations
 
 import gzip
 import hashlib
-import os
 import pickle
 import tarfile
-import tempfile
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -26,7 +24,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from lipschitz.data.files import DatasetUnavailable, cache_dir, fetch, md5_of
+from lipschitz.data.files import DatasetUnavailable, atomic_write, cache_dir, fetch, md5_of
 
 CIFAR10_NPZ = "cifar10/cifar10.npz"
 CIFAR10_NPZ_SHA256 = "a44cc18e4ad961b5158c7da062a6232fb65938b615bf013046199b823b75c43d"
@@ -135,13 +133,8 @@ def cifar10_from_archive(data_dir: str | Path | None = None) -> Path:
     if arrays_sha256(arrays) != CIFAR10_ARRAYS_SHA256:
         raise ValueError(f"{archive}: its images differ from the canonical CIFAR-10 arrays")
     converted.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=converted.parent, suffix=".npz")
-    try:
-        with os.fdopen(fd, "wb") as f:
-            np.savez(f, **arrays)
-        os.replace(tmp, converted)
-    finally:
-        Path(tmp).unlink(missing_ok=True)
+    with atomic_write(converted) as f:
+        np.savez(f, **arrays)
     return converted
 
 

@@ -14,13 +14,12 @@ from __future__ import annotations
 
 import functools
 import json
-import os
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 
-from lipschitz.data.files import fetch, resolve_data_dir
+from lipschitz.data.files import atomic_write, fetch, resolve_data_dir
 
 MAGIC = 20240520
 VERSION = 1
@@ -139,11 +138,9 @@ def write_shard(path: str | Path, tokens: np.ndarray | list[int]) -> Path:
         raise ValueError(f"write_shard: {tokens.size} tokens do not fit one shard's int32 count")
     header = np.zeros(HEADER_INTS, dtype="<i4")
     header[:3] = (MAGIC, VERSION, tokens.size)
-    tmp = path.with_name(path.name + ".tmp")
-    with open(tmp, "wb") as f:
+    with atomic_write(path) as f:
         f.write(header.tobytes())
         f.write(tokens.astype("<u2").tobytes())
-    os.replace(tmp, path)
     return path
 
 
