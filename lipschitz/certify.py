@@ -3,7 +3,7 @@
 A certificate is compositional: every block type has a *rule* that maps a bound ``a`` on the
 ∞RMS norm of its input (largest per-token RMS) to ``(L, a_out)``, its Lipschitz constant on that
 ball and a bound on its output; a model multiplies the L's of its blocks in forward order while
-threading ``a`` through them (the paper's two stages, notes §6.2, done in one walk). Bounds are
+threading ``a`` through them (the paper's two stages, App. B, done in one walk). Bounds are
 computed in float64 from the exact spectral norms of the weights as they are now. A new block
 type brings its own rule via :func:`register_rule`; a block without one is an error.
 
@@ -22,7 +22,7 @@ row block of W_Q, W_K, W_V, σ_Q = ‖W_Q‖, H heads, s = attn_scale:
 With H = 1 this is exactly the paper's L_att = (1/3)‖W_O‖(‖W_V‖ + 2‖W_V‖‖W_Q‖‖W_K‖a²·s). For
 H > 1 the paper's attention formula is not an upper bound, and its MLP term ‖W_out‖‖W_in‖/1.1289
 is 1.1289× too small; ``docs/certificates.md`` derives both and the tests show counterexamples.
-``rule="paper"`` reproduces the paper's formulas (notes §6.2) to compare with published numbers.
+``rule="paper"`` reproduces the paper's formulas (App. B) to compare with published numbers.
 """
 
 from __future__ import annotations
@@ -161,7 +161,8 @@ def _attention_rule(
     nk = walk.norm(f"{name}.k.weight", m.k.weight, head_spectral_norms=hk)
     nv = walk.norm(f"{name}.v.weight", m.v.weight, head_spectral_norms=hv)
     no = walk.norm(f"{name}.o.weight", m.o.weight)
-    if walk.rule == "paper":  # notes §6.2, valid for H = 1 only
+    if walk.rule == "paper":  # paper App. B with its ×1/3, whatever the model's; valid for H = 1
+        c = 1 / 3
         return c * no * (nv + 2 * s * nv * nq * nk * a * a), c * no * nv * a
     v_path = math.sqrt(sum(x * x for x in hv))  # heads may average different tokens
     kv = max(x * y for x, y in zip(hk, hv, strict=True))
@@ -170,12 +171,17 @@ def _attention_rule(
 
 @register_rule(Block)
 def _block_rule(m: Block, a: float, walk: _Walk, name: str) -> tuple[float, float]:
-    """Convex residual x ↦ (1−α)x + α·f(x): L ≤ (1−α) + α·L_f, bound ≤ (1−α)a + α·a_f."""
-    alpha, lipschitz = m.alpha, 1.0
+    """Residual x ↦ β·x + γ·f(x): L ≤ β + γ·L_f, bound ≤ β·a + γ·a_f.
+
+    The paper's rule always uses its convex weights β = 1−α, γ = α (App. B), even for a
+    ``residual="sum"`` block, which is what its May-2025 code reported for such a model.
+    """
+    beta, gamma = (1 - m.alpha, m.alpha) if walk.rule == "paper" else m.weights
+    lipschitz = 1.0
     for part in ("attn", "mlp"):
         sub = getattr(m, part)
         L_f, a_f = _rule_for(sub)(sub, a, walk, f"{name}.{part}")
-        L, a_next = (1 - alpha) + alpha * L_f, (1 - alpha) * a + alpha * a_f
+        L, a_next = beta + gamma * L_f, beta * a + gamma * a_f
         walk.step(f"{name}.{part}", L, a, a_next)
         lipschitz, a = lipschitz * L, a_next
     return lipschitz, a
@@ -354,7 +360,7 @@ def jacobian_power_iteration(model: nn.Module, x: Tensor, iters: int = 30, seed:
 
 
 # --------------------------------------------------------------------------------------------
-# The paper's Shakespeare table (notes §6.3).
+# The paper's Shakespeare table: its App. B formula with every matrix at σ.
 
 
 def _shakespeare_model(vocab_size: int, d_model: int, n_layer: int, n_head: int) -> LipschitzGPT:
@@ -411,7 +417,7 @@ def main(argv: list[str] | None = None) -> None:
     args = parser.parse_args(argv)
     if not args.table:
         parser.error("nothing to do: pass --table")
-    print("| σ | paper's rule (notes §6.2) | certified (`certify(model)`) |")
+    print("| σ | paper's rule (App. B) | certified (`certify(model)`) |")
     print("|---|---|---|")
     for row in certificate_table(tuple(args.sigmas)):
         print(f"| {row['sigma']:.1f} | {row['paper']:.4g} | {row['certified']:.4g} |")

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import math
 import types
 import typing
 from dataclasses import dataclass, fields
@@ -45,10 +46,17 @@ class Config:
     n_head: int = 4
     attn_scale: float = 1.0  # multiplies the 1/d_head attention logits (Lipschitz model)
     final_scale: float = 1.0  # multiplies the logits
+    # Lipschitz model's residuals: convex (1-α)x + α·f(x), α = 1/(2·n_layer) (the paper), or sum
+    # x + f(x) (the paper's May-2025 code; see docs/results.md); and the ×1/3 before W_O
+    residual: str = "convex"
+    residual_alpha: float | None = None  # α of the convex residuals (None: 1/(2·n_layer))
+    attn_out_mult: float = 1 / 3
+    pos_bias: bool = False  # learned ALiBi-initialised relative-position bias on attention logits
     # Optimizer details
     head_w_max: float | None = None  # None: same as w_max
     head_lr: float | None = None  # the head's learning rate (None: lr)
     embed_lr: float | None = None  # the embedding's learning rate (None: lr)
+    vector_lr: float | None = None  # AdamW lr of non-matrix parameters (None: lr/100 with Muon)
     embed_optimizer: str = "muon"  # muon (row-normalized steps) | adamw; rows capped either way
     embed_w_max: float = 1.0  # cap on every embedding row's RMS
     blocks_mass: float | None = 32.0  # the paper's target-norm split; None: every group 1
@@ -63,6 +71,8 @@ class Config:
     warmup_steps: int = 0
     lr_floor: float = 0.0  # final lr multiplier of linear, cosine and constant_cooldown
     cooldown_frac: float = 0.4  # constant_cooldown: the final fraction of steps that decays
+    # training loss: cross-entropy of train_temperature × logits (1: plain cross-entropy)
+    train_temperature: float = 1.0
     # Loop
     grad_accum: int = 1
     eval_every: int = 250
@@ -87,6 +97,7 @@ class Config:
             "optimizer": ("muon", "adamw"),
             "constraint": tuple(CONSTRAINTS),
             "eval_protocol": ("full", "paper"),
+            "residual": ("convex", "sum"),
             "embed_optimizer": ("muon", "adamw"),
             "ns_dtype": ("float32", "bfloat16"),
         }
@@ -109,13 +120,21 @@ class Config:
             raise ValueError(f"config: vocab_size must be >= 50257 (GPT-2), got {self.vocab_size}")
         if self.val_tokens is not None and not self.val_tokens >= self.seq_len:
             raise ValueError(f"config: val_tokens must be >= seq_len, got {self.val_tokens}")
-        for key in ("head_lr", "embed_lr"):
+        for key in ("head_lr", "embed_lr", "vector_lr"):
             if getattr(self, key) is not None and not getattr(self, key) >= 0:
                 raise ValueError(f"config: {key} must be >= 0, got {getattr(self, key)!r}")
         if not 0 <= self.lr_floor <= 1 or not 0 < self.cooldown_frac <= 1:
             raise ValueError("config: lr_floor must be in [0, 1] and cooldown_frac in (0, 1]")
         if self.schedule == "constant" and self.lr_floor != 0:
             raise ValueError("config: schedule 'constant' has no lr_floor")
+        if self.residual_alpha is not None and not 0 < self.residual_alpha <= 1:
+            raise ValueError(f"config: residual_alpha must be in (0, 1], got {self.residual_alpha}")
+        if not (self.train_temperature > 0 and math.isfinite(self.train_temperature)):
+            raise ValueError(
+                f"config: train_temperature must be finite and > 0, got {self.train_temperature}"
+            )
+        if not self.attn_out_mult > 0:
+            raise ValueError(f"config: attn_out_mult must be > 0, got {self.attn_out_mult!r}")
         if not self.w_max > 0 or (self.head_w_max is not None and not self.head_w_max > 0):
             raise ValueError("config: w_max and head_w_max must be > 0")
         if not self.lr >= 0 or not self.weight_decay >= 0:

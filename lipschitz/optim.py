@@ -546,8 +546,6 @@ def route_parameters(
     model: nn.Module,
     head: nn.Module | None = None,
     blocks_mass: float | None = None,
-    residual_scale: float = 1.0,
-    attention_scale: float = 1 / 3,
     head_rule: str = "matrix",
     matrix_types: tuple[type[nn.Module], ...] = (nn.Linear,),
 ) -> list[dict]:
@@ -565,37 +563,26 @@ def route_parameters(
     non-vector groups to :class:`Muon` and the vectors to AdamW, adding ``constraint`` and
     ``w_max`` to the groups to be constrained.
 
-    Target norms (multipliers of the Muon step; 1 for every group when ``blocks_mass`` is None).
-    The paper gives the embedding and the head mass 1 each and all hidden matrices together
-    ``blocks_mass``; a weight's share of the step is its mass fraction divided by the
-    sensitivity of what follows it: ÷``residual_scale`` (a in x ← (1 − a)·x + a·block(x),
-    1/(2·n_layer) for our transformer), and ÷``attention_scale`` (the ×1/3 after attention) for
-    Q/K/V, recognised as the ``q``, ``k``, ``v`` attributes of a module that also has ``o``.
-    With n_io = number of embeddings and heads and n_hidden = number of hidden matrices (a
-    stacked (h, out, in) weight counts h):
-
-        embedding, head: 1 / (blocks_mass + n_io)
-        hidden:          blocks_mass / ((blocks_mass + n_io)·n_hidden·residual_scale)
-        Q, K, V:         hidden / attention_scale
-
-    Paper's Shakespeare transformer (3 layers of q, k, v, o, fc_in, fc_out, a = 1/6):
-    blocks_mass 32 → embed/head 1/34 = 0.0294, W_O and MLP 0.3137, Q/K/V 0.9412;
-    blocks_mass 16 → 1/18 = 0.0556, 0.2963, 0.8889. CIFAR MLP (2 hidden + head, no residual):
-    blocks_mass 2 → every layer 1/3.
+    Target norms (multipliers of the Muon step; 1 for every group when ``blocks_mass`` is None)
+    follow Modula's rule (paper App. D): the embedding and the head get mass 1 each and all
+    hidden matrices together ``blocks_mass``, so each of n_hidden hidden matrices starts from
+    M = blocks_mass / ((blocks_mass + n_io)·n_hidden) and the embedding and head from
+    1 / (blocks_mass + n_io). A weight's share is then divided by the sensitivity of what
+    follows it: in a residual :class:`~lipschitz.nn.layers.Block` x ← β·x + γ·f(x), the branch f
+    by γ, Q/K/V by the attention's output multiplier c (×1/3), and every weight by the product of
+    the sensitivities β + γ·s_f of the residuals after it (s_attn = 3c, s_mlp = 1). See
+    :func:`residual_target_factors`. Paper's Shakespeare transformer (3 layers, convex residuals
+    α = 1/6, so every residual has sensitivity 1): blocks_mass 32 → embed/head 1/34 = 0.0294,
+    W_O and MLP 0.3137, Q/K/V 0.9412; blocks_mass 16 → 1/18 = 0.0556, 0.2963, 0.8889. CIFAR MLP
+    (2 hidden + head, no residual): blocks_mass 2 → every layer 1/3.
     """
     if blocks_mass is not None and not blocks_mass > 0:
         raise ValueError(f"route_parameters: blocks_mass must be > 0, got {blocks_mass!r}")
-    if not 0 < residual_scale <= 1 or not 0 < attention_scale <= 1:
-        raise ValueError("route_parameters: residual_scale and attention_scale must be in (0, 1]")
     if head_rule not in _RULES:
         raise ValueError(f"route_parameters: head_rule must be one of {_RULES}, got {head_rule!r}")
     if head is None and isinstance(getattr(model, "head", None), nn.Linear):
         head = model.head
-    qkv = set()  # ids of Q/K/V weights
-    for m in model.modules():
-        if all(isinstance(getattr(m, a, None), nn.Module) for a in ("q", "k", "v", "o")):
-            qkv.update(id(getattr(m, a).weight) for a in ("q", "k", "v"))
-
+    factors, embed_factor = residual_target_factors(model)
     routed: list[tuple[str, str, nn.Parameter]] = []  # (role, name, parameter)
     seen = set()
     for mod_name, m in model.named_modules():
@@ -604,7 +591,7 @@ def route_parameters(
                 continue
             seen.add(id(p))
             name = f"{mod_name}.{p_name}" if mod_name else p_name
-            if p.ndim < 2:
+            if p.ndim < 2 or getattr(m, "param_role", None) == "vector":
                 role = "vector"
             elif m is head:
                 role = "head"
@@ -629,10 +616,11 @@ def route_parameters(
     def target_norm(role: str, p: Tensor) -> float:
         if blocks_mass is None or role == "vector":
             return 1.0
-        if role in ("embedding", "head"):
+        if role == "head":
             return 1 / (blocks_mass + n_io)
-        tn = blocks_mass / ((blocks_mass + n_io) * n_hidden * residual_scale)
-        return tn / attention_scale if id(p) in qkv else tn
+        if role == "embedding":
+            return embed_factor / (blocks_mass + n_io)
+        return blocks_mass / ((blocks_mass + n_io) * n_hidden) * factors.get(id(p), 1.0)
 
     rules = {"hidden": "matrix", "embedding": "embedding", "head": head_rule}
     groups: dict[tuple[str, float], dict] = {}
@@ -644,3 +632,35 @@ def route_parameters(
                 groups[role, tn]["rule"] = rules[role]
         groups[role, tn]["params"].append((name, p))
     return list(groups.values())
+
+
+def residual_target_factors(model: nn.Module) -> tuple[dict[int, float], float]:
+    """Modula's sensitivity factors for the residual Blocks of ``model`` (see route_parameters).
+
+    Returns ({id(weight): factor} for every matrix inside a Block, factor of the embedding). The
+    factor multiplies the equal share M of a hidden matrix; a Block of 6 matrices (q, k, v, o,
+    fc_in, fc_out) splits its 6·M as attention 4/6 and MLP 2/6, then inside attention W_O gets
+    1/4 and Q/K/V 1/(4c) (Modula gives the pair (V, scores) 3/4 and divides by c), inside the
+    MLP each matrix 1/2. With convex residuals (γ = α, c = 1/3) every residual has sensitivity
+    β + γ·s_f = 1, so the factors are 1/α for W_O and the MLP and 1/(α·c) for Q/K/V in every
+    layer: the released code's multipliers. With ``residual="sum"`` (β = γ = 1, c = 1) the
+    attention residual has sensitivity 4 and the MLP's 2, so each layer divides everything
+    before it by 8: the per-layer learning-rate decay of the paper's App. D.
+    """
+    from lipschitz.nn.layers import Block  # routing reads the blocks' own constants
+
+    blocks = [m for m in model.modules() if isinstance(m, Block)]
+    factors: dict[int, float] = {}
+    after = 1.0  # product of the sensitivities of the residuals after the current one
+    for block in reversed(blocks):  # from the output back to the input
+        beta, gamma = block.weights
+        c = block.attn.out_mult
+        s_attn, s_mlp = beta + gamma * 3 * c, beta + gamma * 1.0
+        for lin in (block.mlp.fc_in, block.mlp.fc_out):  # 6·(2/6)·(1/2)/γ
+            factors[id(lin.weight)] = 1.0 / (gamma * after)
+        after *= s_mlp
+        factors[id(block.attn.o.weight)] = 1.0 / (gamma * after)  # 6·(4/6)·(1/4)/γ
+        for lin in (block.attn.q, block.attn.k, block.attn.v):
+            factors[id(lin.weight)] = 1.0 / (gamma * c * after)
+        after *= s_attn
+    return factors, 1.0 / after

@@ -79,6 +79,10 @@ def build_model(cfg: Config, n_outputs: int, n_inputs: int | None = None) -> nn.
     )
     if cfg.model == "lipschitz_gpt":
         kwargs["final_scale"] = cfg.final_scale
+        kwargs["residual"] = cfg.residual
+        kwargs["attn_out_mult"] = cfg.attn_out_mult
+        kwargs["pos_bias"] = cfg.pos_bias
+        kwargs["alpha"] = cfg.residual_alpha
     return MODELS[cfg.model](**kwargs)
 
 
@@ -86,12 +90,8 @@ def build_optimizers(cfg: Config, model: nn.Module) -> list[torch.optim.Optimize
     """Muon (matrices) plus AdamW (vectors, if any), or AdamW for everything, with the run's
     constraint attached to every hidden matrix and the head, and a row-RMS cap on embeddings."""
     lipschitz_model = cfg.model == "lipschitz_gpt"
-    groups = route_parameters(
-        model,
-        blocks_mass=cfg.blocks_mass if cfg.optimizer == "muon" else None,
-        residual_scale=1 / (2 * cfg.n_layer) if lipschitz_model else 1.0,
-        attention_scale=1 / 3 if lipschitz_model else 1.0,
-    )
+    blocks_mass = cfg.blocks_mass if cfg.optimizer == "muon" else None
+    groups = route_parameters(model, blocks_mass=blocks_mass)
     head_w_max = cfg.w_max if cfg.head_w_max is None else cfg.head_w_max
     for group in groups:
         role = group["role"]
@@ -128,7 +128,7 @@ def build_optimizers(cfg: Config, model: nn.Module) -> list[torch.optim.Optimize
         for group in others:
             group.pop("target_norm")
             if group["role"] == "vector":  # e.g. LayerNorm gains, at an Adam-sized step
-                group["lr"] = cfg.lr * 0.01
+                group["lr"] = cfg.lr * 0.01 if cfg.vector_lr is None else cfg.vector_lr
         adamw = torch.optim.AdamW(others, lr=cfg.lr, betas=cfg.adam_betas, weight_decay=0.0)
         return [muon, constrain(adamw)]
     if cfg.optimizer == "adamw":
@@ -242,8 +242,7 @@ class TextTask:
     def __init__(self, cfg: Config) -> None:
         self.corpus = shakespeare.load(cfg.data_dir)
         self.seq_len = cfg.seq_len
-        n_val, protocol = len(self.corpus.val), cfg.eval_protocol
-        self.starts = eval_windows(n_val, cfg.seq_len, protocol, cfg.batch_size)
+        self.protocol, self.batch_size = cfg.eval_protocol, cfg.batch_size
         self.vocab = self.corpus.chars
         self.n_outputs, self.n_inputs, self.tokens_per_example = len(self.vocab), None, cfg.seq_len
         self.source = self.corpus.source
@@ -251,8 +250,13 @@ class TextTask:
     def batch(self, n: int, generator: torch.Generator) -> tuple[Tensor, Tensor]:
         return sample_batch(self.corpus.train, n, self.seq_len, generator)
 
-    def evaluate(self, model: nn.Module, device: torch.device) -> dict[str, float]:
-        return evaluate(model, self.corpus.val, self.seq_len, self.starts, device)
+    def evaluate(
+        self, model: nn.Module, device: torch.device, protocol: str | None = None
+    ) -> dict[str, float]:
+        """Validation loss and accuracy under ``protocol`` (default: the run's eval_protocol)."""
+        n_val = len(self.corpus.val)
+        starts = eval_windows(n_val, self.seq_len, protocol or self.protocol, self.batch_size)
+        return evaluate(model, self.corpus.val, self.seq_len, starts, device)
 
     def probe(self, device: torch.device) -> Tensor:
         return self.corpus.val[: self.seq_len].to(device)[None]  # (1, T)
@@ -546,6 +550,8 @@ def _train(cfg: Config, out: str | Path, resume: bool) -> dict:
         if main:
             cert = certify(model) if cfg.model != "baseline_gpt" else None  # LayerNorm: no bound
             record["lipschitz_bound"] = cert.lipschitz if cert is not None else None
+            if cfg.model == "lipschitz_gpt":  # the paper's formula (App. B), to compare with it
+                record["lipschitz_bound_paper_rule"] = certify(model, rule="paper").lipschitz
             if cert is not None:
                 if cert.lipschitz_l2 is not None:
                     record["lipschitz_bound_l2"] = cert.lipschitz_l2
@@ -573,7 +579,10 @@ def _train(cfg: Config, out: str | Path, resume: bool) -> dict:
                 x, y = x[mine].to(device), y[mine].to(device)  # ... and this rank's slice
                 with autocast(device):
                     logits = forward(x)
-                loss = F.cross_entropy(logits.float().flatten(0, -2), y.flatten())
+                # train_temperature τ: the loss sees τ·logits (a margin-seeking loss, as in
+                # Lipschitz classifiers); the model, its bound and the evaluation do not
+                logits = logits.float().flatten(0, -2) * cfg.train_temperature
+                loss = F.cross_entropy(logits, y.flatten())
                 (loss / cfg.grad_accum).backward()
                 loss_sum += loss.item()
             train_loss = loss_sum / cfg.grad_accum
@@ -624,6 +633,7 @@ def _train(cfg: Config, out: str | Path, resume: bool) -> dict:
         "val_acc": last["val_acc"],
         "lipschitz_bound": last["lipschitz_bound"],
         "lipschitz_bound_l2": last.get("lipschitz_bound_l2"),
+        "lipschitz_bound_paper_rule": last.get("lipschitz_bound_paper_rule"),
         "steps": step,
         "tokens_seen": step * tokens_per_step,
         "wall_time_s": elapsed + time.time() - t_start,
@@ -636,6 +646,9 @@ def _train(cfg: Config, out: str | Path, resume: bool) -> dict:
         # matrices orthogonalized / projected by each rank since this process started
         "work_per_rank": work,
     }
+    if isinstance(task, TextTask) and cfg.eval_protocol == "paper":  # the full split as well
+        full = task.evaluate(model, device, protocol="full")
+        final.update(val_loss_full=full["val_loss"], val_acc_full=full["val_acc"])
     if main:
         (out / "final.json").write_text(json.dumps(final, indent=2))
         plot_run(out)

@@ -27,6 +27,7 @@ from lipschitz.nn import (
     LipschitzMLP,
     activation_stats,
 )
+from lipschitz.nn.layers import RelativePositionBias
 
 G = GELU_MAX_SLOPE / 1.1289  # Lipschitz constant of GELU(x)/1.1289 (1.0000037)
 
@@ -62,8 +63,15 @@ def _random_gpt(seed: int) -> LipschitzGPT:
         final_scale=0.5 + float(torch.rand((), generator=g)),
         zero_init_out=False,
         zero_init_head=False,
+        residual=pick(["convex", "convex", "sum"]),
+        attn_out_mult=pick([1 / 3, 1 / 3, 1.0]),
+        pos_bias=pick([False, True]),
     )
     _rescale_randomly(model, g, orthogonal=seed % 2 == 1)
+    with torch.no_grad():  # position biases from flat to sharp (one lag dominating)
+        for m in model.modules():
+            if isinstance(m, RelativePositionBias):
+                m.bias.copy_(pick([1.0, 10.0]) * torch.randn(m.bias.shape, generator=g))
     return model.double()
 
 
@@ -180,6 +188,37 @@ def test_attention_scale_only_on_the_a_squared_term_and_final_scale_linear():
     assert certify(model).lipschitz == pytest.approx(3 * L)
 
 
+@pytest.mark.parametrize("residual", ["convex", "sum"])
+def test_position_bias_shift_attention_certificate_is_exact(residual):
+    """Position bias only (W_Q = W_K = 0), sharp on lag 1: attention copies the previous token.
+
+    Then the attention block is the linear map x_t ↦ β·x_t + γ·(c·W_O W_V)x_{t−1}, MLP off, head
+    I: the network is linear with ∞RMS→∞RMS norm exactly β·(β + γ·c·‖W_O W_V‖) (a perturbation
+    of every token along one vector attains it), which is what the certificate must give.
+    """
+    model = LipschitzGPT(
+        vocab_size=4, d_model=4, n_layer=1, n_head=1, seq_len=6, pos_bias=True,
+        residual=residual, attn_out_mult=0.5, zero_init_out=False, zero_init_head=False,
+    ).double()  # fmt: skip
+    attn, mlp = model.blocks[0].attn, model.blocks[0].mlp
+    I4 = torch.eye(4, dtype=torch.float64)
+    for lin, W in ((attn.q, 0 * I4), (attn.k, 0 * I4), (attn.v, 2 * I4), (attn.o, 1.5 * I4)):
+        _set(lin, W)
+    _set(mlp.fc_out, torch.zeros(4, 16, dtype=torch.float64))
+    _set(model.head, I4)
+    with torch.no_grad():
+        attn.pos_bias.bias.fill_(-1e4)
+        attn.pos_bias.bias[0, 1] = 0.0  # every query t ≥ 1 attends to t − 1 only
+    beta, gamma = model.blocks[0].weights
+    exact = beta * (beta + gamma * 0.5 * 3.0)  # token 0 attends to itself: same bound
+    cert = certify(model, inputs="embeds", input_bound=1.0)
+    assert cert.lipschitz == pytest.approx(exact, rel=1e-12)
+    x = torch.ones(1, 6, 4, dtype=torch.float64)  # every token along the same unit-RMS vector
+    with torch.no_grad():
+        out = model(inputs_embeds=x) - model(inputs_embeds=0 * x)
+    assert float(out.pow(2).mean(-1).sqrt().amax()) == pytest.approx(exact, rel=1e-9)
+
+
 def test_blocks_walked_in_forward_order():
     """a at block i's input comes from blocks < i, so order matters; steps chain bounds."""
     torch.manual_seed(0)
@@ -229,6 +268,9 @@ def test_certificate_never_decreases_when_a_weight_grows():
             after = (certify(model).lipschitz, certify(model, inputs="embeds").lipschitz)
             with torch.no_grad():
                 p.div_(1.3)
+            if name.endswith("pos_bias.bias"):  # content-independent logits: not in the bound
+                assert after == before, name
+                continue
             assert after[0] > before[0] * (1 + 1e-6), name  # every matrix enters the bound
             if name == "embed.weight":  # continuous inputs bypass the embedding
                 assert after[1] == pytest.approx(before[1], rel=1e-12)
@@ -418,7 +460,8 @@ def test_tied_head_is_measured_as_both_embedding_and_head():
 def test_shakespeare_table_reproduces_paper_numbers():
     rows = certificate_table((1.0, 1.2, 1.6, 2.0))
     paper = [r["paper"] for r in rows]
-    assert paper == pytest.approx([0.88, 1.95, 23.1, 840], rel=0.01)  # paper notes §6.3
+    # the paper's App. B formula evaluated by hand at σ = 1.0, 1.2, 1.6, 2.0
+    assert paper == pytest.approx([0.88, 1.95, 23.1, 840], rel=0.01)
     assert all(r["certified"] > r["paper"] for r in rows)  # the certified bound is larger
 
 

@@ -152,7 +152,7 @@ def test_hard_cap_quintic_option_and_domain_guard():
 
 
 def test_soft_cap_alpha_worked_values_and_root_choice():
-    # paper-notes §3.1 worked values
+    # the soft cap's coupling (paper §3.1, App. A) evaluated by hand
     assert soft_cap_alpha(1.0, 0.0, 0.05) == pytest.approx(0.1224, abs=1e-4)
     assert soft_cap_alpha(1.0, 0.0, 0.0601) == pytest.approx(0.1320, abs=1e-4)
     assert soft_cap_alpha(2.0, 0.0, 0.05) == pytest.approx(0.0225, abs=1e-4)

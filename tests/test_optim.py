@@ -12,6 +12,7 @@ from torch import nn
 
 from lipschitz.constraints import spectral_soft_cap, svd_cap
 from lipschitz.linalg import NS_MAX_OUTPUT, msign, rms_operator_norm
+from lipschitz.nn.models import LipschitzGPT
 from lipschitz.optim import UPDATE_NORM_MARGIN, Muon, constrain, route_parameters, row_rms_cap
 from lipschitz.schedules import schedule
 
@@ -463,17 +464,39 @@ def _target_norms(groups: list[dict]) -> dict[str, float]:
     [(32, 0.0294, 0.3137, 0.9412), (16, 0.0556, 0.2963, 0.8889)],
 )
 def test_route_parameters_mass_split_matches_paper(blocks_mass, io, mlp_o, qkv):
-    model = TinyGPT(n_layer=3)
-    groups = route_parameters(model, blocks_mass=blocks_mass, residual_scale=1 / 6)
+    # the released code's multipliers (paper App. D: blocks_mass 32 gives the blocks 32/34)
+    model = LipschitzGPT(vocab_size=11, d_model=8, n_layer=3, n_head=2, seq_len=4)
+    model.scale = nn.Parameter(torch.ones(()))
+    groups = route_parameters(model, blocks_mass=blocks_mass)
     tn = _target_norms(groups)
     assert tn["embed.weight"] == tn["head.weight"] == pytest.approx(io, abs=1e-4)
     for i in range(3):
-        for name in ("o", "fc_in", "fc_out"):
+        for name in ("attn.o", "mlp.fc_in", "mlp.fc_out"):
             assert tn[f"blocks.{i}.{name}.weight"] == pytest.approx(mlp_o, abs=1e-4)
         for name in ("q", "k", "v"):
-            assert tn[f"blocks.{i}.{name}.weight"] == pytest.approx(qkv, abs=1e-4)
+            assert tn[f"blocks.{i}.attn.{name}.weight"] == pytest.approx(qkv, abs=1e-4)
     roles = {g["role"]: [n for n, _ in g["params"]] for g in groups if g["role"] != "hidden"}
     assert roles == {"embedding": ["embed.weight"], "head": ["head.weight"], "vector": ["scale"]}
+
+
+def test_route_parameters_sum_residuals_decay_8x_per_layer():
+    # residual="sum", ×1 attention: Modula's rules by hand. M = 32/(34·18) per matrix; the last
+    # block's MLP gets M (÷γ = 1), its W_O and Q/K/V M/2 (÷ the MLP residual's sensitivity
+    # 1 + 1); each earlier block everything ÷ 8 more (attention residual 1 + 3, MLP 2); the
+    # embedding 1/34 ÷ 8³.
+    model = LipschitzGPT(
+        vocab_size=11, d_model=8, n_layer=3, n_head=2, seq_len=4, residual="sum", attn_out_mult=1
+    )
+    tn = _target_norms(route_parameters(model, blocks_mass=32))
+    M = 32 / (34 * 18)
+    for i in range(3):
+        decay = 8.0 ** (2 - i)
+        for name in ("mlp.fc_in", "mlp.fc_out"):
+            assert tn[f"blocks.{i}.{name}.weight"] == pytest.approx(M / decay, rel=1e-12)
+        for name in ("q", "k", "v", "o"):
+            assert tn[f"blocks.{i}.attn.{name}.weight"] == pytest.approx(M / 2 / decay, rel=1e-12)
+    assert tn["head.weight"] == pytest.approx(1 / 34, rel=1e-12)
+    assert tn["embed.weight"] == pytest.approx(1 / 34 / 512, rel=1e-12)
 
 
 def test_route_parameters_roles_and_defaults():

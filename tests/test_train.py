@@ -71,6 +71,9 @@ def test_tiny_interrupt_resume_certify_sample(tmp_path, monkeypatch, capsys):
     assert cert["lipschitz_bound"] == pytest.approx(final["lipschitz_bound"], rel=1e-12)
     names = {layer["name"] for layer in cert["layers"]}
     assert names >= {"embed.weight", "head.weight", "blocks.0.attn.q.weight"}
+    cli_main(["certify", str(full), "--json", "--rule", "paper"])
+    paper = json.loads(capsys.readouterr().out)["lipschitz_bound"]
+    assert paper == pytest.approx(final["lipschitz_bound_paper_rule"], rel=1e-12)
     for layer in cert["layers"]:
         if layer["name"] != "embed.weight":  # the embedding is capped per row, not as a matrix
             assert layer["rms_operator_norm"] <= cfg.w_max * 1.001, layer["name"]
@@ -178,6 +181,23 @@ def test_token_run_with_adamw_embedding(tmp_path, token_shards, capsys):
     cli_main(["certify", str(tmp_path / "run"), "--json"])
     cert = json.loads(capsys.readouterr().out)
     assert cert["lipschitz_bound"] == pytest.approx(final["lipschitz_bound"], rel=1e-12)
+
+
+@needs_data
+def test_paper_variant_run_reports_both_protocols_and_trains_the_position_bias(tmp_path):
+    cfg = apply_overrides(preset("tiny"), [
+        "eval_protocol=paper", "residual=sum", "attn_out_mult=1", "pos_bias=true",
+        "train_temperature=3", "vector_lr=0.05", "blocks_mass=32", "sample_tokens=0",
+    ])  # fmt: skip
+    final = train_module.train(cfg, tmp_path / "run")
+    assert final["eval_protocol"] == "paper"
+    assert 0 < final["val_acc_full"] < 1 and final["val_loss_full"] > 0
+    # the sum model's certified bound is far above what the paper's formula reports for it
+    assert final["lipschitz_bound"] > final["lipschitz_bound_paper_rule"] > 0
+    model, _ = train_module.load_run(tmp_path / "run")
+    init = train_module.build_model(cfg, model.head.out_features)
+    trained, start = model.blocks[0].attn.pos_bias.bias, init.blocks[0].attn.pos_bias.bias
+    assert not torch.allclose(trained, start)  # AdamW trained it at vector_lr
 
 
 def test_optimizer_keys_reach_the_param_groups():

@@ -27,6 +27,7 @@ __all__ = [
     "CausalSelfAttention",
     "Embedding",
     "Linear",
+    "RelativePositionBias",
     "apply_rope",
     "rope_tables",
 ]
@@ -91,6 +92,30 @@ def apply_rope(x: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
     return torch.cat([x1 * cos - x2 * sin, x1 * sin + x2 * cos], dim=-1)
 
 
+class RelativePositionBias(nn.Module):
+    """A learned bias b[h, Δ] on the attention logit of head h from a query to the key Δ tokens
+    back, initialised as ALiBi (Press et al., 2022): b[h, Δ] = −m_h·Δ, m_h = 2^(−8(h+1)/H).
+
+    The bias does not depend on the input, so the attention's Jacobian and its certificate rule
+    are unchanged (docs/certificates.md, "Position bias"): attention can focus on the previous
+    few tokens without the a² logit term that limits content-based focus.
+    """
+
+    param_role = "vector"  # trained by AdamW with the model's other non-matrix parameters
+
+    def __init__(self, n_head: int, seq_len: int) -> None:
+        super().__init__()
+        slopes = 2.0 ** (-8.0 * torch.arange(1, n_head + 1) / n_head)  # (H,)
+        self.bias = nn.Parameter(-slopes[:, None] * torch.arange(seq_len))  # (H, seq_len)
+
+    def forward(self, T: int) -> Tensor:
+        """(H, T, T) additive logits: b[h, t − s] for s ≤ t, −inf above the diagonal."""
+        t = torch.arange(T, device=self.bias.device)
+        lag = t[:, None] - t[None, :]  # (T, T), query t, key s
+        out = self.bias[:, lag.clamp_min(0)]  # (H, T, T)
+        return out.masked_fill(lag < 0, -math.inf)
+
+
 def _token_stats(x: Tensor) -> dict[str, Tensor]:
     """Largest |entry| and largest per-token (last-dim) RMS of x, detached."""
     x = x.detach()
@@ -113,8 +138,14 @@ class CausalSelfAttention(nn.Module):
         seq_len: int,
         attn_scale: float = 1.0,
         zero_init_out: bool = True,
+        out_mult: float | None = None,
+        pos_bias: bool = False,
     ) -> None:
         super().__init__()
+        if out_mult is not None:
+            if not out_mult > 0:
+                raise ValueError(f"out_mult must be > 0, got {out_mult!r}")
+            self.out_mult = float(out_mult)
         if n_head < 1 or d_model % n_head != 0:
             raise ValueError(f"d_model={d_model} must be a positive multiple of n_head={n_head}")
         if (d_model // n_head) % 2 != 0:
@@ -127,6 +158,7 @@ class CausalSelfAttention(nn.Module):
         self.k = Linear(d_model, d_model)
         self.v = Linear(d_model, d_model)
         self.o = Linear(d_model, d_model, zero_init=zero_init_out)
+        self.pos_bias = RelativePositionBias(n_head, seq_len) if pos_bias else None
         cos, sin = rope_tables(seq_len, self.d_head)
         self.register_buffer("cos", cos, persistent=False)  # (seq_len, d_head/2)
         self.register_buffer("sin", sin, persistent=False)
@@ -144,6 +176,7 @@ class CausalSelfAttention(nn.Module):
         v = self.v(x).view(B, T, H, dh).transpose(1, 2)
         q = apply_rope(q, self.cos[:T], self.sin[:T])
         k = apply_rope(k, self.cos[:T], self.sin[:T])
+        bias = None if self.pos_bias is None else self.pos_bias(T).to(q.dtype)  # (H, T, T)
         if stats is not None:  # largest logit before the causal mask's -inf (costs one T×T matmul)
             with torch.no_grad():
                 logits = (q @ k.transpose(-2, -1)) * self.logit_scale()  # (B, H, T, T)
@@ -152,7 +185,10 @@ class CausalSelfAttention(nn.Module):
         scale = self.logit_scale()
         if scale == 0:  # SDPA turns the masked -inf into NaN for scale=0; equal logits instead
             q, scale = torch.zeros_like(q), 1.0
-        y = F.scaled_dot_product_attention(q, k, v, is_causal=True, scale=scale)
+        if bias is None:
+            y = F.scaled_dot_product_attention(q, k, v, is_causal=True, scale=scale)
+        else:
+            y = F.scaled_dot_product_attention(q, k, v, attn_mask=bias, scale=scale)
         y = y.transpose(1, 2).reshape(B, T, C) * self.out_mult  # (B, T, d)
         return self.o(y)
 
@@ -169,8 +205,17 @@ class MLP(nn.Module):
         return self.fc_out(F.gelu(self.fc_in(x)) / GELU_SCALE)
 
 
+RESIDUALS = ("convex", "sum")
+
+
 class Block(nn.Module):
-    """x ← (1−α)x + α·attn(x); x ← (1−α)x + α·mlp(x). Convex residuals keep the ∞RMS bound."""
+    """x ← β·x + γ·attn(x); x ← β·x + γ·mlp(x).
+
+    ``residual="convex"`` (the paper, §5.2): β = 1−α, γ = α, so the ∞RMS bound is kept.
+    ``residual="sum"``: β = γ = 1, the plain x + f(x) that the paper's May-2025 code ran while
+    its ``Mul`` module ignored its scalar (docs/results.md, "Where the paper's Shakespeare rows
+    come from"); kept to reproduce those rows, its certificate grows by 1 + L_f per residual.
+    """
 
     def __init__(
         self,
@@ -180,21 +225,34 @@ class Block(nn.Module):
         alpha: float,
         attn_scale: float = 1.0,
         zero_init_out: bool = True,
+        residual: str = "convex",
+        attn_out_mult: float | None = None,
+        pos_bias: bool = False,
     ) -> None:
         super().__init__()
         if not 0 < alpha <= 1:
             raise ValueError(f"residual weight alpha must be in (0, 1], got {alpha!r}")
+        if residual not in RESIDUALS:
+            raise ValueError(f"residual must be one of {RESIDUALS}, got {residual!r}")
         self.alpha = float(alpha)
-        self.attn = CausalSelfAttention(d_model, n_head, seq_len, attn_scale, zero_init_out)
+        self.residual = residual
+        self.attn = CausalSelfAttention(
+            d_model, n_head, seq_len, attn_scale, zero_init_out, attn_out_mult, pos_bias
+        )
         self.mlp = MLP(d_model, zero_init_out)
 
+    @property
+    def weights(self) -> tuple[float, float]:
+        """(β, γ) of x ← β·x + γ·f(x)."""
+        return (1 - self.alpha, self.alpha) if self.residual == "convex" else (1.0, 1.0)
+
     def forward(self, x: Tensor, stats: dict | None = None, prefix: str = "") -> Tensor:
-        a = self.alpha
+        beta, gamma = self.weights
         attn_stats = {} if stats is not None else None
-        x = (1 - a) * x + a * self.attn(x, attn_stats)  # (B, T, d)
+        x = beta * x + gamma * self.attn(x, attn_stats)  # (B, T, d)
         if stats is not None:
             stats[f"{prefix}attn"] = {**_token_stats(x), **attn_stats}
-        x = (1 - a) * x + a * self.mlp(x)
+        x = beta * x + gamma * self.mlp(x)
         if stats is not None:
             stats[f"{prefix}mlp"] = _token_stats(x)
         return x

@@ -71,7 +71,8 @@ def _gpt_forward(
 class LipschitzGPT(nn.Module):
     """GPT with no layer norm whose Lipschitz bound is read off its weights (paper §5.2).
 
-    embed (rows RMS 1) → n_layer Blocks (convex residuals, α = 1/(2·n_layer)) → head → ×final_scale.
+    embed (rows RMS 1) → n_layer Blocks (convex residuals, α = 1/(2·n_layer) unless given) → head
+    → ×final_scale.
     With ``tie_head=True`` the head reuses ``embed.weight`` (then ``zero_init_head`` is ignored);
     the certificate then measures that one matrix twice: as the embedding (max row RMS) and as
     the head (RMS→RMS norm).
@@ -90,6 +91,10 @@ class LipschitzGPT(nn.Module):
         zero_init_out: bool = True,
         zero_init_head: bool = True,
         tie_head: bool = False,
+        residual: str = "convex",
+        attn_out_mult: float | None = None,
+        pos_bias: bool = False,
+        alpha: float | None = None,
     ) -> None:
         super().__init__()
         _check_sizes(vocab_size=vocab_size, d_model=d_model, n_layer=n_layer, n_head=n_head)
@@ -98,8 +103,11 @@ class LipschitzGPT(nn.Module):
             raise ValueError(f"final_scale must be >= 0, got {final_scale!r}")
         self.final_scale = float(final_scale)
         self.tie_head = tie_head
-        alpha = 1.0 / (2 * n_layer)  # 2·n_layer residual updates in all
-        block_args = (d_model, n_head, seq_len, alpha, attn_scale, zero_init_out)
+        alpha = 1.0 / (2 * n_layer) if alpha is None else alpha  # the paper: 2·n_layer residuals
+        block_args = (
+            d_model, n_head, seq_len, alpha, attn_scale, zero_init_out, residual, attn_out_mult,
+            pos_bias,
+        )
         self.embed = Embedding(vocab_size, d_model)
         self.blocks = nn.ModuleList(Block(*block_args) for _ in range(n_layer))
         self.head = Linear(d_model, vocab_size, zero_init=zero_init_head and not tie_head)
