@@ -156,9 +156,14 @@ def _attention_rule(
 ) -> tuple[float, float]:
     """See the module docstring; both rules use (1/3)·‖W_O‖ and scale only the a² term by s."""
     H, s, c = m.n_head, m.attn_scale, m.out_mult
-    hq, hk, hv = (_head_norms(lin.weight, H) for lin in (m.q, m.k, m.v))
-    nq = walk.norm(f"{name}.q.weight", m.q.weight, head_spectral_norms=hq)
-    nk = walk.norm(f"{name}.k.weight", m.k.weight, head_spectral_norms=hk)
+    if m.q is None:  # content-free attention: no softmax path (s = 0, the a² term is 0)
+        hq = hk = [0.0] * H
+        nq = nk = 0.0
+    else:
+        hq, hk = _head_norms(m.q.weight, H), _head_norms(m.k.weight, H)
+        nq = walk.norm(f"{name}.q.weight", m.q.weight, head_spectral_norms=hq)
+        nk = walk.norm(f"{name}.k.weight", m.k.weight, head_spectral_norms=hk)
+    hv = _head_norms(m.v.weight, H)
     nv = walk.norm(f"{name}.v.weight", m.v.weight, head_spectral_norms=hv)
     no = walk.norm(f"{name}.o.weight", m.o.weight)
     if walk.rule == "paper":  # paper App. B with its ×1/3, whatever the model's; valid for H = 1

@@ -46,6 +46,8 @@ def sample_text(
     from lipschitz.train import generate, load_run
 
     model, cfg = load_run(out)
+    # a run trained on softmax(τ·logits) is read at temperature relative to τ
+    temperature = temperature / cfg.train_temperature
     gen = torch.Generator().manual_seed(seed)
     if cfg.dataset == "tokens":  # GPT-2 tokens
         from lipschitz.data.tokens import gpt2_tokenizer
@@ -171,7 +173,9 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("dir")
     p.add_argument("--prompt", default="\n")
     p.add_argument("--tokens", type=int, default=500)
-    p.add_argument("--temperature", type=float, default=0.8)
+    p.add_argument("--temperature", type=float, default=0.8,
+                   help="sampling temperature of the run's trained probabilities "
+                   "softmax(train_temperature·logits); 0: greedy")  # fmt: skip
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--data-dir", default=None, help="where gpt2_bpe/ is (GPT-2 token runs)")
     p.set_defaults(func=cmd_sample)

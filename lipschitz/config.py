@@ -51,7 +51,7 @@ class Config:
     residual: str = "convex"
     residual_alpha: float | None = None  # α of the convex residuals (None: 1/(2·n_layer))
     attn_out_mult: float = 1 / 3
-    pos_bias: bool = False  # learned ALiBi-initialised relative-position bias on attention logits
+    pos_bias: bool = False  # a learned relative-position bias on the attention logits
     # Optimizer details
     head_w_max: float | None = None  # None: same as w_max
     head_lr: float | None = None  # the head's learning rate (None: lr)
@@ -60,6 +60,9 @@ class Config:
     embed_optimizer: str = "muon"  # muon (row-normalized steps) | adamw; rows capped either way
     embed_w_max: float = 1.0  # cap on every embedding row's RMS
     blocks_mass: float | None = 32.0  # the paper's target-norm split; None: every group 1
+    # target norms divided by the model's own residual/attention scalars ("model"), or by 1 for
+    # each ("unit": the per-layer lr decay of the paper's App. D, Modula's Mul at sensitivity 1)
+    target_norm_scalars: str = "model"
     momentum: float = 0.9
     nesterov: bool = False
     momentum_warmup_steps: int = 0  # Muon's momentum rises linearly from momentum_start
@@ -98,6 +101,7 @@ class Config:
             "constraint": tuple(CONSTRAINTS),
             "eval_protocol": ("full", "paper"),
             "residual": ("convex", "sum"),
+            "target_norm_scalars": ("model", "unit"),
             "embed_optimizer": ("muon", "adamw"),
             "ns_dtype": ("float32", "bfloat16"),
         }

@@ -546,6 +546,7 @@ def route_parameters(
     model: nn.Module,
     head: nn.Module | None = None,
     blocks_mass: float | None = None,
+    unit_scalars: bool = False,
     head_rule: str = "matrix",
     matrix_types: tuple[type[nn.Module], ...] = (nn.Linear,),
 ) -> list[dict]:
@@ -571,7 +572,8 @@ def route_parameters(
     follows it: in a residual :class:`~lipschitz.nn.layers.Block` x ← β·x + γ·f(x), the branch f
     by γ, Q/K/V by the attention's output multiplier c (×1/3), and every weight by the product of
     the sensitivities β + γ·s_f of the residuals after it (s_attn = 3c, s_mlp = 1). See
-    :func:`residual_target_factors`. Paper's Shakespeare transformer (3 layers, convex residuals
+    :func:`residual_target_factors` (``unit_scalars``: the paper's App. D per-layer learning-rate
+    trick). Paper's Shakespeare transformer (3 layers, convex residuals
     α = 1/6, so every residual has sensitivity 1): blocks_mass 32 → embed/head 1/34 = 0.0294,
     W_O and MLP 0.3137, Q/K/V 0.9412; blocks_mass 16 → 1/18 = 0.0556, 0.2963, 0.8889. CIFAR MLP
     (2 hidden + head, no residual): blocks_mass 2 → every layer 1/3.
@@ -582,7 +584,7 @@ def route_parameters(
         raise ValueError(f"route_parameters: head_rule must be one of {_RULES}, got {head_rule!r}")
     if head is None and isinstance(getattr(model, "head", None), nn.Linear):
         head = model.head
-    factors, embed_factor = residual_target_factors(model)
+    factors, embed_factor = residual_target_factors(model, unit_scalars)
     routed: list[tuple[str, str, nn.Parameter]] = []  # (role, name, parameter)
     seen = set()
     for mod_name, m in model.named_modules():
@@ -634,7 +636,9 @@ def route_parameters(
     return list(groups.values())
 
 
-def residual_target_factors(model: nn.Module) -> tuple[dict[int, float], float]:
+def residual_target_factors(
+    model: nn.Module, unit_scalars: bool = False
+) -> tuple[dict[int, float], float]:
     """Modula's sensitivity factors for the residual Blocks of ``model`` (see route_parameters).
 
     Returns ({id(weight): factor} for every matrix inside a Block, factor of the embedding). The
@@ -646,6 +650,9 @@ def residual_target_factors(model: nn.Module) -> tuple[dict[int, float], float]:
     layer: the released code's multipliers. With ``residual="sum"`` (β = γ = 1, c = 1) the
     attention residual has sensitivity 4 and the MLP's 2, so each layer divides everything
     before it by 8: the per-layer learning-rate decay of the paper's App. D.
+    ``unit_scalars=True`` computes the factors as if every scalar multiplier (β, γ, c) were 1,
+    whatever the forward pass uses: the paper's App. D trick (Modula's ``Mul`` with
+    sensitivity 1) on a convex model.
     """
     from lipschitz.nn.layers import Block  # routing reads the blocks' own constants
 
@@ -653,14 +660,16 @@ def residual_target_factors(model: nn.Module) -> tuple[dict[int, float], float]:
     factors: dict[int, float] = {}
     after = 1.0  # product of the sensitivities of the residuals after the current one
     for block in reversed(blocks):  # from the output back to the input
-        beta, gamma = block.weights
-        c = block.attn.out_mult
-        s_attn, s_mlp = beta + gamma * 3 * c, beta + gamma * 1.0
+        beta, gamma = (1.0, 1.0) if unit_scalars else block.weights
+        c = 1.0 if unit_scalars else block.attn.out_mult
+        paths = 3 if block.attn.q is not None else 1  # value path (+ query and key paths)
+        s_attn, s_mlp = beta + gamma * paths * c, beta + gamma * 1.0
         for lin in (block.mlp.fc_in, block.mlp.fc_out):  # 6·(2/6)·(1/2)/γ
             factors[id(lin.weight)] = 1.0 / (gamma * after)
         after *= s_mlp
         factors[id(block.attn.o.weight)] = 1.0 / (gamma * after)  # 6·(4/6)·(1/4)/γ
         for lin in (block.attn.q, block.attn.k, block.attn.v):
-            factors[id(lin.weight)] = 1.0 / (gamma * c * after)
+            if lin is not None:  # no q, k in content-free attention
+                factors[id(lin.weight)] = 1.0 / (gamma * c * after)
         after *= s_attn
     return factors, 1.0 / after

@@ -91,7 +91,8 @@ def build_optimizers(cfg: Config, model: nn.Module) -> list[torch.optim.Optimize
     constraint attached to every hidden matrix and the head, and a row-RMS cap on embeddings."""
     lipschitz_model = cfg.model == "lipschitz_gpt"
     blocks_mass = cfg.blocks_mass if cfg.optimizer == "muon" else None
-    groups = route_parameters(model, blocks_mass=blocks_mass)
+    unit = cfg.target_norm_scalars == "unit"
+    groups = route_parameters(model, blocks_mass=blocks_mass, unit_scalars=unit)
     head_w_max = cfg.w_max if cfg.head_w_max is None else cfg.head_w_max
     for group in groups:
         role = group["role"]
@@ -196,14 +197,18 @@ def rank_and_world() -> tuple[int, int]:
 
 
 @torch.no_grad()
-def score(model: nn.Module, batches, device: torch.device) -> dict[str, float]:
+def score(
+    model: nn.Module, batches, device: torch.device, temperature: float = 1.0
+) -> dict[str, float]:
     """Mean cross-entropy and accuracy over every target of the (x, y) batches.
 
+    With ``temperature`` τ ≠ 1 (a run's train_temperature) also ``val_loss_at_train_temperature``,
+    the cross-entropy of softmax(τ·logits): the probabilities the run was trained to give.
     Under torchrun every rank passes its share of the batches and gets the totals of all.
     """
     was_training = model.training
     model.eval()
-    total_loss, correct, count = 0.0, 0, 0
+    total_loss, tempered_loss, correct, count = 0.0, 0.0, 0, 0
     for x, y in batches:
         x, y = x.to(device), y.to(device)
         with autocast(device):
@@ -211,14 +216,19 @@ def score(model: nn.Module, batches, device: torch.device) -> dict[str, float]:
         logits = logits.float().flatten(0, -2)  # (N, classes)
         y = y.flatten()
         total_loss += F.cross_entropy(logits, y, reduction="sum").item()
+        tempered_loss += F.cross_entropy(logits * temperature, y, reduction="sum").item()
         correct += (logits.argmax(-1) == y).sum().item()
         count += y.numel()
     model.train(was_training)
     if rank_and_world()[1] > 1:
-        sums = torch.tensor([total_loss, correct, count], dtype=torch.float64, device=device)
+        sums = [total_loss, tempered_loss, correct, count]
+        sums = torch.tensor(sums, dtype=torch.float64, device=device)
         dist.all_reduce(sums)
-        total_loss, correct, count = sums.tolist()
-    return {"val_loss": total_loss / count, "val_acc": correct / count}
+        total_loss, tempered_loss, correct, count = sums.tolist()
+    result = {"val_loss": total_loss / count, "val_acc": correct / count}
+    if temperature != 1.0:
+        result["val_loss_at_train_temperature"] = tempered_loss / count
+    return result
 
 
 def evaluate(
@@ -228,12 +238,13 @@ def evaluate(
     starts: Tensor,
     device: torch.device,
     batch_size: int = 64,
+    temperature: float = 1.0,
 ) -> dict[str, float]:
     """Mean cross-entropy and next-token accuracy over every position of the given windows
     (under torchrun each rank scores every world-size-th window)."""
     rank, world = rank_and_world()
     batches = (windows(data, chunk, seq_len) for chunk in starts[rank::world].split(batch_size))
-    return score(model, batches, device)
+    return score(model, batches, device, temperature)
 
 
 class TextTask:
@@ -243,6 +254,7 @@ class TextTask:
         self.corpus = shakespeare.load(cfg.data_dir)
         self.seq_len = cfg.seq_len
         self.protocol, self.batch_size = cfg.eval_protocol, cfg.batch_size
+        self.temperature = cfg.train_temperature
         self.vocab = self.corpus.chars
         self.n_outputs, self.n_inputs, self.tokens_per_example = len(self.vocab), None, cfg.seq_len
         self.source = self.corpus.source
@@ -256,7 +268,9 @@ class TextTask:
         """Validation loss and accuracy under ``protocol`` (default: the run's eval_protocol)."""
         n_val = len(self.corpus.val)
         starts = eval_windows(n_val, self.seq_len, protocol or self.protocol, self.batch_size)
-        return evaluate(model, self.corpus.val, self.seq_len, starts, device)
+        return evaluate(
+            model, self.corpus.val, self.seq_len, starts, device, temperature=self.temperature
+        )
 
     def probe(self, device: torch.device) -> Tensor:
         return self.corpus.val[: self.seq_len].to(device)[None]  # (1, T)
@@ -271,6 +285,7 @@ class ImageTask:
         self.n_outputs, self.n_inputs = self.data.n_classes, self.data.n_features
         self.tokens_per_example = 1
         self.source = cfg.dataset
+        self.temperature = cfg.train_temperature
 
     def batch(self, n: int, generator: torch.Generator) -> tuple[Tensor, Tensor]:
         idx = torch.randint(len(self.data.y_train), (n,), generator=generator)
@@ -280,7 +295,7 @@ class ImageTask:
         """Cross-entropy and accuracy over the whole test split."""
         rank, world = rank_and_world()
         batches = zip(self.data.x_test.split(1000), self.data.y_test.split(1000), strict=True)
-        return score(model, list(batches)[rank::world], device)
+        return score(model, list(batches)[rank::world], device, self.temperature)
 
     def probe(self, device: torch.device) -> Tensor:
         return self.data.x_test[:256].to(device)
@@ -301,6 +316,7 @@ class TokenTask:
         folder = resolve_token_dir(cfg.token_dir, cfg.data_dir)
         self.train, self.val = TokenShards.open(folder, "train"), TokenShards.open(folder, "val")
         self.seq_len = cfg.seq_len
+        self.temperature = cfg.train_temperature
         self.n_train_starts = int(self.train.n_starts(cfg.seq_len + 1).sum())
         if self.n_train_starts == 0:
             raise ValueError(f"{folder}: no train shard holds a window of seq_len+1 tokens")
@@ -333,7 +349,9 @@ class TokenTask:
         mine = self.val_starts[rank::world]
         per_batch = max(1, self.eval_batch_tokens // self.seq_len)
         chunks = (mine[i : i + per_batch] for i in range(0, len(mine), per_batch))
-        return score(model, (self._windows(self.val, c) for c in chunks), device)
+        return score(
+            model, (self._windows(self.val, c) for c in chunks), device, self.temperature
+        )
 
     def probe(self, device: torch.device) -> Tensor:
         return self._windows(self.val, self.val_starts[:1])[0].to(device)  # (1, T)
@@ -634,6 +652,7 @@ def _train(cfg: Config, out: str | Path, resume: bool) -> dict:
         "lipschitz_bound": last["lipschitz_bound"],
         "lipschitz_bound_l2": last.get("lipschitz_bound_l2"),
         "lipschitz_bound_paper_rule": last.get("lipschitz_bound_paper_rule"),
+        "val_loss_at_train_temperature": last.get("val_loss_at_train_temperature"),
         "steps": step,
         "tokens_seen": step * tokens_per_step,
         "wall_time_s": elapsed + time.time() - t_start,

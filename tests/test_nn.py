@@ -84,29 +84,41 @@ def test_rope_is_a_per_token_isometry_and_relative():
 
 
 def _reference_attention(m: CausalSelfAttention, x: torch.Tensor) -> torch.Tensor:
-    """Attention written out: explicit logits, mask, softmax, ·V, ×1/3, W_O."""
+    """Attention written out: explicit logits (+ bias b[h, t − s]), mask, softmax, ·V, ×1/3, W_O."""
     T = x.shape[1]
     H, dh = m.n_head, m.d_head
     heads = []
     cos, sin = rope_tables(T, dh)
     for h in range(H):
         sl = slice(h * dh, (h + 1) * dh)
-        q = apply_rope((x @ m.q.weight.T)[:, None, :, sl], cos, sin)[:, 0]  # (B, T, dh)
-        k = apply_rope((x @ m.k.weight.T)[:, None, :, sl], cos, sin)[:, 0]
         v = (x @ m.v.weight.T)[..., sl]
-        logits = q @ k.transpose(1, 2) / dh * m.attn_scale  # (B, T, T)
+        logits = torch.zeros(x.shape[0], T, T, dtype=x.dtype)  # (B, T, T)
+        if m.q is not None:
+            q = apply_rope((x @ m.q.weight.T)[:, None, :, sl], cos, sin)[:, 0]  # (B, T, dh)
+            k = apply_rope((x @ m.k.weight.T)[:, None, :, sl], cos, sin)[:, 0]
+            logits = q @ k.transpose(1, 2) / dh * m.attn_scale
+        if m.pos_bias is not None:
+            for t in range(T):
+                for s_ in range(t + 1):
+                    logits[:, t, s_] += m.pos_bias.bias[h, t - s_]
         mask = torch.ones(T, T, dtype=torch.bool).tril()
         heads.append(logits.masked_fill(~mask, -math.inf).softmax(-1) @ v)
     return (torch.cat(heads, dim=-1) / 3) @ m.o.weight.T
 
 
+@pytest.mark.parametrize("pos_bias", [False, True])
 @pytest.mark.parametrize("attn_scale", [0.0, 1.0, 3.0])
-def test_attention_matches_written_out_math(attn_scale):
+def test_attention_matches_written_out_math(attn_scale, pos_bias):
     torch.manual_seed(0)
-    m = _randomize(CausalSelfAttention(16, 4, seq_len=8, attn_scale=attn_scale)).double()
+    m = CausalSelfAttention(16, 4, seq_len=8, attn_scale=attn_scale, pos_bias=pos_bias)
+    m = _randomize(m).double()
+    if pos_bias:
+        with torch.no_grad():
+            m.pos_bias.bias.normal_(0.0, 2.0)
     x = torch.randn(2, 6, 16, dtype=torch.float64)
     torch.testing.assert_close(m(x), _reference_attention(m, x), rtol=1e-10, atol=1e-12)
-    if attn_scale == 0.0:  # uniform causal average of the values
+    assert (m.q is None) == (attn_scale == 0.0)  # content-free attention has no q, k
+    if attn_scale == 0.0 and not pos_bias:  # uniform causal average of the values
         v = x @ m.v.weight.T
         avg = v.cumsum(1) / torch.arange(1, 7, dtype=torch.float64)[:, None]
         torch.testing.assert_close(m(x), avg / 3 @ m.o.weight.T, rtol=1e-10, atol=1e-12)

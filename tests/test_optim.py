@@ -497,6 +497,9 @@ def test_route_parameters_sum_residuals_decay_8x_per_layer():
             assert tn[f"blocks.{i}.attn.{name}.weight"] == pytest.approx(M / 2 / decay, rel=1e-12)
     assert tn["head.weight"] == pytest.approx(1 / 34, rel=1e-12)
     assert tn["embed.weight"] == pytest.approx(1 / 34 / 512, rel=1e-12)
+    # the paper's App. D trick: a convex model routed as if every scalar were 1 gets the same
+    convex = LipschitzGPT(vocab_size=11, d_model=8, n_layer=3, n_head=2, seq_len=4)
+    assert _target_norms(route_parameters(convex, blocks_mass=32, unit_scalars=True)) == tn
 
 
 def test_route_parameters_roles_and_defaults():

@@ -192,6 +192,9 @@ def test_paper_variant_run_reports_both_protocols_and_trains_the_position_bias(t
     final = train_module.train(cfg, tmp_path / "run")
     assert final["eval_protocol"] == "paper"
     assert 0 < final["val_acc_full"] < 1 and final["val_loss_full"] > 0
+    # trained on softmax(3·logits): that loss is reported next to the plain one
+    assert final["val_loss_at_train_temperature"] > 0
+    assert final["val_loss_at_train_temperature"] != final["val_loss"]
     # the sum model's certified bound is far above what the paper's formula reports for it
     assert final["lipschitz_bound"] > final["lipschitz_bound_paper_rule"] > 0
     model, _ = train_module.load_run(tmp_path / "run")

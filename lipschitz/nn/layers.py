@@ -94,7 +94,8 @@ def apply_rope(x: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
 
 class RelativePositionBias(nn.Module):
     """A learned bias b[h, Δ] on the attention logit of head h from a query to the key Δ tokens
-    back, initialised as ALiBi (Press et al., 2022): b[h, Δ] = −m_h·Δ, m_h = 2^(−8(h+1)/H).
+    back, initialised as a ladder of lags: b[h, Δ] = −|Δ − (h + 1)|, so head h starts out
+    reading mostly the token h + 1 back (the previous character for head 0).
 
     The bias does not depend on the input, so the attention's Jacobian and its certificate rule
     are unchanged (docs/certificates.md, "Position bias"): attention can focus on the previous
@@ -105,8 +106,9 @@ class RelativePositionBias(nn.Module):
 
     def __init__(self, n_head: int, seq_len: int) -> None:
         super().__init__()
-        slopes = 2.0 ** (-8.0 * torch.arange(1, n_head + 1) / n_head)  # (H,)
-        self.bias = nn.Parameter(-slopes[:, None] * torch.arange(seq_len))  # (H, seq_len)
+        lag = torch.arange(seq_len, dtype=torch.float32)  # (seq_len,)
+        target = torch.arange(1, n_head + 1, dtype=torch.float32)[:, None]  # (H, 1)
+        self.bias = nn.Parameter(-(lag - target).abs())  # (H, seq_len)
 
     def forward(self, T: int) -> Tensor:
         """(H, T, T) additive logits: b[h, t − s] for s ≤ t, −inf above the diagonal."""
@@ -123,10 +125,13 @@ def _token_stats(x: Tensor) -> dict[str, Tensor]:
 
 
 class CausalSelfAttention(nn.Module):
-    """Causal multi-head attention: RoPE, logits q·kᵀ/d_head × attn_scale, ×1/3, then ``o``.
+    """Causal multi-head attention: RoPE, logits q·kᵀ/d_head × attn_scale (+ an optional
+    position bias), ×1/3, then ``o``.
 
     1/d_head (not 1/√d_head) keeps logits O(1) when q and k have RMS O(1); ×1/3 makes the value
-    path of the certificate small. ``q``, ``k``, ``v``, ``o`` are d→d Linear layers.
+    path of the certificate small. ``q``, ``k``, ``v``, ``o`` are d→d Linear layers; with
+    ``attn_scale=0`` there are no ``q``, ``k``: the attention weights are softmax(position bias),
+    the same for every input (or the causal average without a bias).
     """
 
     out_mult = 1.0 / 3.0  # the paper's ×1/3 before the output projection
@@ -154,8 +159,9 @@ class CausalSelfAttention(nn.Module):
             raise ValueError(f"attn_scale must be >= 0, got {attn_scale!r}")
         self.n_head, self.d_head, self.seq_len = n_head, d_model // n_head, seq_len
         self.attn_scale = float(attn_scale)
-        self.q = Linear(d_model, d_model)
-        self.k = Linear(d_model, d_model)
+        # attn_scale 0: content-free attention, the logits are the position bias alone (or 0)
+        self.q = Linear(d_model, d_model) if attn_scale > 0 else None
+        self.k = Linear(d_model, d_model) if attn_scale > 0 else None
         self.v = Linear(d_model, d_model)
         self.o = Linear(d_model, d_model, zero_init=zero_init_out)
         self.pos_bias = RelativePositionBias(n_head, seq_len) if pos_bias else None
@@ -171,24 +177,30 @@ class CausalSelfAttention(nn.Module):
         if T > self.seq_len:
             raise ValueError(f"sequence of {T} tokens exceeds seq_len={self.seq_len}")
         H, dh = self.n_head, self.d_head
-        q = self.q(x).view(B, T, H, dh).transpose(1, 2)  # (B, H, T, dh)
-        k = self.k(x).view(B, T, H, dh).transpose(1, 2)
-        v = self.v(x).view(B, T, H, dh).transpose(1, 2)
-        q = apply_rope(q, self.cos[:T], self.sin[:T])
-        k = apply_rope(k, self.cos[:T], self.sin[:T])
-        bias = None if self.pos_bias is None else self.pos_bias(T).to(q.dtype)  # (H, T, T)
-        if stats is not None:  # largest logit before the causal mask's -inf (costs one T×T matmul)
-            with torch.no_grad():
-                logits = (q @ k.transpose(-2, -1)) * self.logit_scale()  # (B, H, T, T)
+        v = self.v(x).view(B, T, H, dh).transpose(1, 2)  # (B, H, T, dh)
+        bias = None if self.pos_bias is None else self.pos_bias(T).to(v.dtype)  # (H, T, T)
+        if self.q is None:  # content-free: A = softmax(bias), or the causal average
+            if bias is None:
                 causal = torch.ones(T, T, dtype=torch.bool, device=x.device).tril()
-                stats["max_logit"] = logits.masked_fill(~causal, -math.inf).amax()
-        scale = self.logit_scale()
-        if scale == 0:  # SDPA turns the masked -inf into NaN for scale=0; equal logits instead
-            q, scale = torch.zeros_like(q), 1.0
-        if bias is None:
-            y = F.scaled_dot_product_attention(q, k, v, is_causal=True, scale=scale)
+                bias = torch.zeros(T, T, dtype=v.dtype, device=x.device).masked_fill(
+                    ~causal, -math.inf
+                )
+            y = torch.softmax(bias, dim=-1) @ v  # (H, T, T) @ (B, H, T, dh)
         else:
-            y = F.scaled_dot_product_attention(q, k, v, attn_mask=bias, scale=scale)
+            q = self.q(x).view(B, T, H, dh).transpose(1, 2)  # (B, H, T, dh)
+            k = self.k(x).view(B, T, H, dh).transpose(1, 2)
+            q = apply_rope(q, self.cos[:T], self.sin[:T])
+            k = apply_rope(k, self.cos[:T], self.sin[:T])
+            if stats is not None:  # largest logit before the causal mask (one T×T matmul)
+                with torch.no_grad():
+                    logits = (q @ k.transpose(-2, -1)) * self.logit_scale()  # (B, H, T, T)
+                    causal = torch.ones(T, T, dtype=torch.bool, device=x.device).tril()
+                    stats["max_logit"] = logits.masked_fill(~causal, -math.inf).amax()
+            scale = self.logit_scale()
+            if bias is None:
+                y = F.scaled_dot_product_attention(q, k, v, is_causal=True, scale=scale)
+            else:
+                y = F.scaled_dot_product_attention(q, k, v, attn_mask=bias, scale=scale)
         y = y.transpose(1, 2).reshape(B, T, C) * self.out_mult  # (B, T, d)
         return self.o(y)
 
