@@ -10,14 +10,14 @@ PRESETS: dict[str, tuple[str, dict]] = {
     # The recipe of docs/results.md, "A certified ≤ 2 transformer that learns": content-free
     # attention (attn_scale 0: no Q, K) whose 4 heads read learned lags through a position bias,
     # convex residuals with α 0.5, every branch ≤ 1-Lipschitz (w_max 1, ×1/2 after attention),
-    # the bound spent on the head (1.99), cross-entropy of 8 × logits while training.
+    # the bound spent on the head (1.99), cross-entropy of 16 × logits while training.
     "shakespeare": (
         "the paper's shape (d 256, 3 layers, 4 heads, 2000 steps, batch 64 × 256; 2.0M parameters, no Q or K) with shakespeare-cpu's recipe, worst-case certified bound 1.99; a GPU job",
         dict(
             model="lipschitz_gpt", d_model=256, n_layer=3, n_head=4, seq_len=256, batch_size=64,
             steps=2000, optimizer="muon", constraint="spectral_soft_cap", w_max=1.0,
             head_w_max=1.99, blocks_mass=None, lr=0.2, attn_scale=0.0, pos_bias=True,
-            attn_out_mult=0.5, residual_alpha=0.5, vector_lr=0.05, train_temperature=8.0,
+            attn_out_mult=0.5, residual_alpha=0.5, vector_lr=0.05, train_temperature=16.0,
             eval_every=250, checkpoint_every=500,
         ),
     ),
@@ -60,7 +60,7 @@ PRESETS: dict[str, tuple[str, dict]] = {
             model="lipschitz_gpt", d_model=128, n_layer=3, n_head=4, seq_len=128, batch_size=32,
             steps=2500, optimizer="muon", constraint="spectral_soft_cap", w_max=1.0,
             head_w_max=1.99, blocks_mass=None, lr=0.2, attn_scale=0.0, pos_bias=True,
-            attn_out_mult=0.5, residual_alpha=0.5, vector_lr=0.05, train_temperature=8.0,
+            attn_out_mult=0.5, residual_alpha=0.5, vector_lr=0.05, train_temperature=16.0,
             eval_every=500, checkpoint_every=500,
         ),
     ),
