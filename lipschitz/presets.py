@@ -6,20 +6,29 @@ import dataclasses
 
 from lipschitz.config import Config
 
+# The recipe of docs/results.md, "A certified ≤ 2 transformer that learns": content-free
+# attention (attn_scale 0: no Q, K) whose heads read learned lags through a position bias, convex
+# residuals with α 0.5, every branch ≤ 1-Lipschitz (w_max 1, ×1/2 after attention), the bound
+# spent on the head (1.99), cross-entropy of 16 × logits while training.
+_LAGS = dict(
+    model="lipschitz_gpt", n_layer=3, n_head=4, optimizer="muon", constraint="spectral_soft_cap",
+    w_max=1.0, head_w_max=1.99, blocks_mass=None, lr=0.2, attn_scale=0.0, pos_bias=True,
+    attn_out_mult=0.5, residual_alpha=0.5, vector_lr=0.05, train_temperature=16.0,
+)  # fmt: skip
+# The configuration behind the paper's Shakespeare rows (docs/results.md, "Where the paper's
+# Shakespeare rows come from"): Muon + spectral normalization at σ 1.2 on every matrix, lr 9.006
+# (10^(-1.5 + 3·9/11), the paper's lr grid), linear decay, batch 64 × 256, blocks_mass 32, the
+# released code's validation.
+_PAPER_ROWS = dict(
+    model="lipschitz_gpt", d_model=256, n_layer=3, n_head=4, seq_len=256, batch_size=64,
+    steps=2000, optimizer="muon", constraint="spectral_normalize", w_max=1.2, head_w_max=1.2,
+    blocks_mass=32.0, lr=9.006, eval_protocol="paper", eval_every=100, checkpoint_every=100,
+)  # fmt: skip
+
 PRESETS: dict[str, tuple[str, dict]] = {
-    # The recipe of docs/results.md, "A certified ≤ 2 transformer that learns": content-free
-    # attention (attn_scale 0: no Q, K) whose 4 heads read learned lags through a position bias,
-    # convex residuals with α 0.5, every branch ≤ 1-Lipschitz (w_max 1, ×1/2 after attention),
-    # the bound spent on the head (1.99), cross-entropy of 16 × logits while training.
     "shakespeare": (
         "the paper's shape (d 256, 3 layers, 4 heads, 2000 steps, batch 64 × 256; 2.0M parameters, no Q or K) with shakespeare-cpu's recipe, worst-case certified bound 1.99; a GPU job",
-        dict(
-            model="lipschitz_gpt", d_model=256, n_layer=3, n_head=4, seq_len=256, batch_size=64,
-            steps=2000, optimizer="muon", constraint="spectral_soft_cap", w_max=1.0,
-            head_w_max=1.99, blocks_mass=None, lr=0.2, attn_scale=0.0, pos_bias=True,
-            attn_out_mult=0.5, residual_alpha=0.5, vector_lr=0.05, train_temperature=16.0,
-            eval_every=250, checkpoint_every=500,
-        ),
+        dict(_LAGS, d_model=256, seq_len=256, batch_size=64, steps=2000, eval_every=250, checkpoint_every=500),
     ),
     "shakespeare-baseline": (
         "nanoGPT-style baseline of the same size and token budget (LayerNorm, AdamW), unbounded",
@@ -29,40 +38,20 @@ PRESETS: dict[str, tuple[str, dict]] = {
             schedule="cosine", warmup_steps=100, eval_every=250, checkpoint_every=500,
         ),
     ),
-    # The configuration behind the paper's Shakespeare rows (σ 1.0 → 46.8%, σ 1.2 → 54.3%, paper's
-    # bound 0.89 / 1.99; docs/results.md, "Where the paper's Shakespeare rows come from"): Muon +
-    # spectral normalization at σ on every matrix, lr 9.006 (10^(-1.5 + 3·9/11), the paper's lr
-    # grid), linear decay, batch 64 × 256, blocks_mass 32, the released code's validation, and the
-    # forward pass of the paper's May-2025 code: x + f(x) residuals and no ×1/3, with Modula's
-    # target norms for that model (÷8 per layer towards the input).
+    # The paper's rows came from its May-2025 code's forward pass: x + f(x) residuals and no ×1/3,
+    # with Modula's target norms for that model (÷8 per layer towards the input).
     "shakespeare-paper": (
         "the configuration that produced the paper's Shakespeare rows (σ 1.2; plain residuals as in its May-2025 code; certified bound far above its reported 1.99)",
-        dict(
-            model="lipschitz_gpt", d_model=256, n_layer=3, n_head=4, seq_len=256, batch_size=64,
-            steps=2000, optimizer="muon", constraint="spectral_normalize", w_max=1.2,
-            head_w_max=1.2, blocks_mass=32.0, lr=9.006, residual="sum", attn_out_mult=1.0,
-            eval_protocol="paper", eval_every=100, checkpoint_every=100,
-        ),
+        dict(_PAPER_ROWS, residual="sum", attn_out_mult=1.0),
     ),
     # The same run with the architecture the paper describes (§5.2: convex residuals, ×1/3).
     "shakespeare-paper-convex": (
         "shakespeare-paper with the architecture the paper describes (convex residuals, ×1/3): the model its bound formula is valid for",
-        dict(
-            model="lipschitz_gpt", d_model=256, n_layer=3, n_head=4, seq_len=256, batch_size=64,
-            steps=2000, optimizer="muon", constraint="spectral_normalize", w_max=1.2,
-            head_w_max=1.2, blocks_mass=32.0, lr=9.006, eval_protocol="paper", eval_every=100,
-            checkpoint_every=100,
-        ),
+        dict(_PAPER_ROWS),
     ),
     "shakespeare-cpu": (
         "the default job: a 0.5M Lipschitz transformer (d 128, 3 layers, 4 position-bias heads) that trains in <= 10 min on 2 CPU cores with a certified bound <= 2",
-        dict(
-            model="lipschitz_gpt", d_model=128, n_layer=3, n_head=4, seq_len=128, batch_size=32,
-            steps=2500, optimizer="muon", constraint="spectral_soft_cap", w_max=1.0,
-            head_w_max=1.99, blocks_mass=None, lr=0.2, attn_scale=0.0, pos_bias=True,
-            attn_out_mult=0.5, residual_alpha=0.5, vector_lr=0.05, train_temperature=16.0,
-            eval_every=500, checkpoint_every=500,
-        ),
+        dict(_LAGS, d_model=128, seq_len=128, batch_size=32, steps=2500, eval_every=500, checkpoint_every=500),
     ),
     # The default job before the position bias (kept for the before/after in docs/results.md):
     # content attention with 1 head, every hidden matrix at w_max 0.75, the head at 3.5.
