@@ -33,10 +33,10 @@ from lipschitz.certify import certify
 from lipschitz.config import Config
 from lipschitz.constraints import row_rms_cap, svd_cap
 from lipschitz.data import shakespeare
-from lipschitz.data.files import atomic_write
 from lipschitz.data.images import IMAGE_SHAPES, N_CLASSES
 from lipschitz.data.images import LOADERS as IMAGE_LOADERS
 from lipschitz.data.tokens import GPT2_VOCAB, TokenShards, resolve_token_dir
+from lipschitz.fileio import atomic_write
 from lipschitz.nn import BaselineGPT, BaselineMLP, LipschitzGPT, LipschitzMLP, activation_stats
 from lipschitz.optim import Muon, constrain, distribute, route_parameters, sync_constraint_state
 from lipschitz.schedules import schedule

@@ -15,8 +15,7 @@ import shutil
 import tempfile
 import urllib.error
 import urllib.request
-from collections.abc import Callable, Iterator
-from contextlib import contextmanager
+from collections.abc import Callable
 from pathlib import Path
 
 
@@ -32,20 +31,6 @@ def resolve_data_dir(data_dir: str | os.PathLike | None = None) -> Path | None:
 
 def cache_dir() -> Path:
     return Path(os.environ.get("LIPSCHITZ_CACHE_DIR", "~/.cache/lipschitz")).expanduser()
-
-
-@contextmanager
-def atomic_write(path: str | os.PathLike) -> Iterator:
-    """A binary file handle whose content replaces ``path`` only once the block completes: a
-    crash leaves the old file (or none), never half of the new one."""
-    path = Path(path)
-    tmp = path.with_name(path.name + ".tmp")
-    try:
-        with open(tmp, "wb") as f:
-            yield f
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
 
 
 def sha256_of(path: Path) -> str:

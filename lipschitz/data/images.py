@@ -24,7 +24,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from lipschitz.data.files import DatasetUnavailable, atomic_write, cache_dir, fetch, md5_of
+from lipschitz.data.files import DatasetUnavailable, cache_dir, fetch, md5_of
+from lipschitz.fileio import atomic_write
 
 CIFAR10_NPZ = "cifar10/cifar10.npz"
 CIFAR10_NPZ_SHA256 = "a44cc18e4ad961b5158c7da062a6232fb65938b615bf013046199b823b75c43d"

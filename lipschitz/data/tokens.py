@@ -19,7 +19,8 @@ from pathlib import Path
 
 import numpy as np
 
-from lipschitz.data.files import atomic_write, fetch, resolve_data_dir
+from lipschitz.data.files import fetch, resolve_data_dir
+from lipschitz.fileio import atomic_write
 
 MAGIC = 20240520
 VERSION = 1
