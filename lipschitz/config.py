@@ -8,12 +8,22 @@ that does not parse is an error naming the key.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import json
 import math
+import re
 import types
 import typing
 from dataclasses import dataclass, fields
 from pathlib import Path
+
+from lipschitz.fileio import read_json
+
+DEVICE_PATTERN = re.compile(r"auto|cpu|mps|cuda(:[0-9]+)?")
+# Sanity caps, far above anything that fits one machine: they catch typos such as d_model=10**9
+# before the model's allocation fails (or swaps the machine to a halt).
+MAX_PARAMETERS = 10**11
+MAX_TOKENS_PER_STEP = 10**9
 
 
 @dataclass
@@ -39,7 +49,7 @@ class Config:
     batch_size: int = 64  # global batch (sequences per optimizer step)
     seq_len: int = 256
     seed: int = 0
-    device: str = "auto"  # auto | cpu | cuda | mps
+    device: str = "auto"  # auto | cpu | cuda | cuda:N | mps
     # Model (for MLPs: d_model is the hidden width, n_layer the number of Linear layers)
     d_model: int = 256
     n_layer: int = 3
@@ -87,68 +97,21 @@ class Config:
 
     def __post_init__(self) -> None:
         """Reject values that cannot work, naming the key."""
-        from lipschitz.constraints import CONSTRAINTS
-
-        positive = ("steps", "batch_size", "seq_len", "d_model", "n_layer", "n_head",
-                    "grad_accum", "eval_every", "checkpoint_every", "log_every")  # fmt: skip
-        for key in positive:
-            if not getattr(self, key) > 0:
-                raise ValueError(f"config: {key} must be > 0, got {getattr(self, key)!r}")
-        choices = {
-            "model": ("lipschitz_gpt", "baseline_gpt", "lipschitz_mlp", "baseline_mlp"),
-            "dataset": ("shakespeare", "tokens", "cifar10", "mnist"),
-            "optimizer": ("muon", "adamw"),
-            "constraint": tuple(CONSTRAINTS),
-            "eval_protocol": ("full", "paper"),
-            "residual": ("convex", "sum"),
-            "target_norm_scalars": ("model", "unit"),
-            "embed_optimizer": ("muon", "adamw"),
-            "ns_dtype": ("float32", "bfloat16"),
-        }
-        for key, allowed in choices.items():
-            if getattr(self, key) not in allowed:
-                raise ValueError(
-                    f"config: {key} must be one of {allowed}, got {getattr(self, key)!r}"
-                )
-        if self.model.endswith("_gpt") != (self.dataset in ("shakespeare", "tokens")):
-            raise ValueError(
-                f"config: model {self.model!r} cannot train on dataset {self.dataset!r} "
-                "(GPT models: shakespeare, tokens; MLP models: cifar10, mnist)"
-            )
-        if self.dataset == "tokens" and not self.token_dir:
-            raise ValueError(
-                "config: dataset 'tokens' needs token_dir=FOLDER of *_train_*.bin / *_val_*.bin "
-                "shards (make them with `lipschitz prepare TEXT_FILES... --out FOLDER`)"
-            )
-        if self.vocab_size is not None and self.vocab_size < 50257:
-            raise ValueError(f"config: vocab_size must be >= 50257 (GPT-2), got {self.vocab_size}")
-        if self.val_tokens is not None and not self.val_tokens >= self.seq_len:
-            raise ValueError(f"config: val_tokens must be >= seq_len, got {self.val_tokens}")
-        for key in ("head_lr", "embed_lr", "vector_lr"):
-            if getattr(self, key) is not None and not getattr(self, key) >= 0:
-                raise ValueError(f"config: {key} must be >= 0, got {getattr(self, key)!r}")
-        if not 0 <= self.lr_floor <= 1 or not 0 < self.cooldown_frac <= 1:
-            raise ValueError("config: lr_floor must be in [0, 1] and cooldown_frac in (0, 1]")
-        if self.schedule == "constant" and self.lr_floor != 0:
-            raise ValueError("config: schedule 'constant' has no lr_floor")
-        if self.residual_alpha is not None and not 0 < self.residual_alpha <= 1:
-            raise ValueError(f"config: residual_alpha must be in (0, 1], got {self.residual_alpha}")
-        if not (self.train_temperature > 0 and math.isfinite(self.train_temperature)):
-            raise ValueError(
-                f"config: train_temperature must be finite and > 0, got {self.train_temperature}"
-            )
-        if not self.attn_out_mult > 0:
-            raise ValueError(f"config: attn_out_mult must be > 0, got {self.attn_out_mult!r}")
-        if not self.w_max > 0 or (self.head_w_max is not None and not self.head_w_max > 0):
-            raise ValueError("config: w_max and head_w_max must be > 0")
-        if not self.lr >= 0 or not self.weight_decay >= 0:
-            raise ValueError("config: lr and weight_decay must be >= 0")
+        _check_types(self)
+        _check_finite(self)
+        _check_choices(self)
+        _check_ranges(self)
+        _check_size(self)
 
     def to_json(self) -> str:
         return json.dumps(dataclasses.asdict(self), indent=2)
 
     @classmethod
     def from_dict(cls, values: dict) -> Config:
+        """A config from a dict of key → value (e.g. a parsed config.json); unknown keys, wrong
+        types and values that cannot work are a ValueError naming the key."""
+        if not isinstance(values, dict):
+            raise ValueError(f"a config must be a JSON object of key: value, got {values!r:.80}")
         known = {f.name for f in fields(cls)}
         unknown = sorted(set(values) - known)
         if unknown:
@@ -160,7 +123,153 @@ class Config:
 
     @classmethod
     def load(cls, path: str | Path) -> Config:
-        return cls.from_dict(json.loads(Path(path).read_text()))
+        """Read a ``config.json``; a missing, malformed or invalid file is an error naming it."""
+        values = read_json(path)
+        try:
+            return cls.from_dict(values)
+        except ValueError as err:
+            raise ValueError(f"{path}: {err}") from None
+
+
+@functools.cache
+def _hints() -> dict[str, object]:
+    return typing.get_type_hints(Config)
+
+
+def _has_type(value: object, hint: object) -> bool:
+    """Whether ``value`` fits the annotation ``hint`` (an int fits a float; a bool only a bool)."""
+    args = typing.get_args(hint)
+    if isinstance(hint, types.UnionType) or typing.get_origin(hint) is typing.Union:
+        return any(_has_type(value, a) for a in args)
+    if typing.get_origin(hint) is tuple:
+        return (isinstance(value, tuple) and len(value) == len(args)
+                and all(_has_type(v, a) for v, a in zip(value, args, strict=True)))  # fmt: skip
+    if hint is type(None):
+        return value is None
+    if hint in (int, float) and isinstance(value, bool):
+        return False
+    if hint is float:
+        return isinstance(value, int | float)
+    return isinstance(value, hint)
+
+
+def _check_types(cfg: Config) -> None:
+    """Every value has its field's type: a config.json or a preset can hold anything."""
+    for f in fields(cfg):
+        value = getattr(cfg, f.name)
+        if not _has_type(value, _hints()[f.name]):
+            raise ValueError(f"config: {f.name} must be {f.type}, got {value!r:.80}")
+
+
+def _check_finite(cfg: Config) -> None:
+    """Every float is finite. No key gives infinity a meaning (an unbounded model is
+    constraint=none), and an inf or NaN lr, w_max, ... trains to NaN or certifies nothing."""
+    for f in fields(cfg):
+        value = getattr(cfg, f.name)
+        values = value if isinstance(value, tuple) else (value,)
+        if any(isinstance(v, float) and not math.isfinite(v) for v in values):
+            raise ValueError(f"config: {f.name} must be finite, got {value!r}")
+
+
+def _check_choices(cfg: Config) -> None:
+    """Names (model, dataset, optimizer, ...) are known ones and fit together."""
+    from lipschitz.constraints import CONSTRAINTS
+    from lipschitz.linalg import NS_COEFFICIENTS
+    from lipschitz.schedules import SCHEDULES
+
+    choices = {
+        "model": ("lipschitz_gpt", "baseline_gpt", "lipschitz_mlp", "baseline_mlp"),
+        "dataset": ("shakespeare", "tokens", "cifar10", "mnist"),
+        "optimizer": ("muon", "adamw"),
+        "constraint": tuple(CONSTRAINTS),
+        "eval_protocol": ("full", "paper"),
+        "residual": ("convex", "sum"),
+        "target_norm_scalars": ("model", "unit"),
+        "embed_optimizer": ("muon", "adamw"),
+        "ns_dtype": ("float32", "bfloat16"),
+        "schedule": tuple(SCHEDULES),
+        "coefficients": tuple(NS_COEFFICIENTS),
+    }
+    for key, allowed in choices.items():
+        if getattr(cfg, key) not in allowed:
+            raise ValueError(f"config: {key} must be one of {allowed}, got {getattr(cfg, key)!r}")
+    if not DEVICE_PATTERN.fullmatch(cfg.device):
+        raise ValueError(
+            f"config: device must be auto, cpu, cuda, cuda:N or mps, got {cfg.device!r}"
+        )
+    if cfg.model.endswith("_gpt") != (cfg.dataset in ("shakespeare", "tokens")):
+        raise ValueError(
+            f"config: model {cfg.model!r} cannot train on dataset {cfg.dataset!r} "
+            "(GPT models: shakespeare, tokens; MLP models: cifar10, mnist)"
+        )
+    if cfg.dataset == "tokens" and not cfg.token_dir:
+        raise ValueError(
+            "config: dataset 'tokens' needs token_dir=FOLDER of *_train_*.bin / *_val_*.bin "
+            "shards (make them with `lipschitz prepare TEXT_FILES... --out FOLDER`)"
+        )
+
+
+def _check_ranges(cfg: Config) -> None:
+    """Numbers are in the range where they mean something."""
+    positive = ("steps", "batch_size", "seq_len", "d_model", "n_layer", "n_head", "grad_accum",
+                "eval_every", "checkpoint_every", "log_every", "w_max", "embed_w_max",
+                "attn_out_mult", "train_temperature", "head_w_max", "blocks_mass",
+                "residual_alpha")  # fmt: skip
+    for key in positive:
+        value = getattr(cfg, key)
+        if value is not None and not value > 0:
+            raise ValueError(f"config: {key} must be > 0, got {value!r}")
+    non_negative = ("lr", "weight_decay", "spectral_decay", "warmup_steps", "lr_floor",
+                    "momentum_warmup_steps", "sample_tokens", "head_lr", "embed_lr",
+                    "vector_lr")  # fmt: skip
+    for key in non_negative:
+        value = getattr(cfg, key)
+        if value is not None and not value >= 0:
+            raise ValueError(f"config: {key} must be >= 0, got {value!r}")
+    unit = {"momentum": cfg.momentum, "momentum_start": cfg.momentum_start,
+            "adam_betas": cfg.adam_betas}  # fmt: skip
+    for key, value in unit.items():
+        if not all(0 <= v < 1 for v in (value if isinstance(value, tuple) else (value,))):
+            raise ValueError(f"config: {key} must be in [0, 1), got {value!r}")
+    if cfg.vocab_size is not None and cfg.vocab_size < 50257:
+        raise ValueError(f"config: vocab_size must be >= 50257 (GPT-2), got {cfg.vocab_size}")
+    if cfg.val_tokens is not None and not cfg.val_tokens >= cfg.seq_len:
+        raise ValueError(f"config: val_tokens must be >= seq_len, got {cfg.val_tokens}")
+    if not cfg.lr_floor <= 1:
+        raise ValueError(f"config: lr_floor must be in [0, 1], got {cfg.lr_floor}")
+    if not 0 < cfg.cooldown_frac <= 1:
+        raise ValueError(f"config: cooldown_frac must be in (0, 1], got {cfg.cooldown_frac}")
+    if cfg.schedule == "constant" and cfg.lr_floor != 0:
+        raise ValueError("config: schedule 'constant' has no lr_floor")
+    if cfg.residual_alpha is not None and not cfg.residual_alpha <= 1:
+        raise ValueError(f"config: residual_alpha must be in (0, 1], got {cfg.residual_alpha}")
+
+
+def parameter_estimate(cfg: Config) -> int:
+    """A generous estimate of the model's parameter count, to catch impossible sizes early:
+    12·d² per transformer block (4·d² attention, 8·d² MLP) or d² per MLP layer, plus an input
+    and an output layer at least as wide as GPT-2's padded vocabulary or a CIFAR image."""
+    d = cfg.d_model
+    per_layer = 12 * d * d if cfg.model.endswith("_gpt") else d * d
+    return cfg.n_layer * per_layer + 2 * max(cfg.vocab_size or 50304, 3072) * d
+
+
+def _check_size(cfg: Config) -> None:
+    """Refuse sizes no machine can hold (a typo like d_model=10**9), naming the keys."""
+    n_params = parameter_estimate(cfg)
+    if n_params > MAX_PARAMETERS:
+        raise ValueError(
+            f"config: d_model={cfg.d_model}, n_layer={cfg.n_layer} (vocab_size="
+            f"{cfg.vocab_size}) make about {n_params:.2g} parameters, above the sanity limit "
+            f"{MAX_PARAMETERS:.0e}; check d_model and n_layer"
+        )
+    tokens = cfg.batch_size * cfg.seq_len
+    if tokens > MAX_TOKENS_PER_STEP:
+        raise ValueError(
+            f"config: batch_size={cfg.batch_size} × seq_len={cfg.seq_len} = {tokens:.2g} tokens "
+            f"per step, above the sanity limit {MAX_TOKENS_PER_STEP:.0e}; check batch_size and "
+            "seq_len"
+        )
 
 
 def _parse(key: str, text: str, annotation: object) -> object:
