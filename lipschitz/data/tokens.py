@@ -12,15 +12,17 @@ The tokenizer is ``tiktoken``'s byte-level BPE built offline from OpenAI's ``enc
 
 from __future__ import annotations
 
+import fnmatch
 import functools
 import json
+import re
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 
 from lipschitz.data.files import fetch, resolve_data_dir
-from lipschitz.fileio import atomic_write
+from lipschitz.fileio import atomic_write, atomic_write_text
 
 MAGIC = 20240520
 VERSION = 1
@@ -152,6 +154,8 @@ def read_shard(path: str | Path) -> np.memmap:
     whose size does not match the token count in its header.
     """
     path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"{path}: no such shard file")
     size = path.stat().st_size
     if size < HEADER_BYTES:
         raise ValueError(f"{path}: truncated: {size} bytes, shorter than the 1024-byte header")
@@ -203,20 +207,25 @@ class TokenShards:
     """The shards of one split, read lazily: ``len``, and windows of consecutive tokens.
 
     A window never crosses a shard boundary (as in modded-nanogpt, shards are independent).
+    With ``vocab_size`` set, every window read is checked to hold ids below it: a shard of
+    another tokenizer would otherwise index past the embedding (a CUDA assert, or garbage).
     """
 
     paths: list[Path]
     shards: list[np.ndarray]
+    vocab_size: int | None = None
 
     @classmethod
-    def open(cls, folder: str | Path, split: str) -> TokenShards:
+    def open(cls, folder: str | Path, split: str, vocab_size: int | None = None) -> TokenShards:
+        """The ``split`` shards of ``folder``; ``vocab_size``: the model's vocabulary, if the
+        windows should be checked against it."""
         paths = shard_paths(folder, split)
         if not paths:
             raise FileNotFoundError(
                 f"no {split} shards (*_{split}_*.bin) in {folder}; make them with "
                 "`lipschitz prepare TEXT_FILES... --out DIR`"
             )
-        return cls(paths, [read_shard(p) for p in paths])
+        return cls(paths, [read_shard(p) for p in paths], vocab_size)
 
     def __len__(self) -> int:
         return sum(len(s) for s in self.shards)
@@ -237,6 +246,14 @@ class TokenShards:
         out = np.empty((len(starts), length), dtype=np.int64)
         for row, (s, o) in enumerate(zip(which, offsets, strict=True)):
             out[row] = self.shards[s][o : o + length]
+        if self.vocab_size is not None and out.size and out.max() >= self.vocab_size:
+            row = int(np.argmax(out.max(axis=1) >= self.vocab_size))
+            col = int(np.argmax(out[row] >= self.vocab_size))
+            raise ValueError(
+                f"{self.paths[which[row]]}: token id {out[row, col]} at token {offsets[row] + col}"
+                f" is outside the vocabulary of {self.vocab_size} ids (a shard of another "
+                "tokenizer? raise vocab_size or re-make the shards)"
+            )
         return out
 
 
@@ -267,6 +284,7 @@ def prepare(
         raise ValueError(f"val_fraction must be in (0, 1), got {val_fraction!r}")
     if not shard_tokens > 0:
         raise ValueError(f"shard_tokens must be > 0, got {shard_tokens!r}")
+    check_shard_name(name)
     if not text_files:
         raise ValueError("prepare: no text files given")
     missing = [str(f) for f in text_files if not Path(f).is_file()]
@@ -279,16 +297,7 @@ def prepare(
         raise FileExistsError(f"{out} already holds shards ({stale[0].name}, ...); pick another")
     enc = TOKENIZERS[tokenizer](data_dir)
 
-    splits: dict[str, list[np.ndarray]] = {"train": [], "val": []}
-    documents = []
-    for path in text_files:
-        tokens = np.array(enc.encode_ordinary(Path(path).read_text(encoding="utf-8")), np.uint16)
-        n_val = round(len(tokens) * val_fraction)
-        cut = len(tokens) - n_val
-        splits["train"].append(np.concatenate([[EOT], tokens[:cut]]).astype(np.uint16))
-        splits["val"].append(np.concatenate([[EOT], tokens[cut:]]).astype(np.uint16))
-        documents.append({"file": str(path), "tokens": len(tokens), "val_tokens": n_val})
-
+    splits, documents = _split_documents(text_files, enc, val_fraction)
     counts = {}
     for split, docs in splits.items():
         stream = np.concatenate(docs)
@@ -303,5 +312,44 @@ def prepare(
         "documents": documents,
         **counts,
     }
-    (out / "prepare.json").write_text(json.dumps(summary, indent=2))
+    atomic_write_text(out / "prepare.json", json.dumps(summary, indent=2))
     return summary
+
+
+def _split_documents(
+    text_files: list[str | Path], enc, val_fraction: float
+) -> tuple[dict[str, list[np.ndarray]], list[dict]]:
+    """Tokenize each file into an ``<|endoftext|>``-led train head and val tail; also returns
+    one summary dict per document."""
+    splits: dict[str, list[np.ndarray]] = {"train": [], "val": []}
+    documents = []
+    for path in text_files:
+        try:
+            text = Path(path).read_text(encoding="utf-8")
+        except UnicodeDecodeError as err:
+            raise ValueError(f"prepare: {path} is not UTF-8 text ({err})") from None
+        tokens = np.array(enc.encode_ordinary(text), np.uint16)
+        n_val = round(len(tokens) * val_fraction)
+        cut = len(tokens) - n_val
+        splits["train"].append(np.concatenate([[EOT], tokens[:cut]]).astype(np.uint16))
+        splits["val"].append(np.concatenate([[EOT], tokens[cut:]]).astype(np.uint16))
+        documents.append({"file": str(path), "tokens": len(tokens), "val_tokens": n_val})
+    return splits, documents
+
+
+def check_shard_name(name: str) -> None:
+    """Refuse a shard prefix that is not a plain file-name stem: a path (``../x``, ``a/b``)
+    would write outside ``--out``, and one containing ``_train``/``_val`` would make one
+    split's shards match the other split's pattern."""
+    if not isinstance(name, str) or not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9._-]*", name):
+        raise ValueError(
+            f"prepare: name {name!r} must be a plain file-name prefix: letters, digits, '.', "
+            "'_' or '-', starting with a letter or digit (no path separators)"
+        )
+    if ".." in name:
+        raise ValueError(f"prepare: name {name!r} must not contain '..'")
+    for split, other in (("train", "val"), ("val", "train")):
+        if fnmatch.fnmatchcase(f"{name}_{split}_000000.bin", f"*_{other}_*.bin"):
+            raise ValueError(
+                f"prepare: name {name!r} would make its {split} shards look like {other} ones"
+            )
