@@ -35,10 +35,12 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from lipschitz.config import Config, apply_overrides
+from lipschitz.fileio import atomic_write_text, lock, read_json
 from lipschitz.presets import preset
 from lipschitz.train import CHECKPOINT
 
 SPEC_KEYS = {"preset", "out", "parallel", "set", "grid"}
+LOCK = ".lock"  # in the sweep directory: held by the running sweep (fileio.lock)
 SUMMARY_KEYS = ("val_acc", "val_loss", "lipschitz_bound", "lipschitz_bound_l2", "wall_time_s")
 
 
@@ -68,12 +70,12 @@ def _format(value) -> str:
 def load_spec(path: str | Path) -> dict:
     """Read and check a sweep spec; every run's config is validated before anything runs."""
     path = Path(path)
-    if not path.exists():
-        raise FileNotFoundError(f"sweep spec {path} does not exist")
+    if not path.is_file():
+        raise FileNotFoundError(f"sweep spec {path} does not exist (or is not a file)")
     with open(path, "rb") as f:
         try:
             spec = tomllib.load(f)
-        except tomllib.TOMLDecodeError as err:
+        except (tomllib.TOMLDecodeError, UnicodeDecodeError) as err:
             raise ValueError(f"sweep spec {path}: {err}") from err
     unknown = set(spec) - SPEC_KEYS
     if unknown:
@@ -81,19 +83,34 @@ def load_spec(path: str | Path) -> dict:
                          f"known: {sorted(SPEC_KEYS)}")  # fmt: skip
     if "preset" not in spec:
         raise ValueError(f"sweep spec {path}: missing 'preset'")
+    _check_spec_types(path, spec)
     grids = spec.get("grid", [{}])
-    if isinstance(grids, dict):
-        grids = [grids]
-    spec["grid"] = grids
-    if not isinstance(spec.get("set", {}), dict):
-        raise ValueError(f"sweep spec {path}: [set] must be a table of key = value")
-    if not grids or not all(isinstance(g, dict) for g in grids):
-        raise ValueError(f"sweep spec {path}: [[grid]] must be one or more tables")
-    for grid in grids:
+    spec["grid"] = [grids] if isinstance(grids, dict) else grids
+    for grid in spec["grid"]:
         empty = [k for k, v in grid.items() if v == []]
         if empty:
             raise ValueError(f"sweep spec {path}: empty axis {empty} gives no runs")
     return spec
+
+
+def _check_spec_types(path: Path, spec: dict) -> None:
+    """Each top-level key of a spec has the type it needs; ValueError naming the key if not."""
+    for key in ("preset", "out"):
+        if key in spec and not isinstance(spec[key], str):
+            raise ValueError(f"sweep spec {path}: {key} must be a string, got {spec[key]!r}")
+    parallel = spec.get("parallel", 1)
+    if not isinstance(parallel, int) or isinstance(parallel, bool) or parallel < 1:
+        raise ValueError(f"sweep spec {path}: parallel must be an integer >= 1, got {parallel!r}")
+    if not isinstance(spec.get("set", {}), dict):
+        raise ValueError(f"sweep spec {path}: [set] must be a table of key = value")
+    grids = spec.get("grid", [{}])
+    if isinstance(grids, dict):
+        grids = [grids]
+    if not isinstance(grids, list) or not grids or not all(isinstance(g, dict) for g in grids):
+        raise ValueError(
+            f"sweep spec {path}: grid must be one or more tables ([[grid]] sections), got "
+            f"{grids!r:.80}"
+        )
 
 
 def _comparable(config_json: str) -> dict:
@@ -150,8 +167,25 @@ def check_not_stale(out: Path, runs: list[Run]) -> None:
         )
 
 
+def read_final(run_dir: Path) -> tuple[dict | None, str | None]:
+    """A run's final.json and, if it cannot be used, why: ``(None, None)`` when there is none,
+    ``(None, reason naming the file)`` when it does not parse as a JSON object (a damaged or
+    half-written file: the run counts as unfinished and is run again)."""
+    path = run_dir / "final.json"
+    if not path.exists():
+        return None, None
+    try:
+        final = read_json(path)
+    except (ValueError, OSError) as err:
+        return None, str(err)
+    if not isinstance(final, dict):
+        return None, f"{path}: not a JSON object"
+    return final, None
+
+
 def _status(run_dir: Path) -> str:
-    if (run_dir / "final.json").exists():
+    """done (a final.json that parses), resume (a checkpoint) or new."""
+    if read_final(run_dir)[0] is not None:
         return "done"
     if (run_dir / CHECKPOINT).exists():
         return "resume"
@@ -170,6 +204,20 @@ def _command(spec: dict, run: Run, run_dir: Path, data_dir: str | None, resume: 
     return cmd
 
 
+def _start(
+    spec: dict, run: Run, run_dir: Path, data_dir: str | None, env: dict
+) -> subprocess.Popen:
+    """Start (or resume, from its checkpoint) one run as a child process logging to train.log."""
+    run_dir.mkdir(parents=True, exist_ok=True)
+    resume = _status(run_dir) == "resume"
+    log = open(run_dir / "train.log", "a")  # the child keeps its own handle
+    proc = subprocess.Popen(_command(spec, run, run_dir, data_dir, resume),
+                            stdout=log, stderr=subprocess.STDOUT, env=env)  # fmt: skip
+    log.close()
+    print(f"{'resume' if resume else 'start'} {run.name}", flush=True)
+    return proc
+
+
 def _tail(path: Path, lines: int = 5) -> str:
     try:
         return "\n".join(path.read_text(errors="replace").splitlines()[-lines:])
@@ -183,21 +231,40 @@ def run_sweep(
     data_dir: str | None = None,
     parallel: int | None = None,
 ) -> list[dict]:
-    """Run every run of the spec that has not finished; returns one summary row per run."""
+    """Run every run of the spec that has not finished; returns one summary row per run.
+
+    The sweep directory is locked (``out/.lock``) for the whole sweep: a second sweep into it
+    gets :class:`lipschitz.fileio.DirectoryInUse` naming the first one's PID.
+    """
     spec = load_spec(spec_path)
     runs = expand(spec)
     out = Path(out or spec.get("out") or Path(spec_path).with_suffix(""))
-    parallel = int(parallel if parallel is not None else spec.get("parallel", 1))
-    if parallel < 1:
-        raise ValueError(f"parallel must be >= 1, got {parallel}")
-    check_not_stale(out, runs)
+    parallel = parallel if parallel is not None else spec.get("parallel", 1)
+    if not isinstance(parallel, int) or parallel < 1:
+        raise ValueError(f"parallel must be an integer >= 1, got {parallel!r}")
+    if out.exists() and not out.is_dir():
+        raise FileExistsError(f"sweep directory {out} exists and is not a directory")
     out.mkdir(parents=True, exist_ok=True)
+    with lock(out / LOCK):
+        check_not_stale(out, runs)
+        return _run_all(spec, spec_path, runs, out, data_dir, parallel)
+
+
+def _run_all(
+    spec: dict, spec_path: str | Path, runs: list[Run], out: Path, data_dir: str | None,
+    parallel: int,
+) -> list[dict]:  # fmt: skip
+    """Start the unfinished runs ``parallel`` at a time, wait for them, summarize."""
     threads = max(1, (os.cpu_count() or 1) // parallel)
     env = {**os.environ, "OMP_NUM_THREADS": str(threads), "PYTHONUNBUFFERED": "1"}
 
     pending = [r for r in runs if _status(out / r.name) != "done"]
     print(f"sweep {spec_path}: {len(runs)} runs, {len(runs) - len(pending)} already done, "
           f"{parallel} at a time -> {out}", flush=True)  # fmt: skip
+    for run in pending:
+        problem = read_final(out / run.name)[1]
+        if problem:
+            print(f"  {run.name} is run again: {problem}", flush=True)
     failed: dict[str, str] = {}
     active: list[tuple[Run, subprocess.Popen, float]] = []
     started = 0
@@ -210,17 +277,9 @@ def run_sweep(
         while pending or active:
             while pending and len(active) < parallel:
                 run = pending.pop(0)
-                run_dir = out / run.name
-                run_dir.mkdir(parents=True, exist_ok=True)
-                resume = _status(run_dir) == "resume"
-                log = open(run_dir / "train.log", "a")  # the child keeps its own handle
-                proc = subprocess.Popen(_command(spec, run, run_dir, data_dir, resume),
-                                        stdout=log, stderr=subprocess.STDOUT, env=env)  # fmt: skip
-                log.close()
                 started += 1
-                print(f"[{started}/{len(runs)}] {'resume' if resume else 'start'} {run.name}",
-                      flush=True)  # fmt: skip
-                active.append((run, proc, time.time()))
+                print(f"[{started}/{len(runs)}] ", end="")
+                active.append((run, _start(spec, run, out / run.name, data_dir, env), time.time()))
             time.sleep(0.5)
             for item in list(active):
                 run, proc, t0 = item
@@ -248,29 +307,40 @@ def run_sweep(
 
 
 def summarize(out: Path, runs: list[Run], failed: dict[str, str] | None = None) -> list[dict]:
-    """Collect each run's final.json into summary.json and a markdown table summary.md."""
+    """Collect each run's final.json into summary.json and a markdown table summary.md (both
+    written atomically). A final.json that does not parse is reported, naming the file."""
     failed = failed or {}
     rows = []
     for run in runs:
-        final_path = out / run.name / "final.json"
+        final, problem = read_final(out / run.name)
         status = "failed" if run.name in failed else _status(out / run.name)
         row = {"run": run.name, "status": status}
-        if final_path.exists():
-            final = json.loads(final_path.read_text())
+        if final is not None:
             row.update({k: final.get(k) for k in SUMMARY_KEYS})
+        if problem is not None:
+            row["problem"] = problem
+            print(f"sweep: {problem}")
         rows.append(row)
-    (out / "summary.json").write_text(json.dumps(rows, indent=2))
+    atomic_write_text(out / "summary.json", json.dumps(rows, indent=2))
     lines = ["| run | status | val acc | val loss | certified bound | wall s |",
              "|---|---|---|---|---|---|"]  # fmt: skip
     for row in rows:
         cells = [row["run"], row["status"]]
         for key, fmt in (("val_acc", ".4f"), ("val_loss", ".4f"), ("lipschitz_bound", ".4g"),
                          ("wall_time_s", ".0f")):  # fmt: skip
-            value = row.get(key)
-            cells.append("–" if value is None else format(value, fmt))
+            cells.append(_cell(row.get(key), fmt))
         lines.append("| " + " | ".join(cells) + " |")
-    (out / "summary.md").write_text("\n".join(lines) + "\n")
+    atomic_write_text(out / "summary.md", "\n".join(lines) + "\n")
     print("\n".join(lines))
     if failed:
         print(f"{len(failed)} run(s) failed: {', '.join(failed)} (their logs: <run>/train.log)")
     return rows
+
+
+def _cell(value: object, fmt: str) -> str:
+    """A table cell: a number formatted, a missing value as –, anything else as text."""
+    if value is None:
+        return "–"
+    if isinstance(value, int | float) and not isinstance(value, bool):
+        return format(value, fmt)
+    return str(value)
