@@ -5,13 +5,22 @@ into its runs. Runs are grouped by (optimizer, method), where the method is the 
 or "weight decay" for an unconstrained run with decay. On the frontier no other run of the
 group has both a lower-or-equal x and a better-or-equal y (x minimized; y maximized, or
 minimized for a loss with ``lower_y=True``).
+
+``plot`` writes an image and a markdown table beside it, both atomically. It never overwrites a
+file it did not write: its tables start with :data:`MARKER`, and an existing image is replaced
+only when its table sibling carries that marker. A run whose final.json or config.json does not
+parse is an error naming the file (not skipped: a silently shorter frontier would mislead).
 """
 
 from __future__ import annotations
 
-import json
 import math
 from pathlib import Path
+
+from lipschitz.fileio import atomic_write, atomic_write_text, read_json
+
+MARKER = "<!-- written by lipschitz plot -->"
+IMAGE_FORMATS = (".png", ".pdf", ".svg")
 
 
 def find_runs(paths: list[str | Path]) -> list[Path]:
@@ -40,21 +49,36 @@ def load_points(run_dirs: list[Path], x: str, y: str) -> list[dict]:
     """One point per run: x and y from final.json (or config.json), its group and its name."""
     points = []
     for run in run_dirs:
-        final = json.loads((run / "final.json").read_text())
-        config = json.loads((run / "config.json").read_text())
+        final, config = _read_object(run / "final.json"), _read_object(run / "config.json")
         values = {**config, **final}
         for key in (x, y):
             if key not in values:
                 raise ValueError(f"{run}: no key {key!r} in final.json or config.json; "
                                  f"keys: {sorted(values)}")  # fmt: skip
-        if values[x] is None or values[y] is None or not (
-            math.isfinite(values[x]) and math.isfinite(values[y])
+            if not (values[key] is None or _is_number(values[key])):
+                raise ValueError(f"{run}: {key} is {values[key]!r:.40}, not a number")
+        if (
+            values[x] is None
+            or values[y] is None
+            or not (math.isfinite(values[x]) and math.isfinite(values[y]))
         ):  # e.g. an unbounded baseline has no lipschitz_bound; a diverged run has NaN
             print(f"plot: leaving out {run} ({x}={values[x]}, {y}={values[y]})")
             continue
         points.append({"run": str(run), "x": float(values[x]), "y": float(values[y]),
                        "group": f"{config.get('optimizer')} + {method_of(config)}"})  # fmt: skip
     return points
+
+
+def _read_object(path: Path) -> dict:
+    """A JSON object from ``path``; anything else is an error naming the file."""
+    value = read_json(path)
+    if not isinstance(value, dict):
+        raise ValueError(f"{path}: expected a JSON object, got {type(value).__name__}")
+    return value
+
+
+def _is_number(value: object) -> bool:
+    return isinstance(value, int | float) and not isinstance(value, bool)
 
 
 def frontier(points: list[dict], lower_y: bool = False) -> list[dict]:
@@ -75,17 +99,49 @@ def frontiers(points: list[dict], lower_y: bool = False) -> dict[str, list[dict]
 
 
 def frontier_table(fronts: dict[str, list[dict]], x: str, y: str) -> str:
-    lines = [f"| group | {x} | {y} | run |", "|---|---|---|---|"]
+    """The frontiers as a markdown table, one row per frontier point (first line: MARKER)."""
+    lines = [MARKER, f"| group | {x} | {y} | run |", "|---|---|---|---|"]
     for group, front in fronts.items():
         for p in front:
             lines.append(f"| {group} | {p['x']:.4g} | {p['y']:.4f} | {Path(p['run']).name} |")
     return "\n".join(lines) + "\n"
 
 
+def output_paths(out: str | Path) -> tuple[Path, Path]:
+    """The image and table paths of ``--out``: ``results`` → results.png and results.md,
+    ``results.svg`` → results.svg and results.md. Refuses to overwrite files this tool did not
+    write (FileExistsError naming the file)."""
+    out = Path(out)
+    if out.is_dir() or not out.name:
+        raise ValueError(f"plot: --out {out} is a directory; name a file such as {out}/pareto.png")
+    if out.suffix == "":
+        out = out.with_name(out.name + ".png")
+    if out.suffix.lower() not in IMAGE_FORMATS:
+        raise ValueError(f"plot: --out {out} must end in one of {IMAGE_FORMATS} (or nothing)")
+    table = out.with_suffix(".md")
+    ours = _starts_with_marker(table)
+    for path in (table, out):
+        if path.is_dir() or (path.exists() and not ours):
+            raise FileExistsError(
+                f"plot: {path} exists and was not written by lipschitz plot; move it away or "
+                "choose another --out"
+            )
+    return out, table
+
+
+def _starts_with_marker(path: Path) -> bool:
+    """Whether ``path`` is a table this tool wrote (its first bytes are MARKER)."""
+    if not path.is_file():
+        return False
+    with open(path, "rb") as f:
+        return f.read(len(MARKER)) == MARKER.encode()
+
+
 def plot(
     points: list[dict], x: str, y: str, out: str | Path, log_x: bool = True, lower_y: bool = False
 ) -> Path:
-    """Scatter every run, draw each group's frontier; writes ``out`` (PNG) and ``out``.md."""
+    """Scatter every run, draw each group's frontier; writes the image ``out`` (PNG when it has
+    no suffix) and the frontier table ``out``.md, atomically; returns the image's path."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -93,7 +149,7 @@ def plot(
 
     if not points:
         raise ValueError(f"no run has both {x} and {y}")
-    out = Path(out)
+    out, table = output_paths(out)
     fronts = frontiers(points, lower_y)
     fig, ax = plt.subplots(figsize=(9, 4.5))
     for i, (group, front) in enumerate(fronts.items()):
@@ -112,7 +168,10 @@ def plot(
     ax.legend(fontsize=8, loc="center left", bbox_to_anchor=(1.01, 0.5))
     fig.tight_layout()
     out.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(out, dpi=130)
-    plt.close(fig)
-    out.with_suffix(".md").write_text(frontier_table(fronts, x, y))
+    try:  # the table first: its marker is what lets a later plot replace the image
+        atomic_write_text(table, frontier_table(fronts, x, y))
+        with atomic_write(out) as f:
+            fig.savefig(f, format=out.suffix[1:].lower(), dpi=130)
+    finally:
+        plt.close(fig)
     return out
