@@ -5,7 +5,8 @@ other logit by a margin m keeps its label within the ℓ2 ball of radius m / (�
 perturbation δ moves the difference of two logits by at most √2·L·‖δ‖). Verified robust
 accuracy at ε counts correctly classified inputs whose radius exceeds ε. An attack can only
 find adversarial examples outside those radii, so empirical robust accuracy under any attack
-is never below verified robust accuracy: :func:`evaluate` checks that and fails loudly if not.
+is never below verified robust accuracy: :func:`robust_accuracy` checks that and fails loudly if
+not.
 
 AutoAttack (Croce & Hein, the standard ℓ2 ensemble: APGD-CE, APGD-T, FAB-T, Square) runs too
 when the optional ``pyautoattack`` package is installed (``pip install "lipschitz[autoattack]"``).
@@ -13,10 +14,14 @@ when the optional ``pyautoattack`` package is installed (``pip install "lipschit
 
 from __future__ import annotations
 
+import json
 import math
+from pathlib import Path
 
 import torch
 from torch import Tensor, nn
+
+from lipschitz.fileio import atomic_write, atomic_write_text
 
 
 def margins(logits: Tensor, labels: Tensor) -> Tensor:
@@ -45,8 +50,9 @@ def pgd_l2(
 ) -> Tensor:
     """Projected gradient ascent on the margin loss inside the ℓ2 ball of radius ``eps`` (and
     the pixel box): returns adversarial inputs of x's shape. Steps are normalized gradients of
-    size ``step_size`` (default 2.5·eps/steps)."""
-    if eps == 0:
+    size ``step_size`` (default 2.5·eps/steps); ``steps=0`` or ``eps=0`` is no attack."""
+    check_attack(eps_list=(eps,), pgd_steps=steps)
+    if eps == 0 or steps == 0:
         return x.clone()
     step_size = 2.5 * eps / steps if step_size is None else step_size
     delta = torch.zeros_like(x, requires_grad=True)
@@ -104,7 +110,21 @@ def _accuracy(model: nn.Module, x: Tensor, labels: Tensor) -> Tensor:
     return model(x).argmax(dim=1) == labels
 
 
-def evaluate(
+def check_attack(eps_list: tuple[float, ...], pgd_steps: int, n: int | None = None) -> None:
+    """Refuse attack settings that would give NaNs or nothing, naming the argument: ε must be
+    finite and ≥ 0 (at least one), pgd_steps an integer ≥ 0, n (examples) an integer ≥ 1."""
+    if len(eps_list) == 0:
+        raise ValueError("robustness: eps needs at least one radius")
+    for eps in eps_list:
+        if not (isinstance(eps, int | float) and math.isfinite(eps) and eps >= 0):
+            raise ValueError(f"robustness: eps must be finite and >= 0, got {eps!r}")
+    if not isinstance(pgd_steps, int) or pgd_steps < 0:
+        raise ValueError(f"robustness: pgd_steps must be an integer >= 0, got {pgd_steps!r}")
+    if n is not None and (not isinstance(n, int) or n < 1):
+        raise ValueError(f"robustness: n (test images) must be an integer >= 1, got {n!r}")
+
+
+def robust_accuracy(
     model: nn.Module,
     x: Tensor,
     labels: Tensor,
@@ -116,6 +136,7 @@ def evaluate(
     """Clean accuracy, and verified and PGD robust accuracy at each ε (and AutoAttack's, when
     ``image_shape`` (H, W, C) is given); raises RuntimeError if an attack ever beats a
     certificate (a wrong certificate or a wrong attack)."""
+    check_attack(eps_list, pgd_steps, n=len(labels))
     model.eval()
     with torch.no_grad():
         logits = model(x)
@@ -155,14 +176,12 @@ def report(
     """Robustness of a trained image classifier (a run directory): clean accuracy, certified
     radii, verified and PGD-ℓ2 (and AutoAttack) robust accuracy at each ε on the first ``n``
     test images, and a verified-accuracy curve over ε. Writes ``robustness.json`` and
-    ``robustness.png``."""
-    import json
-    from pathlib import Path
-
+    ``robustness.png``, each atomically; bad arguments are refused before anything is read."""
     from lipschitz.certify import certify
     from lipschitz.data.images import IMAGE_SHAPES, LOADERS
     from lipschitz.train import load_run
 
+    check_attack(eps_list, pgd_steps, n)
     model, cfg = load_run(run_dir)
     if cfg.dataset not in LOADERS:
         raise ValueError(f"robustness needs an image classifier; {run_dir} trained {cfg.model}")
@@ -170,7 +189,7 @@ def report(
     x, y = data.x_test[:n], data.y_test[:n]
     cert = certify(model)
     image_shape = IMAGE_SHAPES[cfg.dataset] if autoattack else None
-    result = evaluate(model, x, y, cert.lipschitz_l2, eps_list, pgd_steps, image_shape)
+    result = robust_accuracy(model, x, y, cert.lipschitz_l2, eps_list, pgd_steps, image_shape)
     with torch.no_grad():
         radii = certified_radii(model(x), y, cert.lipschitz_l2)
     grid = torch.linspace(0, 2 * max(eps_list), 41)
@@ -184,12 +203,13 @@ def report(
         ],
     )
     out = Path(run_dir)
-    (out / "robustness.json").write_text(json.dumps(result, indent=2))
     _plot(result, out / "robustness.png")
+    atomic_write_text(out / "robustness.json", json.dumps(result, indent=2))
     return result
 
 
-def _plot(result: dict, path) -> None:
+def _plot(result: dict, path: Path) -> None:
+    """The verified-accuracy curve over ε and the attacks' accuracies, as a PNG (atomically)."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -207,5 +227,8 @@ def _plot(result: dict, path) -> None:
            title=f"L_ℓ2 = {result['lipschitz_l2']:.3g}")  # fmt: skip
     ax.legend()
     fig.tight_layout()
-    fig.savefig(path, dpi=100)
-    plt.close(fig)
+    try:
+        with atomic_write(path) as f:
+            fig.savefig(f, format="png", dpi=100)
+    finally:
+        plt.close(fig)

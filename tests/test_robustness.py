@@ -11,7 +11,7 @@ import torch
 from lipschitz.certify import certify
 from lipschitz.cli import main as cli_main
 from lipschitz.nn import BaselineMLP, LipschitzMLP
-from lipschitz.robustness import certified_radii, evaluate, margins, pgd_l2
+from lipschitz.robustness import certified_radii, margins, pgd_l2, robust_accuracy
 
 
 def test_margins_and_radii_by_hand():
@@ -54,7 +54,7 @@ def test_pgd_never_flips_a_certified_input(seed):
         assert (x_adv - x[inside]).flatten(1).norm(dim=1).max() <= eps * (1 + 1e-5)
         with torch.no_grad():
             assert (model(x_adv).argmax(1) == y[inside]).all()
-    report = evaluate(model, x, y, L, eps_list=(0.0, 0.05, 0.2, 0.5), pgd_steps=30)
+    report = robust_accuracy(model, x, y, L, eps_list=(0.0, 0.05, 0.2, 0.5), pgd_steps=30)
     for row in report["eps"]:
         assert row["pgd_acc"] >= row["verified_acc"]
 
@@ -73,11 +73,11 @@ def test_pgd_breaks_an_unconstrained_model():
         assert (model(x_adv).argmax(1) == y).float().mean() < 0.5
 
 
-def test_evaluate_fails_loudly_on_a_wrong_certificate():
+def test_robust_accuracy_fails_loudly_on_a_wrong_certificate():
     model, x, y = _trained_mlp(0)
     too_small = certify(model).lipschitz_l2 * 1e-3  # pretend the model is far smoother
     with pytest.raises(RuntimeError, match="or the attack is wrong"):
-        evaluate(model, x, y, too_small, eps_list=(0.5,), pgd_steps=30)
+        robust_accuracy(model, x, y, too_small, eps_list=(0.5,), pgd_steps=30)
 
 
 @pytest.mark.skipif(
@@ -123,13 +123,15 @@ def test_autoattack_respects_certificates_and_breaks_a_sensitive_model():
     with torch.no_grad():
         radii = certified_radii(smooth(x), y, L)
     eps = radii.median().item()  # half the inputs are certified at this eps
-    report = evaluate(smooth, x, y, L, eps_list=(eps,), pgd_steps=20, image_shape=(8, 8, 3))
+    report = robust_accuracy(smooth, x, y, L, eps_list=(eps,), pgd_steps=20, image_shape=(8, 8, 3))
     row = report["eps"][0]
     assert row["verified_acc"] == pytest.approx(0.5, abs=1 / 8)
     assert row["autoattack_acc"] >= row["verified_acc"]
 
     sensitive, x, y = _images_mlp(1, scale=6.0)
     L = certify(sensitive).lipschitz_l2
-    report = evaluate(sensitive, x, y, L, eps_list=(2.0,), pgd_steps=20, image_shape=(8, 8, 3))
+    report = robust_accuracy(
+        sensitive, x, y, L, eps_list=(2.0,), pgd_steps=20, image_shape=(8, 8, 3)
+    )
     assert report["eps"][0]["verified_acc"] == 0  # L_l2 ≈ 100: nothing is certified at 2
     assert report["eps"][0]["autoattack_acc"] < 0.5
