@@ -1,0 +1,238 @@
+"""Careless or hostile inputs get one clear error naming the thing at fault, never a traceback
+from deep inside, a write outside the requested folder, or a good file overwritten."""
+
+import json
+import struct
+
+import numpy as np
+import pytest
+import torch
+
+from lipschitz import fileio, robustness
+from lipschitz.config import Config, apply_overrides
+from lipschitz.data import tokens as tk
+from lipschitz.pareto import MARKER, find_runs, load_points, plot
+from lipschitz.sweep import expand, load_spec, read_final, run_sweep, summarize
+
+# --------------------------------------------------------------------------------------------
+# config
+
+
+@pytest.mark.parametrize("device", ["foo", "cuda:x", "gpu", "", "cuda:-1", "cpu,cuda"])
+def test_config_rejects_an_unknown_device(device):
+    with pytest.raises(ValueError, match="device"):
+        apply_overrides(Config(), [f"device={device}"])
+    with pytest.raises(ValueError, match="device"):
+        Config(device=device)
+
+
+@pytest.mark.parametrize("device", ["auto", "cpu", "cuda", "cuda:0", "cuda:12", "mps"])
+def test_config_accepts_every_device_form(device):
+    assert apply_overrides(Config(), [f"device={device}"]).device == device
+
+
+@pytest.mark.parametrize(
+    "assignment",
+    ["lr=inf", "lr=nan", "lr=-inf", "w_max=inf", "head_w_max=nan", "attn_scale=nan",
+     "momentum=inf", "adam_betas=nan,0.95", "train_temperature=inf"],
+)  # fmt: skip
+def test_config_rejects_non_finite_floats_naming_the_key(assignment):
+    key = assignment.split("=")[0]
+    with pytest.raises(ValueError, match=rf"config: {key} must be finite"):
+        apply_overrides(Config(), [assignment])
+
+
+@pytest.mark.parametrize(
+    ("assignments", "key"),
+    [(["d_model=1000000000"], "d_model"), (["n_layer=100000000", "d_model=4096"], "n_layer"),
+     (["batch_size=1000000000000"], "batch_size"), (["seq_len=10000000000"], "seq_len")],
+)  # fmt: skip
+def test_config_rejects_sizes_that_cannot_fit_naming_the_key(assignments, key):
+    with pytest.raises(ValueError, match=key):
+        apply_overrides(Config(), assignments)
+
+
+def test_a_damaged_config_json_is_an_error_naming_the_file_and_key(tmp_path):
+    path = tmp_path / "config.json"
+    path.write_text('{"lr": 0.1, "steps"')
+    with pytest.raises(ValueError, match=r"config\.json: not valid JSON"):
+        Config.load(path)
+    path.write_text(json.dumps({"lr": "fast"}))
+    with pytest.raises(ValueError, match=r"config\.json: config: lr must be float"):
+        Config.load(path)
+    path.write_text("[1, 2]")
+    with pytest.raises(ValueError, match=r"config\.json: a config must be a JSON object"):
+        Config.load(path)
+
+
+# --------------------------------------------------------------------------------------------
+# token shards and `prepare`
+
+
+@pytest.mark.parametrize("name", ["../x", "a/b", "/tmp/x", "", "..", "a..b", "x_val", "a_train_b"])
+def test_prepare_refuses_a_name_that_is_not_a_plain_prefix(tmp_path, name):
+    text = tmp_path / "a.txt"
+    text.write_text("hello")
+    out = tmp_path / "out"
+    with pytest.raises(ValueError, match="name"):
+        tk.prepare([text], out, name=name)
+    assert not out.exists() and sorted(p.name for p in tmp_path.iterdir()) == ["a.txt"]
+
+
+def test_token_ids_outside_the_vocabulary_name_the_shard(tmp_path):
+    tk.write_shard(tmp_path / "d_train_000000.bin", np.arange(10))
+    tk.write_shard(tmp_path / "d_train_000001.bin", [1, 2, 60000, 3, 4])
+    shards = tk.TokenShards.open(tmp_path, "train", vocab_size=50257)
+    assert shards.windows(np.arange(7), 4).max() == 9  # the first shard is fine
+    with pytest.raises(ValueError, match=r"d_train_000001\.bin: token id 60000 at token 2"):
+        shards.windows(np.array([0, 8]), 4)
+    unchecked = tk.TokenShards.open(tmp_path, "train")  # no vocabulary given: no check
+    assert unchecked.windows(np.array([8]), 4).max() == 60000
+
+
+def test_truncated_or_foreign_shards_name_the_file(tmp_path):
+    tk.write_shard(tmp_path / "d_val_000000.bin", np.arange(10))
+    (tmp_path / "d_train_000000.bin").write_bytes(b"\x00" * 100)  # shorter than a header
+    with pytest.raises(ValueError, match=r"d_train_000000\.bin: truncated"):
+        tk.TokenShards.open(tmp_path, "train")
+    foreign = np.random.default_rng(0).integers(0, 256, 4096, dtype=np.uint8).tobytes()
+    (tmp_path / "d_train_000000.bin").write_bytes(foreign)
+    with pytest.raises(ValueError, match=r"d_train_000000\.bin: bad magic number"):
+        tk.TokenShards.open(tmp_path, "train")
+    header = struct.pack("<3i", tk.MAGIC, tk.VERSION, 1000) + bytes(1012)
+    (tmp_path / "d_train_000000.bin").write_bytes(header + bytes(20))
+    with pytest.raises(ValueError, match=r"d_train_000000\.bin: truncated.*1000 tokens"):
+        tk.TokenShards.open(tmp_path, "train")
+    (tmp_path / "d_train_000000.bin").unlink()
+    (tmp_path / "d_train_000000.bin").mkdir()  # a folder that looks like a shard
+    with pytest.raises(FileNotFoundError, match=r"d_train_000000\.bin"):
+        tk.TokenShards.open(tmp_path, "train")
+
+
+# --------------------------------------------------------------------------------------------
+# sweeps
+
+
+def _spec(tmp_path, text):
+    path = tmp_path / "spec.toml"
+    path.write_text(text)
+    return path
+
+
+@pytest.mark.parametrize(
+    ("text", "key"),
+    [('preset = "tiny"\ngrid = 5\n', "grid"), ('preset = "tiny"\ngrid = [1, 2]\n', "grid"),
+     ('preset = "tiny"\ngrid = "w_max"\n', "grid"), ("preset = 5\n", "preset"),
+     ('preset = "tiny"\nout = 3\n', "out"), ('preset = "tiny"\nparallel = "two"\n', "parallel"),
+     ('preset = "tiny"\nparallel = 1.5\n', "parallel"),
+     ('preset = "tiny"\nparallel = 0\n', "parallel")],
+)  # fmt: skip
+def test_a_spec_with_wrong_types_names_the_key(tmp_path, text, key):
+    with pytest.raises(ValueError, match=key):
+        expand(load_spec(_spec(tmp_path, text)))
+
+
+def test_a_second_sweep_on_the_same_directory_is_refused(tmp_path):
+    spec = _spec(tmp_path, 'preset = "tiny"\n[[grid]]\nw_max = [1.0, 2.0]\n')
+    out = tmp_path / "sweep"
+    out.mkdir()
+    with fileio.lock(out / ".lock"):  # the first sweep, still running
+        with pytest.raises(fileio.DirectoryInUse, match=r"in use by PID \d+"):
+            run_sweep(spec, out)
+    assert sorted(p.name for p in out.iterdir()) == [".lock"]  # nothing started
+
+
+def test_a_truncated_final_json_counts_as_unfinished_and_is_named(tmp_path, capsys):
+    runs = expand(load_spec(_spec(tmp_path, 'preset = "tiny"\n[[grid]]\nw_max = [1.0, 2.0]\n')))
+    out = tmp_path / "sweep"
+    (out / runs[0].name).mkdir(parents=True)
+    (out / runs[0].name / "final.json").write_text('{"val_acc": 0.5, "val_lo')
+    (out / runs[1].name).mkdir()
+    (out / runs[1].name / "final.json").write_text(json.dumps({"val_acc": 0.6, "val_loss": "x"}))
+    final, problem = read_final(out / runs[0].name)
+    assert final is None and "final.json: not valid JSON" in problem
+    rows = summarize(out, runs)
+    assert rows[0]["status"] == "new" and "final.json" in rows[0]["problem"]
+    assert rows[1]["status"] == "done" and rows[1]["val_acc"] == 0.6
+    assert "final.json: not valid JSON" in capsys.readouterr().out
+    assert json.loads((out / "summary.json").read_text()) == rows
+    assert "| w_max=2.0 | done | 0.6000 | x |" in (out / "summary.md").read_text()
+
+
+# --------------------------------------------------------------------------------------------
+# `lipschitz plot`
+
+
+def _fake_run(root, name, final="", config=None):
+    (root / name).mkdir(parents=True)
+    config = config or {"optimizer": "muon", "constraint": "spectral_soft_cap"}
+    (root / name / "config.json").write_text(json.dumps(config))
+    (root / name / "final.json").write_text(final or json.dumps({"lipschitz_bound": 2.0,
+                                                                  "val_acc": 0.5}))  # fmt: skip
+
+
+def test_plot_never_overwrites_files_it_did_not_write(tmp_path):
+    _fake_run(tmp_path / "runs", "r0")
+    points = load_points(find_runs([tmp_path / "runs"]), "lipschitz_bound", "val_acc")
+    results = tmp_path / "results"
+    (tmp_path / "results.md").write_text("# my notes\n")
+    with pytest.raises(FileExistsError, match=r"results\.md"):
+        plot(points, "lipschitz_bound", "val_acc", results)
+    assert (tmp_path / "results.md").read_text() == "# my notes\n"
+    assert not (tmp_path / "results.png").exists()
+
+    (tmp_path / "results.md").unlink()
+    assert plot(points, "lipschitz_bound", "val_acc", results) == tmp_path / "results.png"
+    assert (tmp_path / "results.md").read_text().startswith(MARKER + "\n| group |")
+    png = (tmp_path / "results.png").read_bytes()
+    assert png.startswith(b"\x89PNG")
+    plot(points, "lipschitz_bound", "val_acc", results)  # its own files: replaced
+    assert (tmp_path / "results.png").read_bytes() == png
+
+    (tmp_path / "mine.png").write_bytes(b"a user's picture")  # no table of ours beside it
+    with pytest.raises(FileExistsError, match=r"mine\.png"):
+        plot(points, "lipschitz_bound", "val_acc", tmp_path / "mine.png")
+    assert (tmp_path / "mine.png").read_bytes() == b"a user's picture"
+    with pytest.raises(ValueError, match=r"results\.md"):
+        plot(points, "lipschitz_bound", "val_acc", tmp_path / "results.md")
+
+
+def test_plot_names_a_damaged_final_json(tmp_path):
+    _fake_run(tmp_path / "runs", "good")
+    _fake_run(tmp_path / "runs", "bad", final='{"lipschitz_bound": 2.0, "val_')
+    with pytest.raises(ValueError, match=r"bad/final\.json: not valid JSON"):
+        load_points(find_runs([tmp_path / "runs"]), "lipschitz_bound", "val_acc")
+    (tmp_path / "runs" / "bad" / "final.json").write_text(
+        '{"lipschitz_bound": "big", "val_acc": 1}'
+    )
+    with pytest.raises(ValueError, match=r"bad: lipschitz_bound is 'big', not a number"):
+        load_points(find_runs([tmp_path / "runs"]), "lipschitz_bound", "val_acc")
+
+
+# --------------------------------------------------------------------------------------------
+# `lipschitz robustness`
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "argument"),
+    [({"n": 0}, "n"), ({"n": -5}, "n"), ({"eps_list": (float("nan"),)}, "eps"),
+     ({"eps_list": (float("inf"),)}, "eps"), ({"eps_list": (-0.1,)}, "eps"),
+     ({"eps_list": ()}, "eps"), ({"pgd_steps": -1}, "pgd_steps")],
+)  # fmt: skip
+def test_robustness_refuses_bad_arguments_before_touching_the_run(tmp_path, kwargs, argument):
+    good = '{"clean_acc": 0.5}'
+    (tmp_path / "robustness.json").write_text(good)
+    with pytest.raises(ValueError, match=rf"robustness: {argument}\b"):
+        robustness.report(str(tmp_path), **kwargs)
+    assert (tmp_path / "robustness.json").read_text() == good
+
+
+def test_robust_accuracy_is_the_renamed_evaluate_and_pgd_takes_zero_steps():
+    assert not hasattr(robustness, "evaluate")  # train.py has two functions of that name
+    model = torch.nn.Linear(4, 3)
+    x, y = torch.rand(8, 4), torch.randint(0, 3, (8,))
+    assert torch.equal(robustness.pgd_l2(model, x, y, eps=0.5, steps=0), x)
+    result = robustness.robust_accuracy(model, x, y, 10.0, eps_list=(0.1,), pgd_steps=0)
+    assert result["eps"][0]["pgd_acc"] == result["clean_acc"]
+    with pytest.raises(ValueError, match="robustness: n"):
+        robustness.robust_accuracy(model, x[:0], y[:0], 10.0, eps_list=(0.1,))
