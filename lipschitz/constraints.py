@@ -13,12 +13,18 @@ All share the keyword signature ``fn(W, *, w_max, update_norm=0.0, weight_decay=
 optimizer can call any of them after its step: ``update_norm`` is the RMS→RMS norm of the step
 just taken and ``weight_decay`` the fraction λ·η·tn the weight was decayed by before it. Only the
 soft cap uses them (its strength is coupled to the step); the others ignore them.
+
+:data:`METHODS` describes every method once (a :class:`Constraint`): whether it needs ``w_max``,
+keeps per-weight state, may project a stack in one call, is coupled to the step, and how far
+σ_max may end up above ``w_max``. The optimizer, the benchmark and the health check read these
+facts from there; adding a constraint means adding its function and its entry here.
 """
 
 from __future__ import annotations
 
 import math
 from collections.abc import Callable
+from dataclasses import dataclass
 
 import torch
 from torch import Tensor
@@ -35,6 +41,9 @@ from lipschitz.linalg import (
 __all__ = [
     "CONSTRAINTS",
     "HARD_CAP_QUINTICS",
+    "METHODS",
+    "SOFT_CAP_MAX_K",
+    "Constraint",
     "none",
     "row_rms_cap",
     "soft_cap_alpha",
@@ -260,6 +269,11 @@ def spectral_hard_cap(
     raise ValueError(f"spectral_hard_cap: method must be 'msign' or 'quintic', got {method!r}")
 
 
+# The soft cap keeps its promise while k = w_max·(1 − decay) + update_norm ≤ (81/62)·w_max
+# (see soft_cap_alpha), i.e. steps up to ~0.306·w_max without decay.
+SOFT_CAP_MAX_K = 81 / 62
+
+
 def soft_cap_alpha(w_max: float, weight_decay: float, update_norm: float) -> float:
     """Strength α of the spectral soft cap that maps k = w_max·(1 − weight_decay) + update_norm
     exactly onto w_max (paper, Thm 3.1). All norms are RMS→RMS.
@@ -330,13 +344,95 @@ def row_rms_cap(
     return (X / (row_rms(X, keepdim=True) / w_max).clamp_min(1.0)).to(W.dtype)
 
 
+@dataclass(frozen=True)
+class Constraint:
+    """The facts about one constraint method that code other than its function needs.
+
+    Fields:
+        name: the key in :data:`METHODS` (and a param group's ``constraint`` option).
+        fn: the function, with the common signature of this module.
+        needs_w_max: uses ``w_max``; the others enforce no bound and ignore it.
+        stackable: the result on a stack (k, out, in) equals that of each matrix alone, so
+            same-shaped weights may be projected in one batched call.
+        guarantee: what the method promises about σ_max, in words (the benchmark's column).
+        tolerance: how far above ``w_max``, relative, the norm may be right after the
+            projection when the guarantee holds (float32 weights); None: no guarantee.
+        per_row: measured per row (largest row RMS: an embedding, ℓ1→RMS for one-hot inputs),
+            not as a matrix by its RMS→RMS norm. Such methods are not in :data:`CONSTRAINTS`.
+        stateful: takes ``state=`` (a dict it keeps its power-iteration warm start in).
+        coupled_to_step: needs ``update_norm`` and ``weight_decay`` of the step just taken (the
+            soft cap): only an optimizer that bounds its step's norm can drive it.
+    """
+
+    name: str
+    fn: Callable[..., Tensor]
+    needs_w_max: bool
+    stackable: bool
+    guarantee: str
+    tolerance: float | None
+    per_row: bool = False
+    stateful: bool = False
+    coupled_to_step: bool = False
+
+
+# Tolerances (relative to w_max; float32 weights, bfloat16/float16 add their own rounding):
+#   svd_cap             exact clip; float32 rounding of U·S·Vᵀ (measured ≤ 2e-6 in training)
+#   spectral_hard_cap   the unresolved sign gap of msign: ≤ 8e-4 measured up to 4096×1024
+#                       (docs/benchmarks.md), 1e-3 stated in the function's docstring
+#   stiefel             accurate8 band [0.9999, 1.0001]·w_max plus float32 rounding (the
+#                       default coefficients; other sets reach linalg.NS_MAX_OUTPUT)
+#   spectral_soft_cap   the coupling maps k onto w_max (paper Thm 3.1) while k ≤ SOFT_CAP_MAX_K
+#                       ·w_max: float32 rounding only, measured ≤ 3.1e-7 under worst-case steps
+#                       aligned with the top singular vectors
+#   spectral_normalize  16 power iterations give a lower bound on σ_max: worst seen 1.5% from a
+#                       cold start (400 drawn matrices), 1.8% in training before the warm
+#                       start caught up (tests/test_constraints.py, tests/test_optim.py)
+#   row_rms_cap         one exact division per row; float32 rounding
+#   the others          bound nothing (spectral_hammer leaves σ₂ free, see its docstring)
+METHODS: dict[str, Constraint] = {
+    c.name: c
+    for c in (
+        Constraint(
+            "none", none, needs_w_max=False, stackable=True, guarantee="no bound", tolerance=None
+        ),
+        Constraint(
+            "spectral_normalize", spectral_normalize, needs_w_max=True, stackable=False,
+            guarantee="up to power-iteration error", tolerance=5e-2, stateful=True,
+        ),
+        Constraint(
+            "spectral_hammer", spectral_hammer, needs_w_max=True, stackable=False,
+            guarantee="no", tolerance=None, stateful=True,
+        ),
+        Constraint(
+            "spectral_soft_cap", spectral_soft_cap, needs_w_max=True, stackable=True,
+            guarantee="if step ≤ 0.3·w_max", tolerance=1e-5, coupled_to_step=True,
+        ),
+        Constraint(  # not stackable: the number of stages comes from the whole stack's σ_max
+            "spectral_hard_cap", spectral_hard_cap, needs_w_max=True, stackable=False,
+            guarantee="yes (≤ 1e-3 over)", tolerance=1e-3,
+        ),
+        Constraint(
+            "svd_cap", svd_cap, needs_w_max=True, stackable=True, guarantee="exact",
+            tolerance=1e-5,
+        ),
+        Constraint(
+            "stiefel", stiefel, needs_w_max=True, stackable=True, guarantee="yes",
+            tolerance=2e-4,
+        ),
+        Constraint(
+            "spectral_weight_decay", spectral_weight_decay, needs_w_max=False, stackable=False,
+            guarantee="no", tolerance=None, stateful=True,
+        ),
+        Constraint(
+            "row_rms_cap", row_rms_cap, needs_w_max=True, stackable=True, guarantee="exact",
+            tolerance=1e-5, per_row=True,
+        ),
+    )
+}  # fmt: skip
+"""Every constraint method by name, with its facts (see :class:`Constraint`)."""
+
 CONSTRAINTS: dict[str, Callable[..., Tensor]] = {
-    "none": none,
-    "spectral_normalize": spectral_normalize,
-    "spectral_hammer": spectral_hammer,
-    "spectral_soft_cap": spectral_soft_cap,
-    "spectral_hard_cap": spectral_hard_cap,
-    "svd_cap": svd_cap,
-    "stiefel": stiefel,
-    "spectral_weight_decay": spectral_weight_decay,
+    name: c.fn for name, c in METHODS.items() if not c.per_row
 }
+"""The matrix constraints (measured by the RMS→RMS norm) by name: :data:`METHODS` but the
+per-row ones."""

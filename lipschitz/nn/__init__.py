@@ -1,5 +1,6 @@
 """Lipschitz building blocks and the models built from them (see ``docs/certificates.md``)."""
 
+from lipschitz.nn.build import MODELS, build_model
 from lipschitz.nn.layers import (
     GELU_MAX_SLOPE,
     GELU_SCALE,
@@ -21,6 +22,7 @@ __all__ = [
     "GELU_MAX_SLOPE",
     "GELU_SCALE",
     "MLP",
+    "MODELS",
     "BaselineGPT",
     "BaselineMLP",
     "Block",
@@ -30,4 +32,5 @@ __all__ = [
     "LipschitzGPT",
     "LipschitzMLP",
     "activation_stats",
+    "build_model",
 ]

@@ -172,6 +172,11 @@ class CausalSelfAttention(nn.Module):
     def logit_scale(self) -> float:
         return self.attn_scale / self.d_head
 
+    def scaled_linears(self) -> list[Linear]:
+        """The layers whose output passes through ×out_mult: the value (and query and key)
+        paths of the attention's sensitivity, for the target-norm rule (paper App. D)."""
+        return [lin for lin in (self.q, self.k, self.v) if lin is not None]
+
     def forward(self, x: Tensor, stats: dict | None = None) -> Tensor:
         B, T, C = x.shape  # (batch, tokens, d_model)
         if T > self.seq_len:
@@ -212,6 +217,10 @@ class MLP(nn.Module):
         super().__init__()
         self.fc_in = Linear(d_model, 4 * d_model)
         self.fc_out = Linear(4 * d_model, d_model, zero_init=zero_init_out)
+
+    def linears(self) -> list[Linear]:
+        """Its two layers, input first (sensitivity 1 with the 1-Lipschitz activation)."""
+        return [self.fc_in, self.fc_out]
 
     def forward(self, x: Tensor) -> Tensor:  # (B, T, d) -> (B, T, d)
         return self.fc_out(F.gelu(self.fc_in(x)) / GELU_SCALE)

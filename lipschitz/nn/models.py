@@ -105,7 +105,14 @@ class LipschitzGPT(nn.Module):
         self.tie_head = tie_head
         alpha = 1.0 / (2 * n_layer) if alpha is None else alpha  # the paper: 2·n_layer residuals
         block_args = (
-            d_model, n_head, seq_len, alpha, attn_scale, zero_init_out, residual, attn_out_mult,
+            d_model,
+            n_head,
+            seq_len,
+            alpha,
+            attn_scale,
+            zero_init_out,
+            residual,
+            attn_out_mult,
             pos_bias,
         )
         self.embed = Embedding(vocab_size, d_model)

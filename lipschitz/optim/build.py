@@ -1,0 +1,96 @@
+"""The optimizers of a training run: Muon for the matrices (AdamW for the rest) or AdamW for
+everything, with the run's constraints attached, and the weights started inside their balls."""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING
+
+import torch
+from torch import nn
+
+from lipschitz.constraints import METHODS, row_rms_cap, svd_cap
+from lipschitz.optim.muon import Muon
+from lipschitz.optim.projection import constrain
+from lipschitz.optim.routing import route_parameters
+
+if TYPE_CHECKING:
+    from lipschitz.config import Config
+
+__all__ = ["build_optimizers", "start_inside_constraints"]
+
+
+def build_optimizers(cfg: Config, model: nn.Module) -> list[torch.optim.Optimizer]:
+    """Muon (matrices) plus AdamW (vectors, if any), or AdamW for everything, with the run's
+    constraint attached to every hidden matrix and the head, and a row-RMS cap on embeddings."""
+    lipschitz_model = cfg.model == "lipschitz_gpt"
+    blocks_mass = cfg.blocks_mass if cfg.optimizer == "muon" else None
+    unit = cfg.target_norm_scalars == "unit"
+    groups = route_parameters(model, blocks_mass=blocks_mass, unit_scalars=unit)
+    head_w_max = cfg.w_max if cfg.head_w_max is None else cfg.head_w_max
+    for group in groups:
+        role = group["role"]
+        if role in ("hidden", "head") and cfg.constraint != "none":
+            group["constraint"] = cfg.constraint
+            group["w_max"] = head_w_max if role == "head" else cfg.w_max
+            if cfg.constraint == "spectral_weight_decay":
+                group["constraint_kwargs"] = {"spectral_decay": cfg.spectral_decay}
+        elif role == "embedding" and lipschitz_model:
+            group["constraint"] = "row_rms_cap"
+            group["w_max"] = cfg.embed_w_max
+        if role == "head" and cfg.head_lr is not None:
+            group["lr"] = cfg.head_lr
+        if role == "embedding" and cfg.embed_lr is not None:
+            group["lr"] = cfg.embed_lr
+    if cfg.optimizer == "muon":
+        to_adamw = ("vector", "embedding") if cfg.embed_optimizer == "adamw" else ("vector",)
+        matrices = [g for g in groups if g["role"] not in to_adamw]
+        others = [{k: v for k, v in g.items() if k != "rule"} for g in groups
+                  if g["role"] in to_adamw]  # fmt: skip
+        muon = Muon(
+            matrices,
+            lr=cfg.lr,
+            momentum=cfg.momentum,
+            nesterov=cfg.nesterov,
+            momentum_warmup_steps=cfg.momentum_warmup_steps,
+            momentum_start=cfg.momentum_start,
+            coefficients=cfg.coefficients,
+            ns_dtype=getattr(torch, cfg.ns_dtype),
+            weight_decay=cfg.weight_decay,
+        )
+        if not others:
+            return [muon]
+        for group in others:
+            group.pop("target_norm")
+            if group["role"] == "vector":  # e.g. LayerNorm gains, at an Adam-sized step
+                group["lr"] = cfg.lr * 0.01 if cfg.vector_lr is None else cfg.vector_lr
+        adamw = torch.optim.AdamW(others, lr=cfg.lr, betas=cfg.adam_betas, weight_decay=0.0)
+        return [muon, constrain(adamw)]
+    if cfg.optimizer == "adamw":
+        for group in groups:
+            group.pop("rule", None)
+            # the paper's decay λ·η·tn: torch's AdamW decays by λ·η, so fold tn into λ
+            decays = group["role"] in ("hidden", "head")
+            group["weight_decay"] = cfg.weight_decay * group["target_norm"] if decays else 0.0
+            group.pop("target_norm")
+        adamw = torch.optim.AdamW(groups, lr=cfg.lr, betas=cfg.adam_betas)
+        return [constrain(adamw)]
+    raise ValueError(f"optimizer must be 'muon' or 'adamw', got {cfg.optimizer!r}")
+
+
+@torch.no_grad()
+def start_inside_constraints(optimizers: list[torch.optim.Optimizer]) -> None:
+    """Move every constrained initial weight into its ball, exactly: by SVD (svd_cap) for a
+    matrix constraint, by row scaling (row_rms_cap) for a per-row one.
+
+    Needed because the soft cap only absorbs each step: a weight that starts outside its ball
+    (e.g. the norm-1 orthogonal init with w_max < 1) would never be pulled back in. Constraints
+    that bound nothing (``needs_w_max`` False) are left alone.
+    """
+    for opt in optimizers:
+        for group in opt.param_groups:
+            c = METHODS[group.get("constraint", "none")]
+            if not c.needs_w_max:
+                continue
+            cap = row_rms_cap if c.per_row else svd_cap  # the exact projection onto the ball
+            for p in group["params"]:
+                p.copy_(cap(p, w_max=group["w_max"]))
