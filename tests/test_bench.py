@@ -1,6 +1,7 @@
 """The benchmarks run and report what they claim (timings themselves are not asserted)."""
 
 from lipschitz import bench_projections, bench_throughput
+from lipschitz.constraints import METHODS
 
 
 def test_projection_benchmark_reports_every_method():
@@ -11,6 +12,10 @@ def test_projection_benchmark_reports_every_method():
     assert abs(rows["svd_cap"]["sigma_after_over_w_max"] - 1) < 1e-5
     assert abs(rows["spectral_soft_cap"]["sigma_after_from_1.05_over_w_max"] - 1) < 1e-3
     assert "| `spectral_hard_cap` |" in bench_projections.markdown(results)
+    # every matrix constraint of the registry, with the registry's guarantee
+    for name, c in METHODS.items():
+        if name != "none" and not c.per_row:
+            assert rows[name]["guarantee"] == c.guarantee
 
 
 def test_throughput_benchmark_compares_the_four_setups():

@@ -1,5 +1,6 @@
 """Weight constraints against float64 SVD: properties over drawn shapes, dtypes and spectra."""
 
+import inspect
 import math
 
 import numpy as np
@@ -12,6 +13,7 @@ from matrices import matrix_cases, matrix_with_spectrum, random_orthonormal, rms
 from lipschitz.constraints import (
     CONSTRAINTS,
     HARD_CAP_QUINTICS,
+    METHODS,
     soft_cap_alpha,
     spectral_hammer,
     spectral_hard_cap,
@@ -21,14 +23,14 @@ from lipschitz.constraints import (
     stiefel,
     svd_cap,
 )
-from lipschitz.linalg import rms_operator_norm, scalar_odd_polynomial
+from lipschitz.linalg import rms_operator_norm, row_rms, scalar_odd_polynomial
 
 DTYPES = st.sampled_from([torch.float64, torch.float32])
-# Tolerances stated in the docstrings, relative to w_max.
-HARD_CAP_TOL = 1e-3  # msign hard cap: σ_max ≤ w_max·(1 + 1e-3)
+# Tolerances of the registry (and the docstrings), relative to w_max.
+HARD_CAP_TOL = METHODS["spectral_hard_cap"].tolerance  # msign hard cap: σ_max ≤ w_max·(1 + 1e-3)
 STIEFEL_TOL = 1e-4  # accurate8 band [0.9999, 1.0001] for σ ≥ 1e-3·‖W‖_F
-NORMALIZE_COLD_TOL = 0.05  # 16 block power iterations, cold start (worst seen: 1.5% in 400 cases)
-POWER_ITERATION_METHODS = {"spectral_normalize", "spectral_hammer", "spectral_weight_decay"}
+NORMALIZE_COLD_TOL = METHODS["spectral_normalize"].tolerance  # cold start: worst seen 1.5%
+POWER_ITERATION_METHODS = {name for name, c in METHODS.items() if c.stateful}
 
 
 def _float_tol(dtype):
@@ -258,3 +260,53 @@ def test_every_constraint_keeps_dtype_shape_and_accepts_the_common_signature(nam
     one = CONSTRAINTS[name](stack[1:], w_max=1.0, update_norm=0.05, **kw)
     both = CONSTRAINTS[name](stack, w_max=1.0, update_norm=0.05, **kw)
     torch.testing.assert_close(both[1:], one, rtol=1e-6, atol=1e-6)
+
+
+# ---------------------------------------------------------------------------- the registry
+
+
+def test_registry_facts_match_the_signatures():
+    assert CONSTRAINTS == {name: c.fn for name, c in METHODS.items() if not c.per_row}
+    assert POWER_ITERATION_METHODS == {
+        "spectral_normalize",
+        "spectral_hammer",
+        "spectral_weight_decay",
+    }
+    for name, c in METHODS.items():
+        params = inspect.signature(c.fn).parameters
+        assert c.name == name
+        assert c.stateful == ("state" in params), name
+        assert c.needs_w_max == (params["w_max"].default is inspect.Parameter.empty), name
+        assert (c.tolerance is None) == (c.guarantee in ("no", "no bound")), name
+
+
+def _norm(c, W: torch.Tensor) -> torch.Tensor:
+    """The norm a method bounds: largest row RMS, or RMS→RMS norm, per matrix."""
+    return row_rms(W.double()).amax(-1) if c.per_row else rms_operator_norm(W)
+
+
+@pytest.mark.parametrize("name", sorted(METHODS))
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
+def test_registry_facts_hold(name, dtype):
+    c = METHODS[name]
+    gen = torch.Generator().manual_seed(6)
+    sig = torch.tensor([[1.25, 1.2, 0.5, 0.1], [1.25, 0.3, 0.2, 0.1], [0.9, 0.8, 0.3, 0.05]])
+    W = matrix_with_spectrum(12, 4, sig.double(), gen).to(dtype)  # (3, 12, 4)
+    # coupled_to_step: only such a method depends on the step's norm and the decay
+    still = c.fn(W, w_max=1.0)
+    assert torch.equal(c.fn(W, w_max=1.0, update_norm=0.25, weight_decay=0.01), still) != (
+        c.coupled_to_step
+    )
+    # needs_w_max: the others ignore it
+    if not c.needs_w_max:
+        assert torch.equal(c.fn(W, w_max=2.0), still)
+    # stackable: one call on the stack equals a call per matrix
+    if c.stackable:
+        alone = torch.stack([c.fn(W[i], w_max=1.0, update_norm=0.25) for i in range(3)])
+        both = c.fn(W, w_max=1.0, update_norm=0.25)
+        torch.testing.assert_close(both, alone, rtol=1e-6, atol=1e-6)
+    # tolerance: from just outside the ball (σ = 1.25·w_max, the soft cap told of a step of
+    # 0.25·w_max, inside its guarantee) the norm lands within w_max·(1 + tolerance)
+    if c.tolerance is not None:
+        out = c.fn(W, w_max=1.0, update_norm=0.25)
+        assert torch.all(_norm(c, out) <= 1 + c.tolerance), (name, _norm(c, out))

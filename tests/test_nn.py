@@ -12,6 +12,7 @@ from lipschitz.nn import (
     GELU_MAX_SLOPE,
     GELU_SCALE,
     MLP,
+    MODELS,
     BaselineGPT,
     BaselineMLP,
     Block,
@@ -21,6 +22,7 @@ from lipschitz.nn import (
     LipschitzGPT,
     LipschitzMLP,
     activation_stats,
+    build_model,
 )
 from lipschitz.nn.layers import apply_rope, rope_tables
 
@@ -158,6 +160,16 @@ def test_mlp_and_block_math():
         Block(8, 2, seq_len=5, alpha=0.0)
 
 
+def test_layers_declare_their_matrices():
+    """Routing reads which layers sit behind attention's ×out_mult from the attention itself."""
+    attn = CausalSelfAttention(16, 2, 8)
+    assert attn.scaled_linears() == [attn.q, attn.k, attn.v]
+    content_free = CausalSelfAttention(16, 2, 8, attn_scale=0.0)
+    assert content_free.scaled_linears() == [content_free.v]
+    mlp = MLP(16)
+    assert mlp.linears() == [mlp.fc_in, mlp.fc_out]
+
+
 # ---------------------------------------------------------------------------- models
 
 
@@ -205,6 +217,23 @@ def test_lipschitz_gpt_options():
     for block in tied.blocks:
         x = block(x)
     torch.testing.assert_close(tied(idx), x @ tied.embed.weight.T)
+
+
+def test_build_model_leaves_architectural_constants_to_the_models():
+    from lipschitz.config import apply_overrides
+    from lipschitz.presets import preset
+
+    assert set(MODELS) == {"lipschitz_gpt", "baseline_gpt", "lipschitz_mlp", "baseline_mlp"}
+    cfg = apply_overrides(preset("tiny"), ["d_model=16", "n_layer=3", "n_head=2", "seq_len=8"])
+    model = build_model(cfg, 11)
+    assert isinstance(model, LipschitzGPT) and model.embed.num_embeddings == 11
+    assert cfg.residual_alpha is None  # so α is the model's own 1/(2·n_layer)
+    assert all(b.alpha == 1 / 6 and b.residual == "convex" for b in model.blocks)
+    assert all(b.attn.out_mult == cfg.attn_out_mult for b in model.blocks)
+    mlp_cfg = apply_overrides(cfg, ["model=lipschitz_mlp", "dataset=cifar10"])
+    mlp = build_model(mlp_cfg, 10, 48)
+    assert isinstance(mlp, LipschitzMLP)
+    assert [m.weight.shape for m in mlp.layers] == [(16, 48), (16, 16), (10, 16)]
 
 
 def test_baseline_gpt_same_interface():
