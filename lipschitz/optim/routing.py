@@ -55,29 +55,7 @@ def route_parameters(
     if head is None and isinstance(getattr(model, "head", None), nn.Linear):
         head = model.head
     factors, embed_factor = residual_target_factors(model, unit_scalars)
-    routed: list[tuple[str, str, nn.Parameter]] = []  # (role, name, parameter)
-    seen = set()
-    for mod_name, m in model.named_modules():
-        for p_name, p in m.named_parameters(recurse=False):
-            if id(p) in seen:
-                continue
-            seen.add(id(p))
-            name = f"{mod_name}.{p_name}" if mod_name else p_name
-            if p.ndim < 2 or getattr(m, "param_role", None) == "vector":
-                role = "vector"
-            elif m is head:
-                role = "head"
-            elif isinstance(m, nn.Embedding):
-                role = "embedding"
-            elif isinstance(m, matrix_types):
-                role = "hidden"
-            else:
-                raise ValueError(
-                    f"route_parameters: don't know how to treat {name} of shape "
-                    f"{tuple(p.shape)} in a {type(m).__name__}; pass its type in matrix_types "
-                    "if it is a (..., out, in) weight matrix"
-                )
-            routed.append((role, name, p))
+    routed = _roles(model, head, matrix_types)
 
     def n_matrices(p: Tensor) -> int:
         return math.prod(p.shape[:-2])
@@ -104,6 +82,36 @@ def route_parameters(
                 groups[role, tn]["rule"] = rules[role]
         groups[role, tn]["params"].append((name, p))
     return list(groups.values())
+
+
+def _roles(
+    model: nn.Module, head: nn.Module | None, matrix_types: tuple[type[nn.Module], ...]
+) -> list[tuple[str, str, nn.Parameter]]:
+    """(role, name, parameter) of every parameter, tied ones once (see route_parameters)."""
+    routed = []
+    seen = set()
+    for mod_name, m in model.named_modules():
+        for p_name, p in m.named_parameters(recurse=False):
+            if id(p) in seen:
+                continue
+            seen.add(id(p))
+            name = f"{mod_name}.{p_name}" if mod_name else p_name
+            if p.ndim < 2 or getattr(m, "param_role", None) == "vector":
+                role = "vector"
+            elif m is head:
+                role = "head"
+            elif isinstance(m, nn.Embedding):
+                role = "embedding"
+            elif isinstance(m, matrix_types):
+                role = "hidden"
+            else:
+                raise ValueError(
+                    f"route_parameters: don't know how to treat {name} of shape "
+                    f"{tuple(p.shape)} in a {type(m).__name__}; pass its type in matrix_types "
+                    "if it is a (..., out, in) weight matrix"
+                )
+            routed.append((role, name, p))
+    return routed
 
 
 def residual_target_factors(
