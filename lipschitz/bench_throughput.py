@@ -24,8 +24,10 @@ import torch
 import torch.nn.functional as F
 
 from lipschitz.config import apply_overrides
+from lipschitz.nn import build_model
+from lipschitz.optim import build_optimizers
 from lipschitz.presets import preset
-from lipschitz.train import autocast, build_model, build_optimizers, select_device
+from lipschitz.training.runtime import autocast, select_device
 
 VOCAB = 65
 

@@ -7,13 +7,36 @@ import argparse
 import json
 import os
 import sys
-from pathlib import Path
+
+# Failures that are the input's fault (bad arguments, files, data, a diverged run): one line
+# naming the thing at fault, exit status 2. Anything else is a bug and keeps its traceback.
+EXPECTED_ERRORS = (
+    ValueError,
+    NotImplementedError,
+    FloatingPointError,
+    OSError,  # FileNotFoundError, FileExistsError, PermissionError, a full disk, a long name
+    ImportError,
+    MemoryError,
+)
+
+
+def _expected(err: Exception) -> bool:
+    """Whether ``err`` is an expected failure (see EXPECTED_ERRORS), including the
+    RuntimeErrors that are: a directory in use, a broken constraint, out of GPU memory."""
+    if isinstance(err, EXPECTED_ERRORS):
+        return True
+    import torch
+
+    from lipschitz.fileio import DirectoryInUse
+    from lipschitz.training import ConstraintViolation
+
+    return isinstance(err, (DirectoryInUse, ConstraintViolation, torch.OutOfMemoryError))
 
 
 def cmd_train(args: argparse.Namespace) -> None:
-    from lipschitz.config import Config, apply_overrides
+    from lipschitz.config import apply_overrides
     from lipschitz.presets import preset
-    from lipschitz.train import train
+    from lipschitz.training import RunDir, sample_text, train
 
     if args.resume and args.set:
         raise ValueError("--resume continues the saved config exactly; drop --set")
@@ -23,8 +46,7 @@ def cmd_train(args: argparse.Namespace) -> None:
     final = train(cfg, args.out, resume=args.resume)
     if int(os.environ.get("RANK", "0")) != 0:  # under torchrun, rank 0 reports
         return
-    if args.resume:
-        cfg = Config.load(Path(args.out) / "config.json")
+    cfg = RunDir(args.out).config()  # the saved one, on resume
     bound = final["lipschitz_bound"]
     bound = "none (unconstrained model)" if bound is None else f"{bound:.4g}"
     print(
@@ -32,41 +54,18 @@ def cmd_train(args: argparse.Namespace) -> None:
         f"certified Lipschitz bound={bound} "
         f"steps={final['steps']} wall={final['wall_time_s']:.0f}s -> {args.out}/final.json"
     )
+    for v in final.get("constraint_violations") or []:
+        print(f"warning: {v['param']} ends at norm {v['norm']:.4g} > w_max {v['w_max']:g} "
+              f"({v['constraint']} does not guarantee its cap)", file=sys.stderr)  # fmt: skip
     if cfg.sample_tokens > 0 and cfg.dataset in ("shakespeare", "tokens"):
         prompt = "\n" if cfg.dataset == "shakespeare" else "<|endoftext|>"
         print("sample:")
         print(sample_text(args.out, prompt, cfg.sample_tokens, temperature=0.8, seed=0))
 
 
-def sample_text(
-    out: str, prompt: str, tokens: int, temperature: float, seed: int, data_dir: str | None = None
-) -> str:
-    import torch
-
-    from lipschitz.train import generate, load_run
-
-    model, cfg = load_run(out)
-    # a run trained on softmax(τ·logits) is read at temperature relative to τ
-    temperature = temperature / cfg.train_temperature
-    gen = torch.Generator().manual_seed(seed)
-    if cfg.dataset == "tokens":  # GPT-2 tokens
-        from lipschitz.data.tokens import gpt2_tokenizer
-
-        enc = gpt2_tokenizer(data_dir or cfg.data_dir)
-        idx = torch.tensor([enc.encode(prompt, allowed_special="all")], dtype=torch.long)
-        ids = generate(model, idx, tokens, cfg.seq_len, temperature, gen)[0].tolist()
-        return enc.decode([i for i in ids if i < enc.n_vocab])  # padded vocabularies
-    vocab = json.loads((Path(out) / "vocab.json").read_text())
-    lookup = {c: i for i, c in enumerate(vocab)}
-    unknown = sorted(set(prompt) - lookup.keys())
-    if unknown:
-        raise ValueError(f"prompt has characters outside the vocabulary: {unknown!r}")
-    idx = torch.tensor([[lookup[c] for c in prompt]], dtype=torch.long)
-    ids = generate(model, idx, tokens, cfg.seq_len, temperature, gen)[0].tolist()
-    return "".join(vocab[i] for i in ids)
-
-
 def cmd_sample(args: argparse.Namespace) -> None:
+    from lipschitz.training import sample_text
+
     print(sample_text(args.dir, args.prompt, args.tokens, args.temperature, args.seed,
                       args.data_dir))  # fmt: skip
 
@@ -84,16 +83,24 @@ def cmd_prepare(args: argparse.Namespace) -> None:
 
 def cmd_certify(args: argparse.Namespace) -> None:
     from lipschitz.certify import certify
-    from lipschitz.train import load_run
+    from lipschitz.optim import build_optimizers, constraint_violations
+    from lipschitz.training import load_run
 
-    model, _ = load_run(args.dir)
+    model, cfg = load_run(args.dir)
     cert = certify(model, rule=args.rule)
+    for opt in build_optimizers(cfg, model):  # the caps the run was trained under
+        for v in constraint_violations(opt):
+            print(f"warning: {v['param']} has norm {v['norm']:.6g} above its configured cap "
+                  f"w_max={v['w_max']:g} ({v['constraint']})", file=sys.stderr)  # fmt: skip
     result = {"lipschitz_bound": cert.lipschitz, **cert.to_dict()}
     if args.json:
         print(json.dumps(result, indent=2))
     else:
-        what = "certified Lipschitz bound" if args.rule == "certified" else (
-            "the paper's formula (App. B; not a valid bound for every model)")
+        what = (
+            "certified Lipschitz bound"
+            if args.rule == "certified"
+            else ("the paper's formula (App. B; not a valid bound for every model)")
+        )
         print(f"{what}: {cert.lipschitz:.6g} ({cert.input_norm} -> {cert.output_norm})")
         for layer in cert.layers:
             print(f"  {layer['name']:40s} {layer['rms_operator_norm']:.4f}")
@@ -136,7 +143,8 @@ def cmd_plot(args: argparse.Namespace) -> None:
 
     points = load_points(find_runs(args.runs), args.x, args.y)
     out = plot(points, args.x, args.y, args.out, log_x=not args.linear_x, lower_y=args.lower_y)
-    print(out.with_suffix(".md").read_text(), end="")  # the frontier table plot() wrote
+    table = out.with_suffix(".md").read_text().split("\n", 1)[1]  # without the marker line
+    print(table, end="")  # the frontier table plot() wrote
     print(f"-> {out}, {out.with_suffix('.md')} ({len(points)} runs)")
 
 
@@ -237,16 +245,22 @@ def main(argv: list[str] | None = None) -> None:
     args = parser.parse_args(argv)
     try:
         args.func(args)
-    except (
-        ValueError,
-        NotImplementedError,
-        FloatingPointError,
-        FileNotFoundError,
-        FileExistsError,
-        ImportError,
-    ) as err:
-        print(f"lipschitz {args.command}: error: {err}", file=sys.stderr)
+    except KeyboardInterrupt:
+        print(f"lipschitz {args.command}: interrupted", file=sys.stderr)
+        sys.exit(130)
+    except Exception as err:
+        if not _expected(err):
+            raise
+        print(f"lipschitz {args.command}: error: {_one_line(err)}", file=sys.stderr)
         sys.exit(2)
+
+
+def _one_line(err: BaseException) -> str:
+    """The error's message on one line (OSError: 'what: path')."""
+    if isinstance(err, OSError) and err.filename is not None and err.strerror:
+        return f"{err.strerror}: {err.filename}"
+    text = " ".join(str(err).split()) or type(err).__name__
+    return text if len(text) < 2000 else text[:2000] + " …"
 
 
 if __name__ == "__main__":

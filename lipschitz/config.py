@@ -89,7 +89,7 @@ class Config:
     # Loop
     grad_accum: int = 1
     eval_every: int = 250
-    eval_protocol: str = "full"  # full | paper (see lipschitz.train.evaluate)
+    eval_protocol: str = "full"  # full | paper (see lipschitz.data.tasks.eval_windows)
     checkpoint_every: int = 500
     log_every: int = 50
     compile: bool = False

@@ -179,7 +179,7 @@ def report(
     ``robustness.png``, each atomically; bad arguments are refused before anything is read."""
     from lipschitz.certify import certify
     from lipschitz.data.images import IMAGE_SHAPES, LOADERS
-    from lipschitz.train import load_run
+    from lipschitz.training import load_run
 
     check_attack(eps_list, pgd_steps, n)
     model, cfg = load_run(run_dir)

@@ -37,7 +37,7 @@ from pathlib import Path
 from lipschitz.config import Config, apply_overrides
 from lipschitz.fileio import atomic_write_text, lock, read_json
 from lipschitz.presets import preset
-from lipschitz.train import CHECKPOINT
+from lipschitz.training.rundir import RunDir
 
 SPEC_KEYS = {"preset", "out", "parallel", "set", "grid"}
 LOCK = ".lock"  # in the sweep directory: held by the running sweep (fileio.lock)
@@ -171,7 +171,7 @@ def read_final(run_dir: Path) -> tuple[dict | None, str | None]:
     """A run's final.json and, if it cannot be used, why: ``(None, None)`` when there is none,
     ``(None, reason naming the file)`` when it does not parse as a JSON object (a damaged or
     half-written file: the run counts as unfinished and is run again)."""
-    path = run_dir / "final.json"
+    path = run_dir / RunDir.FINAL
     if not path.exists():
         return None, None
     try:
@@ -187,7 +187,7 @@ def _status(run_dir: Path) -> str:
     """done (a final.json that parses), resume (a checkpoint) or new."""
     if read_final(run_dir)[0] is not None:
         return "done"
-    if (run_dir / CHECKPOINT).exists():
+    if (run_dir / RunDir.CHECKPOINT).exists():
         return "resume"
     return "new"
 
@@ -210,7 +210,7 @@ def _start(
     """Start (or resume, from its checkpoint) one run as a child process logging to train.log."""
     run_dir.mkdir(parents=True, exist_ok=True)
     resume = _status(run_dir) == "resume"
-    log = open(run_dir / "train.log", "a")  # the child keeps its own handle
+    log = open(run_dir / RunDir.LOG, "a")  # the child keeps its own handle
     proc = subprocess.Popen(_command(spec, run, run_dir, data_dir, resume),
                             stdout=log, stderr=subprocess.STDOUT, env=env)  # fmt: skip
     log.close()
@@ -289,7 +289,7 @@ def _run_all(
                 if proc.returncode == 0 and _status(out / run.name) == "done":
                     print(f"  done {run.name} ({time.time() - t0:.0f} s)", flush=True)
                 else:
-                    failed[run.name] = _tail(out / run.name / "train.log")
+                    failed[run.name] = _tail(out / run.name / RunDir.LOG)
                     print(f"  FAILED {run.name} (exit {proc.returncode}):\n{failed[run.name]}",
                           flush=True)  # fmt: skip
     finally:

@@ -2,16 +2,15 @@
 torch.compile with bf16 Newton–Schulz on GPT-2 token shards."""
 
 import os
-from pathlib import Path
 
 import pytest
 import torch
 
-from lipschitz import train as train_module
 from lipschitz.config import apply_overrides
 from lipschitz.constraints import CONSTRAINTS
 from lipschitz.linalg import rms_operator_norm
 from lipschitz.presets import preset
+from lipschitz.training import RunDir, load_run, train
 
 pytestmark = [
     pytest.mark.cuda,
@@ -34,15 +33,28 @@ def test_constraints_on_cuda(name, dtype):
 @pytest.mark.skipif(not DATA_DIR, reason="needs LIPSCHITZ_DATA_DIR")
 def test_tiny_trains_and_resumes_on_cuda(tmp_path):
     cfg = apply_overrides(preset("tiny"), ["device=cuda"])
-    final = train_module.train(cfg, tmp_path / "full")
+    final = train(cfg, tmp_path / "full")
     assert final["device"].startswith("cuda") and final["lipschitz_bound"] < 10
-    state = torch.load(Path(tmp_path / "full" / "checkpoint.pt"), weights_only=False)
+    state = RunDir(tmp_path / "full").load_checkpoint()
     assert state["cuda_rng"] is not None
-    # resume from the step-10 checkpoint of a copy: must finish without device errors
-    cfg_half = apply_overrides(cfg, ["steps=10"])
-    train_module.train(cfg_half, tmp_path / "half")
-    (tmp_path / "half" / "config.json").write_text(cfg.to_json())
-    resumed = train_module.train(cfg, tmp_path / "half", resume=True)
+    # interrupted after the step-10 checkpoint, resumed: the same weights, on the GPU
+    import lipschitz.data.tasks as tasks
+
+    real, calls = tasks.sample_batch, {"n": 0}
+
+    def crash_at_13(*args, **kwargs):
+        calls["n"] += 1
+        if calls["n"] == 13:
+            raise KeyboardInterrupt
+        return real(*args, **kwargs)
+
+    tasks.sample_batch = crash_at_13
+    try:
+        with pytest.raises(KeyboardInterrupt):
+            train(cfg, tmp_path / "half")
+    finally:
+        tasks.sample_batch = real
+    resumed = train(cfg, tmp_path / "half", resume=True)
     assert resumed["steps"] == cfg.steps
 
 
@@ -54,10 +66,10 @@ def test_token_run_compiled_with_bf16_newton_schulz_on_cuda(tmp_path, token_shar
          "ns_dtype=bfloat16", "nesterov=true", "coefficients=nanogpt5", "steps=8",
          "eval_every=8", "val_tokens=256", "embed_optimizer=adamw"],
     )  # fmt: skip
-    final = train_module.train(cfg, tmp_path / "run")
+    final = train(cfg, tmp_path / "run")
     assert final["device"].startswith("cuda") and final["steps"] == 8
     assert final["val_loss"] < 11 and final["lipschitz_bound"] is not None
-    model, _ = train_module.load_run(tmp_path / "run")
+    model, _ = load_run(tmp_path / "run")
     for name, p in model.named_parameters():
         if name != "embed.weight":  # soft cap in bf16: within the measured 1.3% margin
             assert rms_operator_norm(p).item() <= cfg.w_max * 1.02, name

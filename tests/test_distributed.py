@@ -14,12 +14,12 @@ import sys
 from pathlib import Path
 
 import pytest
-import torch
 
-from lipschitz import train as train_module
 from lipschitz.config import apply_overrides
+from lipschitz.nn import build_model
 from lipschitz.optim import assign_ranks, matrix_cost
 from lipschitz.presets import preset
+from lipschitz.training import RunDir, train
 
 ROOT = Path(__file__).resolve().parents[1]  # the checkout under test
 STEPS = 6
@@ -59,11 +59,11 @@ def test_two_gloo_processes_equal_one_process(tmp_path, token_shards):
     assert done.stdout.count("final: val_acc=") == 1  # rank 0 reports
 
     cfg = apply_overrides(preset("tiny"), settings)
-    one = train_module.train(cfg, tmp_path / "one")
+    one = train(cfg, tmp_path / "one")
     two = json.loads((tmp_path / "two" / "final.json").read_text())
 
-    a = torch.load(tmp_path / "one" / "checkpoint.pt", weights_only=False)
-    b = torch.load(tmp_path / "two" / "checkpoint.pt", weights_only=False)
+    a = RunDir(tmp_path / "one").load_checkpoint()
+    b = RunDir(tmp_path / "two").load_checkpoint()
     assert b["world_size"] == 2 and a["model"].keys() == b["model"].keys()
     diff = max((a["model"][k] - b["model"][k]).abs().max().item() for k in a["model"])
     print(f"max |w(2 processes) - w(1 process)| = {diff:.3g}")
@@ -77,7 +77,7 @@ def test_two_gloo_processes_equal_one_process(tmp_path, token_shards):
     ]
 
     # each rank orthogonalized and projected exactly the matrices assign_ranks gave it
-    model = train_module.build_model(cfg, 50257)
+    model = build_model(cfg, 50257)
     matrices = [p for n, p in model.named_parameters() if n != "embed.weight"]  # Muon "matrix"
     owners = assign_ranks([tuple(p.shape) for p in matrices], 2)
     (total,) = one["work_per_rank"]

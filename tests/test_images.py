@@ -61,6 +61,7 @@ def test_mnist_downloads_verify_decompressed_content(tmp_path, monkeypatch, no_d
 
 def _canonical_archive(arrays: dict, path: Path) -> None:
     """Write arrays in the layout of cifar-10-python.tar.gz: pickled dicts of R,G,B planes."""
+
     def batch(x: np.ndarray, y: np.ndarray) -> bytes:
         data = x.transpose(0, 3, 1, 2).reshape(len(x), 3072)  # (N, 3·32·32), channel planes
         return pickle.dumps({b"data": data, b"labels": y.tolist(), b"batch_label": b"x"})

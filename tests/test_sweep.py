@@ -26,7 +26,10 @@ def _spec(tmp_path: Path, text: str) -> Path:
 
 
 def test_grids_expand_to_the_union_of_their_products(tmp_path):
-    spec = load_spec(_spec(tmp_path, """
+    spec = load_spec(
+        _spec(
+            tmp_path,
+            """
 preset = "tiny"
 [set]
 steps = 4
@@ -36,7 +39,9 @@ constraint = "none"
 weight_decay = [0.0, 0.1]
 [[grid]]
 w_max = [1.0, 2.0, 3.0]
-"""))
+""",
+        )
+    )
     runs = expand(spec)
     assert len(runs) == 2 * 2 + 3
     names = [r.name for r in runs]
@@ -47,13 +52,18 @@ w_max = [1.0, 2.0, 3.0]
 
 
 def test_the_same_point_in_two_grids_runs_once_under_one_name(tmp_path):
-    spec = load_spec(_spec(tmp_path, """
+    spec = load_spec(
+        _spec(
+            tmp_path,
+            """
 preset = "tiny"
 [[grid]]
 w_max = [2, 3.0]
 [[grid]]
 w_max = 2.0
-"""))
+""",
+        )
+    )
     assert [r.name for r in expand(spec)] == ["w_max=2.0", "w_max=3.0"]
 
 
@@ -79,7 +89,9 @@ def test_bad_specs_are_refused_before_anything_runs(tmp_path, text, message):
 
 @needs_data
 def test_sweep_runs_skips_resumes_and_reports_failures(tmp_path, capsys):
-    spec = _spec(tmp_path, """
+    spec = _spec(
+        tmp_path,
+        """
 preset = "tiny"
 parallel = 2
 [set]
@@ -91,7 +103,8 @@ sample_tokens = 0
 w_max = [1.0, 2.0]
 [[grid]]
 grad_accum = 3  # passes validation, fails in the trainer: batch_size 8 is not divisible by 3
-""")
+""",
+    )
     out = tmp_path / "sweep"
     rows = run_sweep(spec, out, data_dir=DATA_DIR)
     status = {row["run"]: row["status"] for row in rows}
@@ -130,6 +143,7 @@ def _brute_force_frontier(points):
     def dominated(p):
         return any(q["x"] <= p["x"] and q["y"] >= p["y"] and (q["x"], q["y"]) != (p["x"], p["y"])
                    for q in points)  # fmt: skip
+
     return {(p["x"], p["y"]) for p in points if not dominated(p)}
 
 
@@ -166,10 +180,18 @@ def test_plot_writes_png_and_frontier_table(tmp_path, capsys):
                                            ("muon", 50, 0.4), ("adamw", 1000, 0.55)]):  # fmt: skip
         _fake_run(runs, f"r{i}", {"optimizer": opt, "constraint": "none", "weight_decay": 0.1},
                   {"lipschitz_bound": bound, "val_acc": acc})  # fmt: skip
-    _fake_run(runs, "baseline", {"optimizer": "adamw", "constraint": "none"},
-              {"lipschitz_bound": None, "val_acc": 0.7})  # no bound: left out of the plot
-    _fake_run(runs, "diverged", {"optimizer": "muon", "constraint": "none"},
-              {"lipschitz_bound": float("nan"), "val_acc": 0.9})  # NaN: left out too
+    _fake_run(
+        runs,
+        "baseline",
+        {"optimizer": "adamw", "constraint": "none"},
+        {"lipschitz_bound": None, "val_acc": 0.7},
+    )  # no bound: left out of the plot
+    _fake_run(
+        runs,
+        "diverged",
+        {"optimizer": "muon", "constraint": "none"},
+        {"lipschitz_bound": float("nan"), "val_acc": 0.9},
+    )  # NaN: left out too
     points = load_points(find_runs([runs]), "lipschitz_bound", "val_acc")
     assert len(points) == 4
     cli_main(["plot", str(runs), "--out", str(tmp_path / "p.png")])

@@ -7,11 +7,15 @@ from pathlib import Path
 import pytest
 import torch
 
-from lipschitz import train as train_module
+import lipschitz.data.tasks as tasks
+import lipschitz.training.loop as loop
 from lipschitz.cli import main as cli_main
 from lipschitz.config import Config, apply_overrides
 from lipschitz.linalg import rms_operator_norm
+from lipschitz.nn import build_model
+from lipschitz.optim import build_optimizers
 from lipschitz.presets import PRESETS, preset
+from lipschitz.training import RunDir, load_run, train
 
 DATA_DIR = os.environ.get("LIPSCHITZ_DATA_DIR")
 needs_data = pytest.mark.skipif(
@@ -21,14 +25,14 @@ needs_data = pytest.mark.skipif(
 
 
 def _weights(run_dir: Path) -> dict:
-    return torch.load(run_dir / "checkpoint.pt", weights_only=False)["model"]
+    return RunDir(run_dir).load_checkpoint()["model"]
 
 
 @needs_data
 def test_tiny_interrupt_resume_certify_sample(tmp_path, monkeypatch, capsys):
     cfg = preset("tiny")
     full = tmp_path / "full"
-    final = train_module.train(cfg, full)
+    final = train(cfg, full)
     assert final["steps"] == cfg.steps
     for key in ("val_loss", "val_acc", "lipschitz_bound", "steps", "tokens_seen", "wall_time_s"):
         assert key in json.loads((full / "final.json").read_text())
@@ -36,7 +40,7 @@ def test_tiny_interrupt_resume_certify_sample(tmp_path, monkeypatch, capsys):
 
     # Interrupt a second run during step 13 (after the checkpoint at step 10), then resume.
     broken = tmp_path / "broken"
-    real_sample = train_module.sample_batch
+    real_sample = tasks.sample_batch
     calls = {"n": 0}
 
     def crash_at_13(*args, **kwargs):
@@ -45,16 +49,16 @@ def test_tiny_interrupt_resume_certify_sample(tmp_path, monkeypatch, capsys):
             raise KeyboardInterrupt
         return real_sample(*args, **kwargs)
 
-    monkeypatch.setattr(train_module, "sample_batch", crash_at_13)
+    monkeypatch.setattr(tasks, "sample_batch", crash_at_13)
     with pytest.raises(KeyboardInterrupt):
-        train_module.train(cfg, broken)
-    monkeypatch.setattr(train_module, "sample_batch", real_sample)
-    assert torch.load(broken / "checkpoint.pt", weights_only=False)["step"] == 10
+        train(cfg, broken)
+    monkeypatch.setattr(tasks, "sample_batch", real_sample)
+    assert RunDir(broken).load_checkpoint()["step"] == 10
     metrics_before = (broken / "metrics.jsonl").read_text().splitlines()
     assert metrics_before, "an interrupted run keeps its metrics"
     with pytest.raises(FileExistsError):
-        train_module.train(cfg, broken)  # never overwrite a run by accident
-    resumed = train_module.train(cfg, broken, resume=True)
+        train(cfg, broken)  # never overwrite a run by accident
+    resumed = train(cfg, broken, resume=True)
 
     a, b = _weights(full), _weights(broken)
     assert a.keys() == b.keys()
@@ -85,7 +89,7 @@ def test_tiny_interrupt_resume_certify_sample(tmp_path, monkeypatch, capsys):
 
 @needs_data
 def test_nan_loss_names_the_step(tmp_path, monkeypatch):
-    real_build = train_module.build_model
+    real_build = loop.build_model
 
     def poisoned(*args):
         model = real_build(*args)
@@ -98,9 +102,9 @@ def test_nan_loss_names_the_step(tmp_path, monkeypatch):
         model.head.register_forward_hook(hook)
         return model
 
-    monkeypatch.setattr(train_module, "build_model", poisoned)
+    monkeypatch.setattr(loop, "build_model", poisoned)
     with pytest.raises(FloatingPointError, match="at step 4"):
-        train_module.train(preset("tiny"), tmp_path / "run")
+        train(preset("tiny"), tmp_path / "run")
     assert (tmp_path / "run" / "metrics.jsonl").exists()
 
 
@@ -108,8 +112,8 @@ def test_nan_loss_names_the_step(tmp_path, monkeypatch):
 def test_initial_weights_start_inside_a_small_ball(tmp_path):
     """The soft cap only absorbs steps, so training must start inside w_max < 1 (init is 1)."""
     cfg = apply_overrides(preset("tiny"), ["w_max=0.5", "steps=3", "eval_every=3"])
-    train_module.train(cfg, tmp_path / "run")
-    model, _ = train_module.load_run(tmp_path / "run")
+    train(cfg, tmp_path / "run")
+    model, _ = load_run(tmp_path / "run")
     for name, p in model.named_parameters():
         if name.startswith("blocks.") or name == "head.weight":
             assert rms_operator_norm(p).item() <= 0.5 * (1 + 1e-3), name
@@ -143,24 +147,24 @@ def test_cli_reports_bad_set_key(tmp_path, capsys):
 
 
 def test_eval_windows_cover_the_split_once():
-    starts = train_module.eval_windows(1000, 64, "full", 8)
+    starts = tasks.eval_windows(1000, 64, "full", 8)
     assert starts[0] == 0 and (starts[1:] - starts[:-1] == 64).all()
     assert starts[-1] + 64 + 1 <= 1000 < starts[-1] + 2 * 64 + 1  # last full window is used
-    paper = train_module.eval_windows(100_000, 64, "paper", 8)
+    paper = tasks.eval_windows(100_000, 64, "paper", 8)
     assert len(paper) == 160 and (paper == torch.arange(160)).all()
 
 
 def test_token_task_windows(token_shards):
     cfg = apply_overrides(preset("tiny"), ["dataset=tokens", f"token_dir={token_shards}"])
-    task = train_module.TokenTask(cfg)  # val shard: 820 tokens, seq_len 32
+    task = tasks.TokenTask(cfg)  # val shard: 820 tokens, seq_len 32
     assert task.n_outputs == 50257 and task.n_train_starts == (3000 - 32) + (2000 - 32)
     assert list(task.val_starts) == list(range(0, 820 - 32, 32))  # every position once
     x, y = task.batch(5, torch.Generator().manual_seed(0))
     assert x.shape == y.shape == (5, 32) and torch.equal(x[:, 1:], y[:, :-1])
-    few = train_module.TokenTask(apply_overrides(cfg, ["val_tokens=128"]))
+    few = tasks.TokenTask(apply_overrides(cfg, ["val_tokens=128"]))
     assert list(few.val_starts) == [0, 192, 384, 576]  # 4 windows spread over the 25
     with pytest.raises(FileNotFoundError, match="lipschitz prepare"):
-        train_module.TokenTask(apply_overrides(cfg, ["token_dir=no/such/folder"]))
+        tasks.TokenTask(apply_overrides(cfg, ["token_dir=no/such/folder"]))
     with pytest.raises(ValueError, match="needs token_dir"):
         apply_overrides(preset("tiny"), ["dataset=tokens"])
 
@@ -171,10 +175,10 @@ def test_token_run_with_adamw_embedding(tmp_path, token_shards, capsys):
         ["dataset=tokens", f"token_dir={token_shards}", "steps=4", "eval_every=4",
          "embed_optimizer=adamw", "embed_lr=0.05", "head_lr=0.01", "val_tokens=256"],
     )  # fmt: skip
-    final = train_module.train(cfg, tmp_path / "run")
+    final = train(cfg, tmp_path / "run")
     n_matrices = 2 * 6 + 1  # q, k, v, o, fc_in, fc_out per layer, and the head
     assert final["work_per_rank"] == [{"msign": 4 * n_matrices, "projections": 4 * n_matrices}]
-    model, loaded = train_module.load_run(tmp_path / "run")
+    model, loaded = load_run(tmp_path / "run")
     assert loaded.dataset == "tokens" and model.head.weight.shape == (50257, cfg.d_model)
     assert model.embed.weight.norm(dim=1).max() <= cfg.d_model**0.5 * (1 + 1e-5)  # rows RMS ≤ 1
     capsys.readouterr()
@@ -189,7 +193,7 @@ def test_paper_variant_run_reports_both_protocols_and_trains_the_position_bias(t
         "eval_protocol=paper", "residual=sum", "attn_out_mult=1", "pos_bias=true",
         "train_temperature=3", "vector_lr=0.05", "blocks_mass=32", "sample_tokens=0",
     ])  # fmt: skip
-    final = train_module.train(cfg, tmp_path / "run")
+    final = train(cfg, tmp_path / "run")
     assert final["eval_protocol"] == "paper"
     assert 0 < final["val_acc_full"] < 1 and final["val_loss_full"] > 0
     # trained on softmax(3·logits): that loss is reported next to the plain one
@@ -197,8 +201,8 @@ def test_paper_variant_run_reports_both_protocols_and_trains_the_position_bias(t
     assert final["val_loss_at_train_temperature"] != final["val_loss"]
     # the sum model's certified bound is far above what the paper's formula reports for it
     assert final["lipschitz_bound"] > final["lipschitz_bound_paper_rule"] > 0
-    model, _ = train_module.load_run(tmp_path / "run")
-    init = train_module.build_model(cfg, model.head.out_features)
+    model, _ = load_run(tmp_path / "run")
+    init = build_model(cfg, model.head.out_features)
     trained, start = model.blocks[0].attn.pos_bias.bias, init.blocks[0].attn.pos_bias.bias
     assert not torch.allclose(trained, start)  # AdamW trained it at vector_lr
 
@@ -207,7 +211,7 @@ def test_optimizer_keys_reach_the_param_groups():
     cfg = apply_overrides(
         preset("gpt-small-cpu"), ["d_model=32", "n_layer=1", "n_head=1", "seq_len=16"]
     )
-    muon, adamw = train_module.build_optimizers(cfg, train_module.build_model(cfg, 100))
+    muon, adamw = build_optimizers(cfg, build_model(cfg, 100))
     lrs = {g["role"]: g["lr"] for g in muon.param_groups}
     assert lrs == {"hidden": cfg.lr, "head": cfg.head_lr}
     assert all(g["nesterov"] and g["momentum_warmup_steps"] == 20 for g in muon.param_groups)

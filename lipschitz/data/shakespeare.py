@@ -95,14 +95,23 @@ class CharCorpus:
         return len(self.chars)
 
     def encode(self, text: str) -> list[int]:
-        lookup = {c: i for i, c in enumerate(self.chars)}
-        unknown = sorted(set(text) - lookup.keys())
-        if unknown:
-            raise ValueError(f"characters not in the vocabulary: {unknown!r}")
-        return [lookup[c] for c in text]
+        return encode_chars(self.chars, text)
 
     def decode(self, ids: list[int]) -> str:
-        return "".join(self.chars[i] for i in ids)
+        return decode_chars(self.chars, ids)
+
+
+def encode_chars(chars: list[str], text: str) -> list[int]:
+    """Character ids of ``text`` in the vocabulary ``chars``; unknown characters are an error."""
+    lookup = {c: i for i, c in enumerate(chars)}
+    unknown = sorted(set(text) - lookup.keys())
+    if unknown:
+        raise ValueError(f"characters not in the vocabulary: {unknown!r}")
+    return [lookup[c] for c in text]
+
+
+def decode_chars(chars: list[str], ids: list[int]) -> str:
+    return "".join(chars[i] for i in ids)
 
 
 def load(data_dir: str | Path | None = None) -> CharCorpus:

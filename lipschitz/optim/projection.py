@@ -188,7 +188,7 @@ def constrain(optimizer: Optimizer) -> Optimizer:
     beyond the cap's guarantee (k > (81/62)·w_max) trigger one warning per optimizer.
 
     Installs one step post-hook running the stages of :class:`_Stages` in their fixed order.
-    ``optimizer.lipschitz_work`` is the work counter dict (:func:`work_counts` returns a copy).
+    :func:`work_counts` reads the matrices it orthogonalized and projected.
     Muon calls this itself; call it once on other optimizers (a second call is an error).
     """
     if is_constrained(optimizer):
@@ -198,8 +198,6 @@ def constrain(optimizer: Optimizer) -> Optimizer:
     stages = _Stages()
     optimizer.register_step_post_hook(stages)
     optimizer._lipschitz_stages = stages
-    optimizer._lipschitz_constrained = True  # read by callers that predate is_constrained
-    optimizer.lipschitz_work = stages.work
     return optimizer
 
 

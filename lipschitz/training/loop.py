@@ -1,0 +1,389 @@
+"""The training loop: one :class:`Trainer` walks a run through its phases.
+
+::
+
+    train(cfg, out)
+      └ RunDir(out).locked()          one writer per run directory
+          ├ prepare                   new run: refuse to overwrite; resume: the saved config
+          ├ Trainer(cfg)              task, model (started inside its constraints), optimizers,
+          │                           schedules, the batch generator
+          ├ restore / create          from checkpoint.pt, or a fresh run directory
+          ├ fit                       per step: forward → loss → backward → (all-reduce) →
+          │                           optimizer.step (decay → step → project) → schedule;
+          │                           every eval_every steps: evaluate, certify, check the
+          │                           constraints, log; every checkpoint_every steps: checkpoint
+          └ finish                    final.json, curves.png
+
+``train(config, out, resume=True)`` continues from the checkpoint exactly: model, optimizer,
+schedule, data-sampling generator and RNG states are all restored, so the final weights equal
+those of an uninterrupted run.
+
+Under ``torchrun --nproc_per_node=N -m lipschitz train ...`` the same loop runs on every rank:
+each computes the gradient of its slice of the global batch, gradients are averaged, each rank
+orthogonalizes and projects only its share of the matrices (``lipschitz.optim.distribute``),
+and rank 0 alone writes the run directory.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import json
+import math
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+import torch.nn.functional as F
+
+from lipschitz.certify import certify
+from lipschitz.config import Config
+from lipschitz.data.tasks import TextTask, make_task
+from lipschitz.nn import BaselineGPT, LipschitzGPT, activation_stats, build_model
+from lipschitz.optim import (
+    build_optimizers,
+    constraint_violations,
+    distribute,
+    is_constrained,
+    start_inside_constraints,
+    sync_constraint_state,
+    work_counts,
+)
+from lipschitz.schedules import schedule
+from lipschitz.training.inference import evaluate
+from lipschitz.training.report import Progress, plot_curves
+from lipschitz.training.rundir import RunDir
+from lipschitz.training.runtime import (
+    all_reduce_gradients,
+    autocast,
+    broadcast_object,
+    init_distributed,
+    rank_and_world,
+    select_device,
+)
+
+
+class ConstraintViolation(RuntimeError):
+    """A constrained weight left its ball beyond the constraint's guarantee (or is not finite)."""
+
+
+@dataclass
+class TrainState:
+    """Where a run stands, beyond model and optimizers: saved in every checkpoint."""
+
+    step: int = 0
+    elapsed_s: float = 0.0  # wall time of earlier processes of this run
+    train_time_s: float = 0.0  # time spent in training steps (no evaluation)
+    last_eval: dict = field(default_factory=dict)  # the latest evaluation record
+
+
+def train(cfg: Config, out: str | Path, resume: bool = False) -> dict:
+    """Train ``cfg`` into the run directory ``out``; returns the final metrics (final.json).
+
+    Under ``torchrun`` (WORLD_SIZE > 1) every rank runs this: ``batch_size`` is the global
+    batch, each rank computes the gradient of its slice of it, gradients are averaged, and the
+    optimizers split their matrix work across ranks (:func:`lipschitz.optim.distribute`). The
+    result equals a single-process run with the same global batch. Only rank 0 writes files.
+
+    Denormal floats (e.g. in the momentum of dead units) slow CPU matmuls ~5×, so they are
+    flushed to zero while training; the process-wide setting is restored afterwards.
+    """
+    started = init_distributed(cfg.device)
+    torch.set_flush_denormal(True)
+    run = RunDir(out)
+    try:
+        with run.locked() if rank_and_world()[0] == 0 else contextlib.nullcontext():
+            cfg = _prepare(cfg, run, resume)
+            if resume and run.is_finished():
+                return run.final()  # nothing to do: its results stay as they are
+            trainer = Trainer(cfg, run)
+            if resume:
+                trainer.restore()
+            else:
+                trainer.start()
+            trainer.fit()
+            return trainer.finish()
+    finally:
+        torch.set_flush_denormal(False)
+        if started:
+            dist.destroy_process_group()
+
+
+def _prepare(cfg: Config, run: RunDir, resume: bool) -> Config:
+    """Check the run directory; returns the config to train (the saved one on resume)."""
+    if not resume:
+        if rank_and_world()[0] == 0:
+            run.check_can_start(cfg)
+        return cfg
+    if not (run / run.CHECKPOINT).exists():
+        raise FileNotFoundError(f"--resume: no checkpoint at {run / run.CHECKPOINT}")
+    data_dir = cfg.data_dir  # the caller's data directory wins: the data may have moved
+    saved = run.config()
+    return dataclasses.replace(saved, data_dir=data_dir or saved.data_dir)
+
+
+class Trainer:
+    """A run in progress: its task, model, optimizers and :class:`TrainState`."""
+
+    def __init__(self, cfg: Config, run: RunDir) -> None:
+        self.cfg, self.run = cfg, run
+        self.rank, self.world = rank_and_world()
+        self.main = self.rank == 0  # the only rank that writes files
+        if cfg.batch_size % (cfg.grad_accum * self.world) != 0:
+            raise ValueError(
+                f"batch_size={cfg.batch_size} must be divisible by grad_accum={cfg.grad_accum} "
+                f"× the number of processes ({self.world})"
+            )
+        self.device = select_device(cfg.device)
+        if self.world > 1 and self.device.type == "cuda":
+            self.device = torch.device("cuda", torch.cuda.current_device())  # this rank's GPU
+        self.task = make_task(cfg)
+        torch.manual_seed(cfg.seed)
+        self.model = build_model(cfg, self.task.n_outputs, self.task.n_inputs).to(self.device)
+        self.optimizers = build_optimizers(cfg, self.model)
+        start_inside_constraints(self.optimizers)
+        if self.world > 1:
+            for p in self.model.parameters():  # identical by seeding; made bit-identical here
+                dist.broadcast(p.detach(), 0)
+            for opt in self.optimizers:
+                if is_constrained(opt):
+                    distribute(opt)
+        lr_lambda = _lr_schedule(cfg)
+        self.schedulers = [torch.optim.lr_scheduler.LambdaLR(o, lr_lambda) for o in self.optimizers]
+        self.batch_gen = torch.Generator().manual_seed(cfg.seed + 1)  # same batches on all ranks
+        self.forward = torch.compile(self.model) if cfg.compile else self.model
+        self.state = TrainState()
+        self.violations: list[dict] = []  # constraint violations without a guarantee to break
+
+    # ---------------------------------------------------------------------------- phases
+
+    def start(self) -> None:
+        """A fresh run directory: marker, config, vocabulary, empty metrics."""
+        if self.main:
+            self.run.create(self.cfg, self.task.n_outputs, self.task.n_inputs, self.task.vocab)
+
+    def restore(self) -> None:
+        """Continue from checkpoint.pt exactly (weights, optimizers, schedules, RNG states)."""
+        run, cfg = self.run, self.cfg
+        if self.task.vocab is not None and run.vocab() != self.task.vocab:
+            raise ValueError(f"--resume: the data's vocabulary differs from {run / run.VOCAB}")
+        if not run.is_run() and self.main:
+            run.adopt(cfg, self.task.n_outputs, self.task.n_inputs)
+        saved = run.load_checkpoint(cfg)
+        self.model.load_state_dict(saved["model"])
+        for opt, s in zip(self.optimizers, saved["optimizers"], strict=True):
+            opt.load_state_dict(s)
+        for sched, s in zip(self.schedulers, saved["schedulers"], strict=True):
+            sched.load_state_dict(s)
+        self.batch_gen.set_state(saved["batch_generator"])
+        torch.set_rng_state(saved["torch_rng"])
+        if self.device.type == "cuda" and saved.get("cuda_rng") is not None:
+            torch.cuda.set_rng_state_all(saved["cuda_rng"])
+        self.state = TrainState(saved["step"], saved["elapsed_s"], saved["train_time_s"])
+        if self.main:  # keep the metrics up to the checkpoint; later lines are redone
+            run.keep_metrics_until(self.state.step)
+
+    def fit(self) -> None:
+        """Train from the current step to cfg.steps, evaluating, logging and checkpointing."""
+        cfg, state = self.cfg, self.state
+        self.t_start = time.time()
+        progress = Progress(cfg.steps, state.step, cfg.log_every, enabled=self.main)
+        self.model.train()
+        with self.run.open_metrics() if self.main else contextlib.nullcontext() as metrics:
+            try:
+                while state.step < cfg.steps:
+                    record = self.train_step()
+                    evaluates = state.step % cfg.eval_every == 0 or state.step == cfg.steps
+                    broken = None
+                    if evaluates:
+                        record.update(self.evaluate())
+                        broken = self.check_constraints(record)
+                        state.last_eval = record
+                    if self.main and (state.step % cfg.log_every == 0 or evaluates):
+                        metrics.write(_json_line(record))
+                        metrics.flush()
+                    if broken:
+                        raise ConstraintViolation(broken)
+                    progress.update(state.step, _shown(record, state.last_eval))
+                    if state.step % cfg.checkpoint_every == 0 or state.step == cfg.steps:
+                        self.checkpoint()
+            finally:
+                progress.close()
+
+    def train_step(self) -> dict:
+        """One optimizer step on one global batch; returns its metrics record."""
+        cfg, state, t0 = self.cfg, self.state, time.time()
+        micro_batch = cfg.batch_size // cfg.grad_accum  # global sequences per micro-step
+        local = micro_batch // self.world  # this rank's slice of each micro-batch
+        mine = slice(self.rank * local, (self.rank + 1) * local)
+        loss_sum = 0.0
+        for _ in range(cfg.grad_accum):
+            x, y = self.task.batch(micro_batch, self.batch_gen)  # the global micro-batch ...
+            x, y = x[mine].to(self.device), y[mine].to(self.device)  # ... this rank's slice
+            with autocast(self.device):
+                logits = self.forward(x)
+            # train_temperature τ: the loss sees τ·logits (a margin-seeking loss, as in
+            # Lipschitz classifiers); the model, its bound and the evaluation do not
+            logits = logits.float().flatten(0, -2) * cfg.train_temperature
+            loss = F.cross_entropy(logits, y.flatten())
+            (loss / cfg.grad_accum).backward()
+            loss_sum += loss.item()
+        train_loss = loss_sum / cfg.grad_accum
+        if self.world > 1:
+            train_loss = all_reduce_gradients(self.model, train_loss)
+        if not math.isfinite(train_loss):
+            ckpt = self.run / self.run.CHECKPOINT
+            raise FloatingPointError(
+                f"training loss became {train_loss} at step {state.step + 1}; the last good "
+                f"checkpoint is {ckpt if ckpt.exists() else 'none'}"
+            )
+        lr = self.optimizers[0].param_groups[0]["lr"]
+        for opt in self.optimizers:
+            opt.step()
+            opt.zero_grad(set_to_none=True)
+        for sched in self.schedulers:
+            sched.step()
+        state.step += 1
+        if self.device.type == "cuda":
+            torch.cuda.synchronize()  # count this step's GPU work in this step's time
+        state.train_time_s += time.time() - t0
+        tokens = state.step * cfg.batch_size * self.task.tokens_per_example
+        return {"step": state.step, "train_loss": train_loss, "lr": lr, "tokens_seen": tokens}
+
+    def evaluate(self) -> dict:
+        """Validation metrics (every rank scores its share), and on rank 0 the certificate,
+        per-matrix norms and activation statistics; every rank returns rank 0's record."""
+        record = evaluate(self.model, self.task, self.device, self.cfg.train_temperature)
+        if self.main:
+            record.update(self.certificate())
+            self.model.eval()
+            with torch.no_grad():
+                probe = self.task.probe().to(self.device)
+                record["activations"] = activation_stats(self.model, probe)
+            self.model.train()
+        return broadcast_object(record)
+
+    def certificate(self) -> dict:
+        """The certified bound (None for LayerNorm baselines), the paper's formula for a
+        LipschitzGPT (App. B, to compare with its numbers) and the norm of every matrix."""
+        if isinstance(self.model, BaselineGPT):
+            return {"lipschitz_bound": None}
+        cert = certify(self.model)
+        out = {"lipschitz_bound": cert.lipschitz}
+        if isinstance(self.model, LipschitzGPT):
+            out["lipschitz_bound_paper_rule"] = certify(self.model, rule="paper").lipschitz
+        if cert.lipschitz_l2 is not None:
+            out["lipschitz_bound_l2"] = cert.lipschitz_l2
+        out["weight_norms"] = {layer["name"]: layer["rms_operator_norm"] for layer in cert.layers}
+        return out
+
+    def check_constraints(self, record: dict) -> str | None:
+        """Measure every constrained weight against its cap. A violation of a guarantee (or a
+        non-finite weight) is returned as a message, to stop the run; violations of methods
+        without a guarantee are recorded in ``record`` and in final.json."""
+        found = [v for opt in self.optimizers for v in constraint_violations(opt)]
+        broken = [v for v in found if v["guaranteed"] or not math.isfinite(v["norm"])]
+        if broken:
+            v = max(broken, key=_severity)
+            return (
+                f"step {self.state.step}: {v['param']} has norm {v['norm']:.6g} above its cap "
+                f"w_max={v['w_max']:g} under {v['constraint']} ({len(broken)} matrices broken); "
+                "the constraint's guarantee failed (is the learning rate too large?)"
+            )
+        if found:
+            record["constraint_violations"] = found
+        self.violations = found
+        return None
+
+    def checkpoint(self) -> None:
+        """Save the training state (every rank syncs its constraint state; rank 0 writes)."""
+        for opt in self.optimizers:
+            sync_constraint_state(opt)  # every rank takes part
+        if not self.main:
+            return
+        state = self.state
+        self.run.save_checkpoint({
+            "model": self.model.state_dict(),
+            "optimizers": [opt.state_dict() for opt in self.optimizers],
+            "schedulers": [s.state_dict() for s in self.schedulers],
+            "batch_generator": self.batch_gen.get_state(),
+            "torch_rng": torch.get_rng_state(),
+            "cuda_rng": torch.cuda.get_rng_state_all() if self.device.type == "cuda" else None,
+            "step": state.step,
+            "elapsed_s": state.elapsed_s + time.time() - self.t_start,
+            "train_time_s": state.train_time_s,
+            "world_size": self.world,
+        }, self.cfg)  # fmt: skip
+
+    def finish(self) -> dict:
+        """The final metrics: written to final.json (and curves.png) by rank 0, returned."""
+        cfg, state = self.cfg, self.state
+        last = state.last_eval or self.evaluate()  # resumed after the last checkpoint's eval
+        counts = {k: sum(work_counts(opt)[k] for opt in self.optimizers)
+                  for k in ("msign", "projections")}  # fmt: skip
+        work = [counts]
+        if self.world > 1:
+            work = [None] * self.world
+            dist.all_gather_object(work, counts)
+        tokens = state.step * cfg.batch_size * self.task.tokens_per_example
+        final = {key: last.get(key) for key in _FINAL_FROM_EVAL}
+        final.update({
+            "steps": state.step,
+            "tokens_seen": tokens,
+            "wall_time_s": state.elapsed_s + time.time() - self.t_start,
+            "train_time_s": state.train_time_s,
+            "tokens_per_s": tokens / max(state.train_time_s, 1e-9),
+            "eval_protocol": cfg.eval_protocol,
+            "data_source": self.task.source,
+            "device": str(self.device),
+            "world_size": self.world,
+            # matrices orthogonalized / projected by each rank since this process started
+            "work_per_rank": work,
+        })  # fmt: skip
+        if self.violations:
+            final["constraint_violations"] = self.violations
+        if isinstance(self.task, TextTask) and cfg.eval_protocol == "paper":  # and the full split
+            full = evaluate(self.model, self.task, self.device, protocol="full")
+            final.update(val_loss_full=full["val_loss"], val_acc_full=full["val_acc"])
+        if self.main:
+            self.run.write_final(final)
+            plot_curves(self.run.metrics(), self.run / self.run.CURVES)
+        if self.world > 1:
+            dist.barrier()  # nobody leaves while rank 0 still writes
+        return final
+
+
+_FINAL_FROM_EVAL = ("val_loss", "val_acc", "lipschitz_bound", "lipschitz_bound_l2",
+                    "lipschitz_bound_paper_rule", "val_loss_at_train_temperature")  # fmt: skip
+
+
+def _severity(v: dict) -> tuple[bool, float]:
+    """Order violations: non-finite weights first, then by norm / w_max."""
+    finite = math.isfinite(v["norm"])
+    return (not finite, v["norm"] / v["w_max"] if finite else 0.0)
+
+
+def _lr_schedule(cfg: Config):
+    """The config's learning-rate multiplier as a function of the step."""
+    kwargs: dict = {"warmup_steps": cfg.warmup_steps}
+    if cfg.schedule != "constant":
+        kwargs["floor"] = cfg.lr_floor
+    if cfg.schedule == "constant_cooldown":
+        kwargs["cooldown_frac"] = cfg.cooldown_frac
+    return schedule(cfg.schedule, cfg.steps, **kwargs)
+
+
+def _json_line(record: dict) -> str:
+    return json.dumps(record) + "\n"
+
+
+def _shown(record: dict, last_eval: dict) -> dict:
+    """What the progress display shows: loss, and the latest accuracy and bound."""
+    shown = {"loss": record["train_loss"]}
+    if last_eval:
+        shown["val_acc"] = last_eval["val_acc"]
+        if last_eval.get("lipschitz_bound") is not None:
+            shown["bound"] = last_eval["lipschitz_bound"]
+    return shown

@@ -1,0 +1,80 @@
+"""Where a run executes: the device, bfloat16 autocast, and torchrun's process group."""
+
+from __future__ import annotations
+
+import contextlib
+import os
+
+import torch
+import torch.distributed as dist
+from torch import nn
+
+DEVICE_NAMES = ("auto", "cpu", "cuda", "mps")
+
+
+def select_device(name: str) -> torch.device:
+    """``auto`` picks cuda, then mps, then cpu; otherwise the named device, checked here."""
+    if name == "auto":
+        if torch.cuda.is_available():
+            return torch.device("cuda")
+        return torch.device("mps" if torch.backends.mps.is_available() else "cpu")
+    try:
+        device = torch.device(name)
+    except RuntimeError:
+        raise ValueError(f"device {name!r} is not a device; use one of {DEVICE_NAMES}") from None
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise ValueError(f"device {name!r}: CUDA is not available on this machine")
+    if device.type == "mps" and not torch.backends.mps.is_available():
+        raise ValueError(f"device {name!r}: MPS is not available on this machine")
+    return device
+
+
+def autocast(device: torch.device):
+    """bfloat16 autocast on CUDA; full precision elsewhere."""
+    if device.type == "cuda":
+        return torch.autocast("cuda", dtype=torch.bfloat16)
+    return contextlib.nullcontext()
+
+
+def rank_and_world() -> tuple[int, int]:
+    """(rank, world size) of the default process group; (0, 1) outside torchrun."""
+    if dist.is_available() and dist.is_initialized():
+        return dist.get_rank(), dist.get_world_size()
+    return 0, 1
+
+
+def init_distributed(device: str) -> bool:
+    """Join torchrun's process group (NCCL on CUDA, else gloo) if WORLD_SIZE > 1 and it is not
+    joined yet; returns whether it was started here (and must be destroyed by the caller)."""
+    if int(os.environ.get("WORLD_SIZE", "1")) <= 1 or dist.is_initialized():
+        return False
+    cuda = device.startswith("cuda") or (device == "auto" and torch.cuda.is_available())
+    if cuda:
+        torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
+    dist.init_process_group("nccl" if cuda else "gloo")
+    return True
+
+
+@torch.no_grad()
+def all_reduce_gradients(model: nn.Module, loss: float) -> float:
+    """Average every gradient (and the loss) over the ranks, in one flat all-reduce; returns
+    the mean loss. Parameters without a gradient are skipped (the same ones on every rank)."""
+    world = dist.get_world_size()
+    grads = [p.grad for p in model.parameters() if p.grad is not None]
+    flat = torch.cat([g.reshape(-1).float() for g in grads] + [grads[0].new_tensor([loss]).float()])
+    dist.all_reduce(flat)
+    flat /= world
+    offset = 0
+    for g in grads:
+        g.copy_(flat[offset : offset + g.numel()].view_as(g))
+        offset += g.numel()
+    return flat[-1].item()
+
+
+def broadcast_object(obj, src: int = 0):
+    """rank ``src``'s ``obj`` on every rank (identity outside torchrun)."""
+    if rank_and_world()[1] == 1:
+        return obj
+    shared = [obj]
+    dist.broadcast_object_list(shared, src=src)
+    return shared[0]

@@ -1,0 +1,308 @@
+"""Run directories under careless and hostile use: no code from checkpoints, no silent
+overwrites, no success reported for a broken constraint, atomic files, one writer, clear errors.
+
+Every run here is `tiny` on synthetic token shards (no dataset needed), a few steps long."""
+
+import json
+import os
+import pickle
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from lipschitz.cli import main as cli_main
+from lipschitz.config import apply_overrides
+from lipschitz.fileio import DirectoryInUse, atomic_write_text, lock
+from lipschitz.presets import preset
+from lipschitz.training import ConstraintViolation, RunDir, load_run, train
+from lipschitz.training.rundir import state_digest
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture
+def cfg(token_shards):
+    return apply_overrides(preset("tiny"), [
+        "dataset=tokens", f"token_dir={token_shards}", "d_model=16", "n_head=1", "steps=4",
+        "eval_every=2", "checkpoint_every=2", "log_every=1", "val_tokens=64", "sample_tokens=0",
+    ])  # fmt: skip
+
+
+@pytest.fixture
+def finished(cfg, tmp_path):
+    out = tmp_path / "run"
+    train(cfg, out)
+    return out
+
+
+def _cli(argv: list[str], capsys) -> tuple[int, str]:
+    """Run the CLI; (exit status, stderr)."""
+    capsys.readouterr()
+    try:
+        cli_main(argv)
+        code = 0
+    except SystemExit as done:
+        code = done.code
+    return code, capsys.readouterr().err
+
+
+class Payload:
+    """Unpickling this runs code: the attack a weights_only=False load lets through."""
+
+    def __init__(self, marker: Path) -> None:
+        self.marker = marker
+
+    def __reduce__(self):
+        return (Path.write_text, (self.marker, "pwned"))
+
+
+# ---------------------------------------------------------------- 1. checkpoints run no code
+
+
+def test_a_pickled_checkpoint_runs_no_code(finished, tmp_path, capsys):
+    marker = tmp_path / "pwned"
+    with open(finished / "checkpoint.pt", "wb") as f:
+        torch.save({"model": Payload(marker)}, f)
+    with pytest.raises(ValueError, match=r"checkpoint.pt: not a readable checkpoint"):
+        load_run(finished)
+    code, err = _cli(["certify", str(finished)], capsys)
+    assert code == 2 and "checkpoint.pt" in err and len(err.strip().splitlines()) == 1
+    assert not marker.exists()
+
+
+def test_truncated_foreign_and_corrupted_checkpoints_name_the_file(finished, cfg, tmp_path):
+    path = finished / "checkpoint.pt"
+    good = path.read_bytes()
+    path.write_bytes(good[: len(good) // 2])
+    with pytest.raises(ValueError, match=r"checkpoint.pt: not a readable checkpoint"):
+        load_run(finished)
+    torch.save({"weights": torch.zeros(3)}, path)
+    with pytest.raises(ValueError, match=r"checkpoint.pt: not a lipschitz checkpoint"):
+        load_run(finished)
+    # a checkpoint whose tensors were altered after it was written
+    saved = torch.load(io_of(good), weights_only=True)
+    saved["state"]["model"]["head.weight"][0, 0] += 1.0
+    torch.save(saved, path)
+    with pytest.raises(ValueError, match=r"checkpoint.pt: corrupted"):
+        load_run(finished)
+    # a checkpoint of another config in this run's directory
+    other = apply_overrides(cfg, ["w_max=0.5"])
+    train(other, tmp_path / "other")
+    path.write_bytes((tmp_path / "other" / "checkpoint.pt").read_bytes())
+    with pytest.raises(ValueError, match="belongs to a different config"):
+        load_run(finished)
+
+
+def io_of(data: bytes):
+    import io
+
+    return io.BytesIO(data)
+
+
+def test_digest_sees_every_tensor_and_value():
+    state = {"a": torch.arange(4.0), "b": [1, 2.5, "x"], "c": torch.zeros(2, dtype=torch.bfloat16)}
+    same = {"a": torch.arange(4.0), "b": [1, 2.5, "x"], "c": torch.zeros(2, dtype=torch.bfloat16)}
+    assert state_digest(state) == state_digest(same)
+    for change in (("a", torch.arange(4.0).flip(0)), ("b", [1, 2.5, "y"]),
+                   ("c", torch.zeros(2)), ("a", torch.arange(4.0).reshape(2, 2))):  # fmt: skip
+        assert state_digest({**state, change[0]: change[1]}) != state_digest(state), change
+
+
+# ---------------------------------------------------------------- 2. no silent overwrites
+
+
+def test_train_refuses_a_directory_that_is_not_a_run(cfg, tmp_path):
+    out = tmp_path / "mine"
+    out.mkdir()
+    (out / "notes.txt").write_text("keep me")
+    with pytest.raises(FileExistsError, match="not a run directory"):
+        train(cfg, out)
+    assert sorted(p.name for p in out.iterdir() if p.name != ".lock") == ["notes.txt"]
+
+
+def test_a_finished_run_is_never_rewritten(finished, cfg):
+    final = (finished / "final.json").read_text()
+    (finished / "checkpoint.pt").unlink()
+    with pytest.raises(FileExistsError, match="finished run"):
+        train(cfg, finished)
+    with pytest.raises(FileExistsError, match="different config"):
+        train(apply_overrides(cfg, ["lr=0.05"]), finished)
+    assert (finished / "final.json").read_text() == final
+    assert json.loads((finished / "config.json").read_text())["lr"] == cfg.lr
+
+
+def test_resuming_a_finished_run_reports_it_and_rewrites_nothing(finished, cfg):
+    def stamps() -> dict:
+        return {p.name: p.stat().st_mtime_ns for p in finished.iterdir() if p.name != ".lock"}
+
+    before = stamps()
+    final = train(cfg, finished, resume=True)
+    assert final == json.loads((finished / "final.json").read_text())
+    assert stamps() == before
+
+
+def test_a_run_killed_before_its_first_checkpoint_starts_over(cfg, tmp_path):
+    out = tmp_path / "run"
+    RunDir(out).path.mkdir()
+    RunDir(out).create(cfg, 50257, None, None)  # as if killed right after starting
+    assert train(cfg, out)["steps"] == cfg.steps
+
+
+# ------------------------------------------------- 3. a failed constraint is not a success
+
+
+def test_a_broken_constraint_stops_the_run_naming_matrix_and_step(cfg, tmp_path, capsys):
+    out = tmp_path / "run"
+    with pytest.raises(ConstraintViolation, match=r"step 2: .*weight has norm .* above its cap"):
+        train(apply_overrides(cfg, ["lr=1e6"]), out)
+    assert not (out / "final.json").exists()
+    assert [json.loads(x)["step"] for x in (out / "metrics.jsonl").read_text().splitlines()] == [
+        1, 2]  # fmt: skip
+    code, err = _cli(["train", "tiny", "--out", str(tmp_path / "cli"), "--set", "lr=1e6",
+                      *[f"--set={k}={v}" for k, v in _overrides(cfg).items()]], capsys)  # fmt: skip
+    assert code == 2 and "above its cap" in err
+
+
+def _overrides(cfg) -> dict:
+    return {"dataset": "tokens", "token_dir": cfg.token_dir, "d_model": 16, "n_head": 1,
+            "steps": 4, "eval_every": 2, "val_tokens": 64, "sample_tokens": 0}  # fmt: skip
+
+
+def test_methods_without_a_guarantee_record_their_violations(cfg, tmp_path):
+    loose = apply_overrides(cfg, ["constraint=spectral_hammer", "w_max=0.05", "lr=0.5"])
+    final = train(loose, tmp_path / "run")
+    assert final["constraint_violations"], "a hammer run far above its cap says so"
+    v = final["constraint_violations"][0]
+    assert v["norm"] > v["w_max"] and not v["guaranteed"]
+
+
+def test_certify_warns_about_a_matrix_above_its_cap(finished, capsys):
+    run = RunDir(finished)
+    state = run.load_checkpoint()
+    state["model"]["blocks.0.attn.v.weight"] *= 10
+    run.save_checkpoint(state, run.config())
+    code, err = _cli(["certify", str(finished)], capsys)
+    assert code == 0 and "blocks.0.attn.v.weight" in err and "above its configured cap" in err
+
+
+# ------------------------------------------------------------------- 4. atomic run files
+
+
+def test_resume_drops_a_partial_metrics_line_and_later_lines(cfg, tmp_path, monkeypatch):
+    full = tmp_path / "full"
+    train(cfg, full)
+    broken = tmp_path / "broken"
+    _interrupt_at_step(monkeypatch, 4, lambda: train(cfg, broken))
+    with open(broken / "metrics.jsonl", "a") as f:
+        f.write('{"step": 4, "train_lo')  # killed mid-write
+    with pytest.warns(UserWarning, match="partial last line"):
+        train(cfg, broken, resume=True)
+    assert (broken / "metrics.jsonl").read_text() == (full / "metrics.jsonl").read_text()
+
+
+def _interrupt_at_step(monkeypatch, step: int, run) -> None:
+    """Run ``run()`` with a KeyboardInterrupt when the batch of ``step`` is drawn."""
+    import lipschitz.data.tasks as tasks
+
+    real, calls = tasks.TokenTask.batch, {"n": 0}
+
+    def batch(self, n, generator):
+        calls["n"] += 1
+        if calls["n"] == step:
+            raise KeyboardInterrupt
+        return real(self, n, generator)
+
+    monkeypatch.setattr(tasks.TokenTask, "batch", batch)
+    with pytest.raises(KeyboardInterrupt):
+        run()
+    monkeypatch.setattr(tasks.TokenTask, "batch", real)
+
+
+def test_a_broken_metrics_line_in_the_middle_is_an_error_naming_the_file(finished, cfg):
+    lines = (finished / "metrics.jsonl").read_text().splitlines()
+    lines[1] = lines[1][:10]
+    (finished / "metrics.jsonl").write_text("\n".join(lines) + "\n")
+    with pytest.raises(ValueError, match=r"metrics.jsonl: line 2 is not valid JSON"):
+        RunDir(finished).metrics()
+
+
+def test_truncated_json_files_are_errors_naming_them(finished, capsys):
+    config = (finished / "config.json").read_text()
+    (finished / "config.json").write_text(config[:40])
+    code, err = _cli(["certify", str(finished)], capsys)
+    assert code == 2 and "config.json: not valid JSON" in err
+
+
+def test_writes_replace_a_planted_symlink_instead_of_following_it(finished, tmp_path):
+    victim = tmp_path / "victim.txt"
+    victim.write_text("precious")
+    for name in ("final.json", "final.json.tmp", ".final.json.tmp"):
+        (finished / name).unlink(missing_ok=True)
+        (finished / name).symlink_to(victim)
+    RunDir(finished).write_final({"val_loss": 1.0})
+    assert victim.read_text() == "precious"
+    assert not (finished / "final.json").is_symlink()
+    assert json.loads((finished / "final.json").read_text()) == {"val_loss": 1.0}
+
+
+# ------------------------------------------------------------------------ 5. one writer
+
+
+def test_a_second_writer_is_told_who_holds_the_run(cfg, tmp_path, capsys):
+    out = tmp_path / "run"
+    out.mkdir()
+    with lock(out / ".lock"):
+        with pytest.raises(DirectoryInUse, match=f"in use by PID {os.getpid()}"):
+            train(cfg, out)
+        code, err = _cli(["train", "tiny", "--out", str(out)], capsys)
+        assert code == 2 and f"in use by PID {os.getpid()}" in err
+    assert sorted(p.name for p in out.iterdir()) == [".lock"]  # nothing written meanwhile
+
+
+def test_the_lock_dies_with_its_process(tmp_path):
+    out = tmp_path / "run"
+    out.mkdir()
+    script = f"from lipschitz.fileio import lock\nwith lock({str(out / '.lock')!r}): pass\n"
+    subprocess.run([sys.executable, "-c", script], check=True, cwd=ROOT)
+    with lock(out / ".lock"):  # a finished (or killed) holder leaves no stale lock
+        pass
+
+
+# -------------------------------------------------------------- 6. one line, exit status 2
+
+
+@pytest.mark.parametrize("argv, expected", [
+    (["--prompt", ""], "prompt must not be empty"),
+    (["--temperature", "nan"], "temperature must be finite"),
+    (["--temperature", "-1"], "temperature must be finite and >= 0"),
+    (["--tokens", "-5"], "number of tokens must be an int >= 0"),
+])  # fmt: skip
+def test_bad_sample_arguments_are_one_line_errors(finished, capsys, argv, expected):
+    code, err = _cli(["sample", str(finished), *argv], capsys)
+    assert code == 2 and expected in err and len(err.strip().splitlines()) == 1
+
+
+def test_filesystem_errors_are_one_line_errors(cfg, tmp_path, capsys):
+    code, err = _cli(["certify", str(tmp_path / "nothing")], capsys)
+    assert code == 2 and "not a lipschitz run directory" in err
+    long = tmp_path / ("x" * 300)
+    code, err = _cli(["train", "tiny", "--out", str(long)], capsys)
+    assert code == 2 and "name too long" in err.lower() and len(err.strip().splitlines()) == 1
+    blocker = tmp_path / "file"
+    blocker.write_text("")
+    code, err = _cli(["train", "tiny", "--out", str(blocker)], capsys)
+    assert code == 2 and "not a directory" in err
+
+
+def test_pickle_attack_module_is_real():
+    """The payload used above does run code when unpickled (so the tests above mean something)."""
+    target = Path(os.environ.get("TMPDIR", "/tmp")) / f"lipschitz-pickle-{os.getpid()}"
+    pickle.loads(pickle.dumps(Payload(target)))
+    assert target.read_text() == "pwned"
+    target.unlink()
+    atomic_write_text(target, "x")  # and atomic_write_text writes plain files
+    assert target.read_text() == "x"
+    target.unlink()
