@@ -158,17 +158,14 @@ def cmd_presets(args: argparse.Namespace) -> None:
 
 def cmd_bench(args: argparse.Namespace) -> None:
     if args.name == "projections":
-        from lipschitz.bench_projections import main as bench_main
+        from lipschitz.benchmarks.projections import main as bench_main
     else:
-        from lipschitz.bench_throughput import main as bench_main
+        from lipschitz.benchmarks.throughput import main as bench_main
     bench_main(args.args)
 
 
-def main(argv: list[str] | None = None) -> None:
-    argv = sys.argv[1:] if argv is None else argv
-    parser = argparse.ArgumentParser(prog="lipschitz", description=__doc__)
-    commands = parser.add_subparsers(dest="command", required=True)
-
+def _run_commands(commands) -> None:
+    """train, sample, certify, robustness: the commands on one run directory."""
     p = commands.add_parser("train", help="train a preset into a run directory")
     p.add_argument("preset", help="a preset name (see `lipschitz presets`)")
     p.add_argument("--out", required=True, help="run directory")
@@ -207,6 +204,9 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--json", action="store_true")
     p.set_defaults(func=cmd_robustness)
 
+
+def _tool_commands(commands) -> None:
+    """prepare, sweep, plot, presets, bench: data, grids of runs, figures, benchmarks."""
     p = commands.add_parser("prepare", help="tokenize text files into token shards")
     p.add_argument("files", nargs="+", metavar="TEXT_FILE", help="one document per file")
     p.add_argument("--out", required=True, help="folder for the *_train_*/*_val_*.bin shards")
@@ -242,6 +242,13 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("args", nargs=argparse.REMAINDER, help="options for the benchmark")
     p.set_defaults(func=cmd_bench)
 
+
+def main(argv: list[str] | None = None) -> None:
+    argv = sys.argv[1:] if argv is None else argv
+    parser = argparse.ArgumentParser(prog="lipschitz", description=__doc__)
+    commands = parser.add_subparsers(dest="command", required=True)
+    _run_commands(commands)
+    _tool_commands(commands)
     args = parser.parse_args(argv)
     try:
         args.func(args)

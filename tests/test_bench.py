@@ -1,6 +1,7 @@
 """The benchmarks run and report what they claim (timings themselves are not asserted)."""
 
-from lipschitz import bench_projections, bench_throughput
+from lipschitz.benchmarks import projections as bench_projections
+from lipschitz.benchmarks import throughput as bench_throughput
 from lipschitz.constraints import METHODS
 
 

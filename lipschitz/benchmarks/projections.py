@@ -193,3 +193,7 @@ def main(argv: list[str] | None = None) -> None:
     table = markdown(results)
     (out / "projections.md").write_text(table)
     print(table)
+
+
+if __name__ == "__main__":
+    main()

@@ -135,3 +135,7 @@ def main(argv: list[str] | None = None) -> None:
     table = markdown(result)
     (out / "throughput.md").write_text(table)
     print(table)
+
+
+if __name__ == "__main__":
+    main()
