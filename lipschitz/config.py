@@ -38,7 +38,7 @@ class Config:
     token_dir: str | None = None
     vocab_size: int | None = None  # tokens: model vocabulary (None: GPT-2's 50257; ≥ 50257)
     val_tokens: int | None = None  # tokens: validate on this many tokens (None: the whole split)
-    # Common keys (design.md)
+    # Common keys
     optimizer: str = "muon"  # muon | adamw
     constraint: str = "spectral_soft_cap"  # a lipschitz.constraints.CONSTRAINTS name
     w_max: float = 1.0  # RMS→RMS bound of every hidden matrix
