@@ -114,8 +114,7 @@ def train(cfg: Config, out: str | Path, resume: bool = False) -> dict:
 def _prepare(cfg: Config, run: RunDir, resume: bool) -> Config:
     """Check the run directory; returns the config to train (the saved one on resume)."""
     if not resume:
-        if rank_and_world()[0] == 0:
-            run.check_can_start(cfg)
+        run.check_can_start(cfg)  # on every rank, so that all of them stop together
         return cfg
     if not (run / run.CHECKPOINT).exists():
         raise FileNotFoundError(f"--resume: no checkpoint at {run / run.CHECKPOINT}")

@@ -122,6 +122,8 @@ class RunDir:
 
     def check_can_start(self, cfg: Config) -> None:
         """Raise FileExistsError unless a new run of ``cfg`` may be written here."""
+        if not self.path.is_dir():
+            return  # to be created (by rank 0, under torchrun)
         others = sorted(p.name for p in self.path.iterdir() if p.name not in (self.LOCK, self.LOG))
         if not others:
             return
