@@ -12,12 +12,24 @@ import errno
 import fcntl
 import json
 import os
+import stat
 import tempfile
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
-__all__ = ["DirectoryInUse", "atomic_write", "atomic_write_text", "lock", "read_json"]
+__all__ = [
+    "DirectoryInUse",
+    "atomic_write",
+    "atomic_write_text",
+    "lock",
+    "read_json",
+    "remove_stale_temporaries",
+]
+
+TMP_SUFFIX = ".tmp"
+_UMASK = os.umask(0o022)  # read the process umask (there is no other way) ...
+os.umask(_UMASK)  # ... and put it back
 
 
 @contextmanager
@@ -28,8 +40,9 @@ def atomic_write(path: str | os.PathLike) -> Iterator:
     an existing file or a symlink's target) and flushed to disk before the rename.
     """
     path = Path(path)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=TMP_SUFFIX)
     try:
+        os.fchmod(fd, 0o666 & ~_UMASK)  # what open() would give, not mkstemp's 0600
         with os.fdopen(fd, "wb") as f:
             yield f
             f.flush()
@@ -38,6 +51,17 @@ def atomic_write(path: str | os.PathLike) -> Iterator:
     finally:
         if os.path.lexists(tmp):
             os.unlink(tmp)
+
+
+def remove_stale_temporaries(folder: str | os.PathLike) -> list[Path]:
+    """Delete the temporary files that killed :func:`atomic_write` calls left in ``folder``
+    (``.NAME.XXXXXXXX.tmp``); call it only while holding the folder's lock."""
+    removed = []
+    for path in Path(folder).glob(f".*{TMP_SUFFIX}"):
+        if path.is_symlink() or path.is_file():
+            path.unlink()
+            removed.append(path)
+    return removed
 
 
 def atomic_write_text(path: str | os.PathLike, text: str) -> None:
@@ -72,6 +96,9 @@ def lock(path: str | os.PathLike) -> Iterator[None]:
     path = Path(path)
     fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW, 0o644)
     try:
+        info = os.fstat(fd)
+        if not stat.S_ISREG(info.st_mode) or info.st_nlink != 1:  # never write into a link
+            raise FileExistsError(f"{path}: not a plain lock file (a link?); remove it")
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except OSError as err:

@@ -210,7 +210,8 @@ def _start(
     """Start (or resume, from its checkpoint) one run as a child process logging to train.log."""
     run_dir.mkdir(parents=True, exist_ok=True)
     resume = _status(run_dir) == "resume"
-    log = open(run_dir / RunDir.LOG, "a")  # the child keeps its own handle
+    flags = os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_NOFOLLOW  # never through a symlink
+    log = os.fdopen(os.open(run_dir / RunDir.LOG, flags, 0o644), "a")  # the child keeps its own
     proc = subprocess.Popen(_command(spec, run, run_dir, data_dir, resume),
                             stdout=log, stderr=subprocess.STDOUT, env=env)  # fmt: skip
     log.close()

@@ -228,7 +228,7 @@ def test_robustness_refuses_bad_arguments_before_touching_the_run(tmp_path, kwar
 
 
 def test_robust_accuracy_is_the_renamed_evaluate_and_pgd_takes_zero_steps():
-    assert not hasattr(robustness, "evaluate")  # train.py has two functions of that name
+    assert not hasattr(robustness, "evaluate")  # one evaluate in the package: training.inference
     model = torch.nn.Linear(4, 3)
     x, y = torch.rand(8, 4), torch.randint(0, 3, (8,))
     assert torch.equal(robustness.pgd_l2(model, x, y, eps=0.5, steps=0), x)

@@ -120,7 +120,7 @@ def test_train_refuses_a_directory_that_is_not_a_run(cfg, tmp_path):
     (out / "notes.txt").write_text("keep me")
     with pytest.raises(FileExistsError, match="not a run directory"):
         train(cfg, out)
-    assert sorted(p.name for p in out.iterdir() if p.name != ".lock") == ["notes.txt"]
+    assert sorted(p.name for p in out.iterdir()) == ["notes.txt"]
 
 
 def test_a_finished_run_is_never_rewritten(finished, cfg):
@@ -183,7 +183,7 @@ def test_certify_warns_about_a_matrix_above_its_cap(finished, capsys):
     run = RunDir(finished)
     state = run.load_checkpoint()
     state["model"]["blocks.0.attn.v.weight"] *= 10
-    run.save_checkpoint(state, run.config())
+    run.save_checkpoint(state)
     code, err = _cli(["certify", str(finished)], capsys)
     assert code == 0 and "blocks.0.attn.v.weight" in err and "above its configured cap" in err
 
@@ -227,6 +227,114 @@ def test_a_broken_metrics_line_in_the_middle_is_an_error_naming_the_file(finishe
     (finished / "metrics.jsonl").write_text("\n".join(lines) + "\n")
     with pytest.raises(ValueError, match=r"metrics.jsonl: line 2 is not valid JSON"):
         RunDir(finished).metrics()
+
+
+def test_malformed_run_files_are_errors_naming_them(finished, capsys):
+    run = RunDir(finished)
+    marker = (finished / "run.json").read_text()
+    (finished / "run.json").write_text('{"format": "lipschitz-run"}')
+    code, err = _cli(["certify", str(finished)], capsys)
+    assert code == 2 and "run.json: not a lipschitz run marker" in err
+    (finished / "run.json").write_text(marker)
+    lines = (finished / "metrics.jsonl").read_text()
+    (finished / "metrics.jsonl").write_text("[1, 2]\n" + lines)
+    with pytest.raises(ValueError, match=r"metrics.jsonl: line 1 is not a metrics record"):
+        run.metrics()
+    state = run.load_checkpoint()
+    torch.save({"format": "lipschitz-checkpoint", "state": state}, finished / "checkpoint.pt")
+    with pytest.raises(ValueError, match=r"checkpoint.pt: not a lipschitz checkpoint"):
+        run.load_checkpoint()
+    torch.save({**state, "model": {"w": torch.zeros(2)}}, finished / "checkpoint.pt")
+    with pytest.raises(ValueError, match=r"checkpoint.pt: its weights do not fit"):
+        load_run(finished)
+
+
+def test_files_are_readable_like_any_other_file(finished):
+    for name in ("run.json", "config.json", "final.json", "checkpoint.pt", "curves.png"):
+        mode = (finished / name).stat().st_mode & 0o777
+        assert mode == 0o666 & ~_umask(), (name, oct(mode))
+
+
+def _umask() -> int:
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
+
+
+def test_runs_written_before_run_json_still_load_and_resume(finished, cfg):
+    """A run of the first format: no run.json, a checkpoint that is the bare state."""
+    run = RunDir(finished)
+    state = run.load_checkpoint()
+    torch.save(state, finished / "checkpoint.pt")
+    (finished / "run.json").unlink()
+    model, _ = load_run(finished)
+    assert model.head.weight.shape == (50257, 16)
+    assert train(cfg, finished, resume=True) == run.final()  # finished: reported as it is
+    (finished / "final.json").unlink()
+    train(cfg, finished, resume=True)  # re-evaluates the last step and adds the marker
+    assert run.is_run() and run.is_finished()
+
+
+def test_a_config_json_of_an_older_version_still_matches(finished, cfg):
+    """Keys added to Config later take their defaults; the run stays the same run."""
+    run = RunDir(finished)
+    state = run.load_checkpoint()
+    values = json.loads((finished / "config.json").read_text())
+    del values["pos_bias"], values["train_temperature"]  # as if written before they existed
+    (finished / "config.json").write_text(json.dumps(values))
+    run.save_checkpoint(state)  # what that version would have saved
+    load_run(finished)
+    with pytest.raises(FileExistsError, match="finished run"):  # not "a different config"
+        train(cfg, finished)
+
+
+def test_a_damaged_final_json_is_redone_on_resume(finished, cfg):
+    good = json.loads((finished / "final.json").read_text())
+    (finished / "final.json").write_text('{"val_loss": 1.')
+    final = train(cfg, finished, resume=True)
+    assert final["val_loss"] == good["val_loss"]
+    assert json.loads((finished / "final.json").read_text())["val_loss"] == good["val_loss"]
+
+
+def test_resuming_a_finished_run_needs_no_checkpoint(finished, cfg):
+    (finished / "checkpoint.pt").unlink()
+    assert train(cfg, finished, resume=True)["steps"] == cfg.steps
+
+
+def test_temporaries_of_killed_writes_are_cleaned_up(finished, cfg):
+    stale = finished / ".checkpoint.pt.k1ll3d.tmp"
+    stale.write_bytes(b"half a checkpoint")
+    train(cfg, finished, resume=True)
+    assert not stale.exists()
+
+
+def test_a_refused_command_leaves_nothing_behind(cfg, tmp_path, capsys):
+    missing = tmp_path / "typo" / "deep" / "run"
+    with pytest.raises(FileNotFoundError, match="no such run directory"):
+        train(cfg, missing, resume=True)
+    assert not (tmp_path / "typo").exists()
+    mine = tmp_path / "mine"
+    mine.mkdir()
+    (mine / "notes.txt").write_text("keep me")
+    code, _ = _cli(["train", "tiny", "--out", str(mine)], capsys)
+    assert code == 2 and sorted(p.name for p in mine.iterdir()) == ["notes.txt"]
+
+
+def test_a_lock_file_that_is_a_hard_link_is_never_written(cfg, tmp_path):
+    victim = tmp_path / "victim.txt"
+    victim.write_text("precious")
+    out = tmp_path / "run"
+    out.mkdir()
+    os.link(victim, out / ".lock")
+    with pytest.raises(FileExistsError, match="not a plain lock file"):
+        train(cfg, out)
+    assert victim.read_text() == "precious"
+
+
+def test_spectral_weight_decay_has_no_cap_to_violate(cfg, tmp_path):
+    final = train(apply_overrides(cfg, ["constraint=spectral_weight_decay", "w_max=0.01"]),
+                  tmp_path / "run")  # fmt: skip
+    assert "constraint_violations" not in final
 
 
 def test_truncated_json_files_are_errors_naming_them(finished, capsys):

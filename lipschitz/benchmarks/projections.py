@@ -20,6 +20,7 @@ from pathlib import Path
 import torch
 
 from lipschitz.constraints import METHODS, spectral_hard_cap
+from lipschitz.fileio import atomic_write_text
 from lipschitz.linalg import rms_operator_norm
 
 SHAPES = [(256, 256), (1024, 256), (256, 1024), (1024, 1024), (4096, 1024)]
@@ -189,9 +190,9 @@ def main(argv: list[str] | None = None) -> None:
     results = run(shapes=shapes, device=args.device, budget_s=args.budget)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    (out / "projections.json").write_text(json.dumps(results, indent=2))
+    atomic_write_text(out / "projections.json", json.dumps(results, indent=2))
     table = markdown(results)
-    (out / "projections.md").write_text(table)
+    atomic_write_text(out / "projections.md", table)
     print(table)
 
 

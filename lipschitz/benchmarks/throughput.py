@@ -24,6 +24,7 @@ import torch
 import torch.nn.functional as F
 
 from lipschitz.config import apply_overrides
+from lipschitz.fileio import atomic_write_text
 from lipschitz.nn import build_model
 from lipschitz.optim import build_optimizers
 from lipschitz.presets import preset
@@ -131,9 +132,9 @@ def main(argv: list[str] | None = None) -> None:
     result = run(args.preset, args.set, args.rounds)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    (out / "throughput.json").write_text(json.dumps(result, indent=2))
+    atomic_write_text(out / "throughput.json", json.dumps(result, indent=2))
     table = markdown(result)
-    (out / "throughput.md").write_text(table)
+    atomic_write_text(out / "throughput.md", table)
     print(table)
 
 

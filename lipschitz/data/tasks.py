@@ -14,6 +14,7 @@ prediction on GPT-2 token shards (:class:`TokenTask`) and image classification
 
 from __future__ import annotations
 
+import math
 from collections.abc import Iterator
 from functools import partial
 
@@ -23,6 +24,7 @@ from torch import Tensor
 
 from lipschitz.config import Config
 from lipschitz.data import shakespeare
+from lipschitz.data.images import IMAGE_SHAPES, N_CLASSES
 from lipschitz.data.images import LOADERS as IMAGE_LOADERS
 from lipschitz.data.tokens import GPT2_VOCAB, TokenShards, gpt2_tokenizer, resolve_token_dir
 
@@ -166,6 +168,18 @@ class TokenTask:
 
 
 Task = TextTask | TokenTask | ImageTask
+
+
+def model_sizes(cfg: Config, vocab: list[str] | None) -> tuple[int, int | None]:
+    """(n_outputs, n_inputs) of a run's model without loading its data: for run directories
+    written before their run.json recorded them."""
+    if cfg.dataset == "shakespeare":
+        if vocab is None:
+            raise ValueError("a character-level run needs its vocab.json")
+        return len(vocab), None
+    if cfg.dataset == "tokens":
+        return cfg.vocab_size or GPT2_VOCAB, None
+    return N_CLASSES, math.prod(IMAGE_SHAPES[cfg.dataset])
 
 
 def make_task(cfg: Config) -> Task:

@@ -206,7 +206,9 @@ def constrain(optimizer: Optimizer) -> Optimizer:
 
 
 @torch.no_grad()
-def constraint_violations(optimizer: Optimizer) -> list[dict]:
+def constraint_violations(
+    optimizer: Optimizer, known_norms: dict[str, float] | None = None
+) -> list[dict]:
     """Constrained parameters that are not finite or lie outside their ball; [] when healthy.
 
     For every group with a constraint other than "none", each parameter's norm is measured
@@ -222,7 +224,10 @@ def constraint_violations(optimizer: Optimizer) -> list[dict]:
     ``param_groups[i][j]``.
 
     Cost: one host sync for finiteness, then one float64 SVD per same-shaped stack on the CPU
-    (what :func:`lipschitz.certify.certify` spends on the same matrices).
+    (what :func:`lipschitz.certify.certify` spends on the same matrices). ``known_norms``
+    ({parameter name: RMS→RMS norm}, e.g. a certificate's per-layer norms of the same weights)
+    skips the SVD of the matrices it names. Methods that take no ``w_max``
+    (``spectral_weight_decay``) have no cap to measure against and are skipped.
     """
     found = []
     for i, group in enumerate(optimizer.param_groups):
@@ -230,11 +235,19 @@ def constraint_violations(optimizer: Optimizer) -> list[dict]:
         if name == "none":
             continue
         c = METHODS[name]
+        if not c.needs_w_max:
+            continue
         w_max = group.get("w_max")
         names = group.get("param_names") or [
             f"param_groups[{i}][{j}]" for j in range(len(group["params"]))
         ]
-        norms = _norms(group["params"], c.per_row)
+        known = {} if c.per_row else (known_norms or {})
+        todo = [j for j, n in enumerate(names) if n not in known]
+        measured = dict(zip(todo, _norms([group["params"][j] for j in todo], c.per_row),
+                            strict=True))  # fmt: skip
+        finite = torch.stack([torch.isfinite(p).all() for p in group["params"]]).tolist()
+        norms = [measured[j] if j in measured else (known[n] if finite[j] else math.nan)
+                 for j, n in enumerate(names)]  # fmt: skip
         for pname, p, norm in zip(names, group["params"], norms, strict=True):
             rounding = torch.finfo(p.dtype).eps if p.element_size() < 4 else 0.0  # bf16, fp16
             limit = math.inf if w_max is None else w_max * (1 + (c.tolerance or 0.0) + rounding)

@@ -12,7 +12,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from lipschitz.config import Config
-from lipschitz.data.tasks import text_codec
+from lipschitz.data.tasks import model_sizes, text_codec
 from lipschitz.nn import build_model
 from lipschitz.training.rundir import RunDir
 from lipschitz.training.runtime import autocast, rank_and_world
@@ -101,17 +101,26 @@ def load_run(out: str | Path) -> tuple[nn.Module, Config]:
     """The trained model of a run directory (eval mode, on CPU) and its config; a missing,
     foreign, truncated or corrupted checkpoint is an error naming the file."""
     run = RunDir(out)
-    if not run.is_run():
-        raise FileNotFoundError(f"{run.path}: not a lipschitz run directory (no {run.MARKER})")
-    cfg, marker = run.config(), run.marker()
-    model = build_model(cfg, marker["n_outputs"], marker["n_inputs"])
-    state = run.load_checkpoint(cfg)
-    try:
-        model.load_state_dict(state["model"])
-    except (KeyError, RuntimeError) as err:
-        raise ValueError(f"{run / run.CHECKPOINT}: its weights do not fit the model of "
-                         f"{run / run.CONFIG}: {str(err).splitlines()[0]}") from None  # fmt: skip
+    if not (run / run.CONFIG).exists():
+        raise FileNotFoundError(f"{run.path}: not a lipschitz run directory (no {run.CONFIG})")
+    cfg = run.config()
+    if run.is_run():
+        marker = run.marker()
+        n_outputs, n_inputs = marker["n_outputs"], marker["n_inputs"]
+    else:  # a run directory written before run.json existed
+        n_outputs, n_inputs = model_sizes(cfg, run.vocab())
+    model = build_model(cfg, n_outputs, n_inputs)
+    load_weights(model, run.load_checkpoint()["model"], run / run.CHECKPOINT)
     return model.eval(), cfg
+
+
+def load_weights(model: nn.Module, weights, source: Path) -> None:
+    """``model.load_state_dict(weights)``; weights that do not fit are an error naming source."""
+    try:
+        model.load_state_dict(weights)
+    except (KeyError, RuntimeError, TypeError, AttributeError) as err:
+        first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+        raise ValueError(f"{source}: its weights do not fit the run's model: {first}") from None
 
 
 def sample_text(
@@ -128,7 +137,11 @@ def sample_text(
         raise ValueError("the prompt must not be empty")
     _check_sampling(n_tokens, temperature)  # before anything is loaded
     model, cfg = load_run(out)
-    encode, decode = text_codec(cfg, RunDir(out).vocab(), data_dir)
+    vocab = RunDir(out).vocab()
+    if vocab is not None and len(vocab) != model.head.out_features:
+        raise ValueError(f"{RunDir(out) / RunDir.VOCAB}: {len(vocab)} characters for a model "
+                         f"of {model.head.out_features} outputs")  # fmt: skip
+    encode, decode = text_codec(cfg, vocab, data_dir)
     idx = torch.tensor([encode(prompt)], dtype=torch.long)
     gen = torch.Generator().manual_seed(seed)
     tau = cfg.train_temperature

@@ -28,7 +28,6 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
-import json
 import math
 import time
 from dataclasses import dataclass, field
@@ -71,12 +70,12 @@ class ConstraintViolation(RuntimeError):
 
 @dataclass
 class TrainState:
-    """Where a run stands, beyond model and optimizers: saved in every checkpoint."""
+    """Where a run stands, beyond model and optimizers (step and times are checkpointed)."""
 
     step: int = 0
     elapsed_s: float = 0.0  # wall time of earlier processes of this run
     train_time_s: float = 0.0  # time spent in training steps (no evaluation)
-    last_eval: dict = field(default_factory=dict)  # the latest evaluation record
+    last_eval: dict = field(default_factory=dict)  # the latest evaluation record (not saved)
 
 
 def train(cfg: Config, out: str | Path, resume: bool = False) -> dict:
@@ -94,10 +93,10 @@ def train(cfg: Config, out: str | Path, resume: bool = False) -> dict:
     torch.set_flush_denormal(True)
     run = RunDir(out)
     try:
-        with run.locked() if rank_and_world()[0] == 0 else contextlib.nullcontext():
-            cfg = _prepare(cfg, run, resume)
+        with _locked_by_rank0(run, create=not resume):
             if resume and run.is_finished():
                 return run.final()  # nothing to do: its results stay as they are
+            cfg = _prepare(cfg, run, resume)
             trainer = Trainer(cfg, run)
             if resume:
                 trainer.restore()
@@ -109,6 +108,29 @@ def train(cfg: Config, out: str | Path, resume: bool = False) -> dict:
         torch.set_flush_denormal(False)
         if started:
             dist.destroy_process_group()
+
+
+@contextlib.contextmanager
+def _locked_by_rank0(run: RunDir, create: bool):
+    """Rank 0 holds the run directory's lock for the block; under torchrun every rank learns
+    whether it got it, so that all stop together if not."""
+    if rank_and_world()[1] == 1:
+        with run.locked(create):
+            yield
+        return
+    with contextlib.ExitStack() as stack:
+        error = None
+        if rank_and_world()[0] == 0:
+            try:
+                stack.enter_context(run.locked(create))
+            except Exception as err:  # shared with the other ranks, then raised on rank 0
+                error = err
+        message = broadcast_object(None if error is None else f"{type(error).__name__}: {error}")
+        if error is not None:
+            raise error
+        if message is not None:
+            raise RuntimeError(f"rank 0 could not lock {run.path}: {message}")
+        yield
 
 
 def _prepare(cfg: Config, run: RunDir, resume: bool) -> Config:
@@ -154,7 +176,7 @@ class Trainer:
         self.batch_gen = torch.Generator().manual_seed(cfg.seed + 1)  # same batches on all ranks
         self.forward = torch.compile(self.model) if cfg.compile else self.model
         self.state = TrainState()
-        self.violations: list[dict] = []  # constraint violations without a guarantee to break
+        self.t_start = time.time()  # this process's share of the run's wall time starts now
 
     # ---------------------------------------------------------------------------- phases
 
@@ -165,12 +187,21 @@ class Trainer:
 
     def restore(self) -> None:
         """Continue from checkpoint.pt exactly (weights, optimizers, schedules, RNG states)."""
-        run, cfg = self.run, self.cfg
+        run = self.run
         if self.task.vocab is not None and run.vocab() != self.task.vocab:
             raise ValueError(f"--resume: the data's vocabulary differs from {run / run.VOCAB}")
-        if not run.is_run() and self.main:
-            run.adopt(cfg, self.task.n_outputs, self.task.n_inputs)
-        saved = run.load_checkpoint(cfg)
+        saved = run.load_checkpoint()
+        try:
+            self._load_state(saved)
+        except (KeyError, RuntimeError, TypeError, ValueError) as err:
+            first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+            raise ValueError(f"{run / run.CHECKPOINT}: does not fit this run: {first}") from None
+        if self.main:
+            if not run.is_run():  # a run directory written before run.json existed
+                run.write_marker(self.task.n_outputs, self.task.n_inputs)
+            run.keep_metrics_until(self.state.step)  # later lines are redone
+
+    def _load_state(self, saved: dict) -> None:
         self.model.load_state_dict(saved["model"])
         for opt, s in zip(self.optimizers, saved["optimizers"], strict=True):
             opt.load_state_dict(s)
@@ -181,35 +212,31 @@ class Trainer:
         if self.device.type == "cuda" and saved.get("cuda_rng") is not None:
             torch.cuda.set_rng_state_all(saved["cuda_rng"])
         self.state = TrainState(saved["step"], saved["elapsed_s"], saved["train_time_s"])
-        if self.main:  # keep the metrics up to the checkpoint; later lines are redone
-            run.keep_metrics_until(self.state.step)
 
     def fit(self) -> None:
         """Train from the current step to cfg.steps, evaluating, logging and checkpointing."""
         cfg, state = self.cfg, self.state
-        self.t_start = time.time()
         progress = Progress(cfg.steps, state.step, cfg.log_every, enabled=self.main)
+        metrics = self.run.metrics_writer() if self.main else None
         self.model.train()
-        with self.run.open_metrics() if self.main else contextlib.nullcontext() as metrics:
-            try:
-                while state.step < cfg.steps:
-                    record = self.train_step()
-                    evaluates = state.step % cfg.eval_every == 0 or state.step == cfg.steps
-                    broken = None
-                    if evaluates:
-                        record.update(self.evaluate())
-                        broken = self.check_constraints(record)
-                        state.last_eval = record
-                    if self.main and (state.step % cfg.log_every == 0 or evaluates):
-                        metrics.write(_json_line(record))
-                        metrics.flush()
-                    if broken:
-                        raise ConstraintViolation(broken)
-                    progress.update(state.step, _shown(record, state.last_eval))
-                    if state.step % cfg.checkpoint_every == 0 or state.step == cfg.steps:
-                        self.checkpoint()
-            finally:
-                progress.close()
+        try:
+            while state.step < cfg.steps:
+                record = self.train_step()
+                evaluates = state.step % cfg.eval_every == 0 or state.step == cfg.steps
+                if evaluates:
+                    record.update(self.evaluate())
+                    state.last_eval = record
+                if metrics and (state.step % cfg.log_every == 0 or evaluates):
+                    metrics.write(record)
+                if evaluates:
+                    _stop_if_broken(record, state.step)
+                progress.update(state.step, _shown(record, state.last_eval))
+                if state.step % cfg.checkpoint_every == 0 or state.step == cfg.steps:
+                    self.checkpoint()
+        finally:
+            progress.close()
+            if metrics:
+                metrics.close()
 
     def train_step(self) -> dict:
         """One optimizer step on one global batch; returns its metrics record."""
@@ -246,17 +273,22 @@ class Trainer:
             sched.step()
         state.step += 1
         if self.device.type == "cuda":
-            torch.cuda.synchronize()  # count this step's GPU work in this step's time
+            torch.cuda.synchronize(self.device)  # count this step's GPU work in this step
         state.train_time_s += time.time() - t0
         tokens = state.step * cfg.batch_size * self.task.tokens_per_example
         return {"step": state.step, "train_loss": train_loss, "lr": lr, "tokens_seen": tokens}
 
     def evaluate(self) -> dict:
         """Validation metrics (every rank scores its share), and on rank 0 the certificate,
-        per-matrix norms and activation statistics; every rank returns rank 0's record."""
+        per-matrix norms, constraint health and activation statistics; every rank returns
+        rank 0's record."""
         record = evaluate(self.model, self.task, self.device, self.cfg.train_temperature)
         if self.main:
             record.update(self.certificate())
+            norms = record.get("weight_norms")
+            found = [v for o in self.optimizers for v in constraint_violations(o, norms)]
+            if found:
+                record["constraint_violations"] = found
             self.model.eval()
             with torch.no_grad():
                 probe = self.task.probe().to(self.device)
@@ -278,24 +310,6 @@ class Trainer:
         out["weight_norms"] = {layer["name"]: layer["rms_operator_norm"] for layer in cert.layers}
         return out
 
-    def check_constraints(self, record: dict) -> str | None:
-        """Measure every constrained weight against its cap. A violation of a guarantee (or a
-        non-finite weight) is returned as a message, to stop the run; violations of methods
-        without a guarantee are recorded in ``record`` and in final.json."""
-        found = [v for opt in self.optimizers for v in constraint_violations(opt)]
-        broken = [v for v in found if v["guaranteed"] or not math.isfinite(v["norm"])]
-        if broken:
-            v = max(broken, key=_severity)
-            return (
-                f"step {self.state.step}: {v['param']} has norm {v['norm']:.6g} above its cap "
-                f"w_max={v['w_max']:g} under {v['constraint']} ({len(broken)} matrices broken); "
-                "the constraint's guarantee failed (is the learning rate too large?)"
-            )
-        if found:
-            record["constraint_violations"] = found
-        self.violations = found
-        return None
-
     def checkpoint(self) -> None:
         """Save the training state (every rank syncs its constraint state; rank 0 writes)."""
         for opt in self.optimizers:
@@ -314,7 +328,7 @@ class Trainer:
             "elapsed_s": state.elapsed_s + time.time() - self.t_start,
             "train_time_s": state.train_time_s,
             "world_size": self.world,
-        }, self.cfg)  # fmt: skip
+        })  # fmt: skip
 
     def finish(self) -> dict:
         """The final metrics: written to final.json (and curves.png) by rank 0, returned."""
@@ -341,8 +355,8 @@ class Trainer:
             # matrices orthogonalized / projected by each rank since this process started
             "work_per_rank": work,
         })  # fmt: skip
-        if self.violations:
-            final["constraint_violations"] = self.violations
+        if last.get("constraint_violations"):
+            final["constraint_violations"] = last["constraint_violations"]
         if isinstance(self.task, TextTask) and cfg.eval_protocol == "paper":  # and the full split
             full = evaluate(self.model, self.task, self.device, protocol="full")
             final.update(val_loss_full=full["val_loss"], val_acc_full=full["val_acc"])
@@ -356,6 +370,20 @@ class Trainer:
 
 _FINAL_FROM_EVAL = ("val_loss", "val_acc", "lipschitz_bound", "lipschitz_bound_l2",
                     "lipschitz_bound_paper_rule", "val_loss_at_train_temperature")  # fmt: skip
+
+
+def _stop_if_broken(record: dict, step: int) -> None:
+    """Raise ConstraintViolation if a constrained weight broke its method's guarantee (or is
+    not finite); violations of methods without a guarantee stay recorded in ``record``."""
+    broken = [v for v in record.get("constraint_violations", [])
+              if v["guaranteed"] or not math.isfinite(v["norm"])]  # fmt: skip
+    if broken:
+        v = max(broken, key=_severity)
+        raise ConstraintViolation(
+            f"step {step}: {v['param']} has norm {v['norm']:.6g} above its cap "
+            f"w_max={v['w_max']:g} under {v['constraint']} ({len(broken)} matrices broken); "
+            "the constraint's guarantee failed (is the learning rate too large?)"
+        )
 
 
 def _severity(v: dict) -> tuple[bool, float]:
@@ -372,10 +400,6 @@ def _lr_schedule(cfg: Config):
     if cfg.schedule == "constant_cooldown":
         kwargs["cooldown_frac"] = cfg.cooldown_frac
     return schedule(cfg.schedule, cfg.steps, **kwargs)
-
-
-def _json_line(record: dict) -> str:
-    return json.dumps(record) + "\n"
 
 
 def _shown(record: dict, last_eval: dict) -> dict:

@@ -2,7 +2,7 @@
 
 ::
 
-    run.json        marker, written first: format, version, config hash, model input/output sizes
+    run.json        marker, written first: format, version, the model's input and output sizes
     config.json     the run's Config
     vocab.json      the characters of a character-level run
     metrics.jsonl   one JSON object per line, appended and flushed as training goes
@@ -23,8 +23,8 @@ Guarantees:
   unfinished run of the same config that has no checkpoint yet; a finished run's results are
   never rewritten.
 - **Checkpoint integrity.** ``checkpoint.pt`` is loaded with ``weights_only=True`` (it cannot
-  run code), carries the hash of its run's config and a SHA-256 over its contents; a foreign,
-  truncated or corrupted file is an error naming it.
+  run code), carries the SHA-256 of its run's ``config.json`` and a SHA-256 over its contents;
+  a foreign, truncated or corrupted file, or one from another config, is an error naming it.
 """
 
 from __future__ import annotations
@@ -32,6 +32,7 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import json
+import os
 import pickle
 import warnings
 import zipfile
@@ -43,18 +44,22 @@ import torch
 from torch import Tensor
 
 from lipschitz.config import Config
-from lipschitz.fileio import atomic_write, atomic_write_text, lock, read_json
+from lipschitz.fileio import (
+    atomic_write,
+    atomic_write_text,
+    lock,
+    read_json,
+    remove_stale_temporaries,
+)
 
 RUN_FORMAT = "lipschitz-run"
 CHECKPOINT_FORMAT = "lipschitz-checkpoint"
 VERSION = 1
 
 
-def config_hash(cfg: Config) -> str:
-    """SHA-256 of the config, without ``data_dir`` (the data may move between sessions)."""
-    values = dataclasses.asdict(cfg)
-    values.pop("data_dir")
-    return hashlib.sha256(json.dumps(values, sort_keys=True).encode()).hexdigest()
+def same_config(a: Config, b: Config) -> bool:
+    """Whether two configs describe the same run (``data_dir`` may differ: data moves)."""
+    return dataclasses.replace(a, data_dir=None) == dataclasses.replace(b, data_dir=None)
 
 
 def state_digest(state) -> str:
@@ -83,6 +88,20 @@ def state_digest(state) -> str:
     return h.hexdigest()
 
 
+class MetricsWriter:
+    """Appends one JSON line per record to metrics.jsonl, flushed as it is written."""
+
+    def __init__(self, path: Path) -> None:
+        self.file = open(path, "a")
+
+    def write(self, record: dict) -> None:
+        self.file.write(json.dumps(record) + "\n")
+        self.file.flush()
+
+    def close(self) -> None:
+        self.file.close()
+
+
 class RunDir:
     """One run directory (see the module docstring for its files and guarantees)."""
 
@@ -102,23 +121,43 @@ class RunDir:
         return (self / self.MARKER).exists()
 
     def marker(self) -> dict:
+        """run.json, checked: {"format", "version", "n_outputs", "n_inputs"}."""
         marker = read_json(self / self.MARKER)
-        if not isinstance(marker, dict) or marker.get("format") != RUN_FORMAT:
+        ok = isinstance(marker, dict) and marker.get("format") == RUN_FORMAT
+        ok = ok and isinstance(marker.get("n_outputs"), int)
+        if not ok or not isinstance(marker.get("n_inputs"), (int, type(None))):
             raise ValueError(f"{self / self.MARKER}: not a lipschitz run marker")
         return marker
 
     def is_finished(self) -> bool:
-        return (self / self.FINAL).exists()
+        """Whether final.json holds the run's results (a damaged one does not: it is redone)."""
+        try:
+            return isinstance(read_json(self / self.FINAL), dict)
+        except (OSError, ValueError):
+            return False
 
     @contextmanager
-    def locked(self) -> Iterator[None]:
-        """Create the directory if needed and hold its lock for the block."""
+    def locked(self, create: bool = True) -> Iterator[None]:
+        """Hold the directory's lock for the block (creating the directory if ``create``);
+        temporary files of killed writes are removed. If no run was started, the lock file this
+        call added is removed again, and so is the directory if it created it and it is empty."""
+        created = not self.path.exists()
+        if created and not create:
+            raise FileNotFoundError(f"{self.path}: no such run directory")
         try:
             self.path.mkdir(parents=True, exist_ok=True)
         except FileExistsError:
             raise FileExistsError(f"--out {self.path}: exists and is not a directory") from None
-        with lock(self / self.LOCK):
-            yield
+        had_lock = (self / self.LOCK).exists()
+        try:
+            with lock(self / self.LOCK):
+                remove_stale_temporaries(self.path)
+                yield
+        finally:
+            if not had_lock and not self.is_run():  # refused, or failed before starting
+                (self / self.LOCK).unlink(missing_ok=True)
+                if created and not any(self.path.iterdir()):
+                    os.rmdir(self.path)
 
     def check_can_start(self, cfg: Config) -> None:
         """Raise FileExistsError unless a new run of ``cfg`` may be written here."""
@@ -132,7 +171,7 @@ class RunDir:
                 f"--out {self.path}: not empty and not a run directory ({', '.join(others[:3])}"
                 f"{', …' if len(others) > 3 else ''}); choose an empty or new directory"
             )
-        if self.marker().get("config_sha256") != config_hash(cfg):
+        if (self / self.CONFIG).exists() and not same_config(self.config(), cfg):
             raise FileExistsError(f"--out {self.path}: holds a run of a different config")
         if self.is_finished():
             raise FileExistsError(
@@ -145,34 +184,45 @@ class RunDir:
 
     # ------------------------------------------------------------------------------- writing
 
+    def write_marker(self, n_outputs: int, n_inputs: int | None) -> None:
+        marker = {"format": RUN_FORMAT, "version": VERSION, "n_outputs": n_outputs,
+                  "n_inputs": n_inputs}  # fmt: skip
+        atomic_write_text(self / self.MARKER, json.dumps(marker, indent=2))
+
     def create(self, cfg: Config, n_outputs: int, n_inputs: int | None, vocab) -> None:
         """Start a new run: the marker first, then config, vocabulary and empty metrics."""
-        marker = {"format": RUN_FORMAT, "version": VERSION, "config_sha256": config_hash(cfg),
-                  "n_outputs": n_outputs, "n_inputs": n_inputs}  # fmt: skip
-        atomic_write_text(self / self.MARKER, json.dumps(marker, indent=2))
+        self.write_marker(n_outputs, n_inputs)
         atomic_write_text(self / self.CONFIG, cfg.to_json())
         if vocab is not None:
             atomic_write_text(self / self.VOCAB, json.dumps(vocab))
         atomic_write_text(self / self.METRICS, "")
 
-    def adopt(self, cfg: Config, n_outputs: int, n_inputs: int | None) -> None:
-        """Write the marker of a run made before markers existed (config.json + checkpoint)."""
-        warnings.warn(f"{self.path}: a run without {self.MARKER}; adding it", stacklevel=2)
-        marker = {"format": RUN_FORMAT, "version": VERSION, "config_sha256": config_hash(cfg),
-                  "n_outputs": n_outputs, "n_inputs": n_inputs}  # fmt: skip
-        atomic_write_text(self / self.MARKER, json.dumps(marker, indent=2))
-
     def config(self) -> Config:
-        return Config.from_dict(read_json(self / self.CONFIG))
+        return Config.load(self / self.CONFIG)
+
+    def config_sha256(self) -> str:
+        """SHA-256 of config.json as written (never rewritten, so stable across versions)."""
+        try:
+            return hashlib.sha256((self / self.CONFIG).read_bytes()).hexdigest()
+        except FileNotFoundError:
+            raise FileNotFoundError(f"{self / self.CONFIG}: no such file") from None
 
     def vocab(self) -> list[str] | None:
-        return read_json(self / self.VOCAB) if (self / self.VOCAB).exists() else None
+        if not (self / self.VOCAB).exists():
+            return None
+        vocab = read_json(self / self.VOCAB)
+        if not isinstance(vocab, list) or not all(isinstance(c, str) for c in vocab):
+            raise ValueError(f"{self / self.VOCAB}: not a list of characters")
+        return vocab
 
     def write_final(self, final: dict) -> None:
         atomic_write_text(self / self.FINAL, json.dumps(final, indent=2))
 
     def final(self) -> dict:
-        return read_json(self / self.FINAL)
+        final = read_json(self / self.FINAL)
+        if not isinstance(final, dict):
+            raise ValueError(f"{self / self.FINAL}: not a JSON object")
+        return final
 
     # ------------------------------------------------------------------------------- metrics
 
@@ -181,18 +231,24 @@ class RunDir:
         path = self / self.METRICS
         if not path.exists():
             return []
-        lines = path.read_text().split("\n")
+        try:
+            lines = path.read_text().split("\n")
+        except UnicodeDecodeError:
+            raise ValueError(f"{path}: not UTF-8 text") from None
         rows = []
         for number, line in enumerate(lines, start=1):
             if not line.strip():
                 continue
             try:
-                rows.append(json.loads(line))
+                row = json.loads(line)
             except json.JSONDecodeError:
                 if number == len(lines):  # unterminated last line: an interrupted write
                     warnings.warn(f"{path}: dropping a partial last line", stacklevel=2)
                     continue
                 raise ValueError(f"{path}: line {number} is not valid JSON") from None
+            if not isinstance(row, dict) or not isinstance(row.get("step"), int):
+                raise ValueError(f"{path}: line {number} is not a metrics record")
+            rows.append(row)
         return rows
 
     def keep_metrics_until(self, step: int) -> None:
@@ -200,22 +256,21 @@ class RunDir:
         kept = [row for row in self.metrics() if row["step"] <= step]
         atomic_write_text(self / self.METRICS, "".join(json.dumps(r) + "\n" for r in kept))
 
-    def open_metrics(self):
-        """The metrics file, opened for appending one line per record."""
-        return open(self / self.METRICS, "a")
+    def metrics_writer(self) -> MetricsWriter:
+        return MetricsWriter(self / self.METRICS)
 
     # --------------------------------------------------------------------------- checkpoints
 
-    def save_checkpoint(self, state: dict, cfg: Config) -> None:
-        """Write the training state atomically, with the config hash and a content digest."""
+    def save_checkpoint(self, state: dict) -> None:
+        """Write the training state atomically, with the config's hash and a content digest."""
         wrapped = {"format": CHECKPOINT_FORMAT, "version": VERSION,
-                   "config_sha256": config_hash(cfg), "sha256": state_digest(state),
+                   "config_sha256": self.config_sha256(), "sha256": state_digest(state),
                    "state": state}  # fmt: skip
         with atomic_write(self / self.CHECKPOINT) as f:
             torch.save(wrapped, f)
 
-    def load_checkpoint(self, cfg: Config | None = None) -> dict:
-        """The saved training state, checked: readable, ours, of ``cfg`` (if given), intact."""
+    def load_checkpoint(self) -> dict:
+        """The saved training state, checked: readable, ours, of this run's config, intact."""
         path = self / self.CHECKPOINT
         if not path.exists():
             raise FileNotFoundError(f"{path}: no checkpoint")
@@ -225,13 +280,24 @@ class RunDir:
             first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
             raise ValueError(f"{path}: not a readable checkpoint (truncated, corrupted or "
                              f"not written by lipschitz): {first}") from None  # fmt: skip
-        if isinstance(saved, dict) and "model" in saved and "format" not in saved:
-            return saved  # written before checkpoints carried a digest
-        if not isinstance(saved, dict) or saved.get("format") != CHECKPOINT_FORMAT:
+        if _is_legacy(saved):
+            return saved  # written before checkpoints carried digests: nothing to check
+        keys = ("format", "config_sha256", "sha256", "state")
+        if (
+            not isinstance(saved, dict)
+            or saved.get("format") != CHECKPOINT_FORMAT
+            or any(k not in saved for k in keys)
+        ):
             raise ValueError(f"{path}: not a lipschitz checkpoint")
-        if cfg is not None and saved["config_sha256"] != config_hash(cfg):
+        if saved["config_sha256"] != self.config_sha256():
             raise ValueError(f"{path}: the checkpoint belongs to a different config than "
                              f"{self / self.CONFIG}")  # fmt: skip
         if state_digest(saved["state"]) != saved["sha256"]:
             raise ValueError(f"{path}: corrupted (its contents do not match their SHA-256)")
         return saved["state"]
+
+
+def _is_legacy(saved) -> bool:
+    """A checkpoint of the first format: the bare training state (model, optimizers, ...)."""
+    keys = {"model", "optimizers", "schedulers", "batch_generator", "step"}
+    return isinstance(saved, dict) and "format" not in saved and keys <= saved.keys()
