@@ -18,6 +18,7 @@ import math
 from pathlib import Path
 
 from lipschitz.fileio import atomic_write, atomic_write_text, read_json
+from lipschitz.training.rundir import RunDir
 
 MARKER = "<!-- written by lipschitz plot -->"
 IMAGE_FORMATS = (".png", ".pdf", ".svg")
@@ -29,8 +30,8 @@ def find_runs(paths: list[str | Path]) -> list[Path]:
     for path in map(Path, paths):
         if not path.exists():
             raise FileNotFoundError(f"{path} does not exist")
-        found = [path] if (path / "final.json").exists() else sorted(
-            p.parent for p in path.rglob("final.json"))  # fmt: skip
+        found = [path] if (path / RunDir.FINAL).exists() else sorted(
+            p.parent for p in path.rglob(RunDir.FINAL))  # fmt: skip
         if not found:
             raise FileNotFoundError(f"{path}: no finished run (final.json) in it")
         runs += found
@@ -49,7 +50,7 @@ def load_points(run_dirs: list[Path], x: str, y: str) -> list[dict]:
     """One point per run: x and y from final.json (or config.json), its group and its name."""
     points = []
     for run in run_dirs:
-        final, config = _read_object(run / "final.json"), _read_object(run / "config.json")
+        final, config = _read_object(run / RunDir.FINAL), _read_object(run / RunDir.CONFIG)
         values = {**config, **final}
         for key in (x, y):
             if key not in values:

@@ -153,7 +153,7 @@ def check_not_stale(out: Path, runs: list[Run]) -> None:
     the preset changed since): its results would be reported as this spec's."""
     stale = []
     for run in runs:
-        path = out / run.name / "config.json"
+        path = out / run.name / RunDir.CONFIG
         if _status(out / run.name) != "new" and path.exists():
             old = _comparable(Config.load(path).to_json())  # keys added since: defaults
             changed = sorted(k for k in run.config.keys() | old.keys()
