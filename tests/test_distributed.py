@@ -67,8 +67,10 @@ def test_two_gloo_processes_equal_one_process(tmp_path, token_shards):
     assert b["world_size"] == 2 and a["model"].keys() == b["model"].keys()
     diff = max((a["model"][k] - b["model"][k]).abs().max().item() for k in a["model"])
     print(f"max |w(2 processes) - w(1 process)| = {diff:.3g}")
-    assert diff <= 1e-5
-    assert two["val_loss"] == pytest.approx(one["val_loss"], abs=1e-5)
+    # the only difference is the float32 summation order of the gradient all-reduce: measured
+    # 5.4e-7 after these steps (docs/results.md), so 2e-6 leaves a 4x margin
+    assert diff <= 2e-6
+    assert two["val_loss"] == pytest.approx(one["val_loss"], abs=2e-6)
     assert two["steps"] == STEPS and two["world_size"] == 2
     # rank 0 alone wrote the metrics: the same lines as the single process, not twice as many
     lines = [json.loads(x) for x in (tmp_path / "two" / "metrics.jsonl").read_text().splitlines()]
