@@ -24,6 +24,7 @@ __all__ = [
     "atomic_write_text",
     "lock",
     "read_json",
+    "read_json_object",
     "remove_stale_temporaries",
 ]
 
@@ -79,6 +80,14 @@ def read_json(path: str | os.PathLike):
         raise FileNotFoundError(f"{path}: no such file") from None
     except (json.JSONDecodeError, UnicodeDecodeError) as err:
         raise ValueError(f"{path}: not valid JSON ({err})") from None
+
+
+def read_json_object(path: str | os.PathLike) -> dict:
+    """:func:`read_json` of a file that must hold a JSON object; anything else names the file."""
+    value = read_json(path)
+    if not isinstance(value, dict):
+        raise ValueError(f"{path}: expected a JSON object, got {type(value).__name__}")
+    return value
 
 
 class DirectoryInUse(RuntimeError):

@@ -17,7 +17,7 @@ from __future__ import annotations
 import math
 from pathlib import Path
 
-from lipschitz.fileio import atomic_write, atomic_write_text, read_json
+from lipschitz.fileio import atomic_write, atomic_write_text, read_json_object
 from lipschitz.training.rundir import RunDir
 
 MARKER = "<!-- written by lipschitz plot -->"
@@ -50,7 +50,7 @@ def load_points(run_dirs: list[Path], x: str, y: str) -> list[dict]:
     """One point per run: x and y from final.json (or config.json), its group and its name."""
     points = []
     for run in run_dirs:
-        final, config = _read_object(run / RunDir.FINAL), _read_object(run / RunDir.CONFIG)
+        final, config = read_json_object(run / RunDir.FINAL), read_json_object(run / RunDir.CONFIG)
         values = {**config, **final}
         for key in (x, y):
             if key not in values:
@@ -68,14 +68,6 @@ def load_points(run_dirs: list[Path], x: str, y: str) -> list[dict]:
         points.append({"run": str(run), "x": float(values[x]), "y": float(values[y]),
                        "group": f"{config.get('optimizer')} + {method_of(config)}"})  # fmt: skip
     return points
-
-
-def _read_object(path: Path) -> dict:
-    """A JSON object from ``path``; anything else is an error naming the file."""
-    value = read_json(path)
-    if not isinstance(value, dict):
-        raise ValueError(f"{path}: expected a JSON object, got {type(value).__name__}")
-    return value
 
 
 def _is_number(value: object) -> bool:

@@ -35,7 +35,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from lipschitz.config import Config, apply_overrides
-from lipschitz.fileio import atomic_write_text, lock, read_json
+from lipschitz.fileio import atomic_write_text, lock, read_json_object
 from lipschitz.presets import preset
 from lipschitz.training.rundir import RunDir
 
@@ -175,12 +175,9 @@ def read_final(run_dir: Path) -> tuple[dict | None, str | None]:
     if not path.exists():
         return None, None
     try:
-        final = read_json(path)
+        return read_json_object(path), None
     except (ValueError, OSError) as err:
         return None, str(err)
-    if not isinstance(final, dict):
-        return None, f"{path}: not a JSON object"
-    return final, None
 
 
 def _status(run_dir: Path) -> str:

@@ -49,6 +49,7 @@ from lipschitz.fileio import (
     atomic_write_text,
     lock,
     read_json,
+    read_json_object,
     remove_stale_temporaries,
 )
 
@@ -132,9 +133,10 @@ class RunDir:
     def is_finished(self) -> bool:
         """Whether final.json holds the run's results (a damaged one does not: it is redone)."""
         try:
-            return isinstance(read_json(self / self.FINAL), dict)
+            self.final()
         except (OSError, ValueError):
             return False
+        return True
 
     @contextmanager
     def locked(self, create: bool = True) -> Iterator[None]:
@@ -219,10 +221,7 @@ class RunDir:
         atomic_write_text(self / self.FINAL, json.dumps(final, indent=2))
 
     def final(self) -> dict:
-        final = read_json(self / self.FINAL)
-        if not isinstance(final, dict):
-            raise ValueError(f"{self / self.FINAL}: not a JSON object")
-        return final
+        return read_json_object(self / self.FINAL)
 
     # ------------------------------------------------------------------------------- metrics
 
