@@ -242,12 +242,7 @@ def constraint_violations(
             f"param_groups[{i}][{j}]" for j in range(len(group["params"]))
         ]
         known = {} if c.per_row else (known_norms or {})
-        todo = [j for j, n in enumerate(names) if n not in known]
-        measured = dict(zip(todo, _norms([group["params"][j] for j in todo], c.per_row),
-                            strict=True))  # fmt: skip
-        finite = torch.stack([torch.isfinite(p).all() for p in group["params"]]).tolist()
-        norms = [measured[j] if j in measured else (known[n] if finite[j] else math.nan)
-                 for j, n in enumerate(names)]  # fmt: skip
+        norms = _norms(group["params"], c.per_row, [known.get(n) for n in names])
         for pname, p, norm in zip(names, group["params"], norms, strict=True):
             rounding = torch.finfo(p.dtype).eps if p.element_size() < 4 else 0.0  # bf16, fp16
             limit = math.inf if w_max is None else w_max * (1 + (c.tolerance or 0.0) + rounding)
@@ -260,14 +255,16 @@ def constraint_violations(
     return found
 
 
-def _norms(params: list[Tensor], per_row: bool) -> list[float]:
-    """Each parameter's largest norm (RMS→RMS per matrix, or row RMS); nan if not finite."""
+def _norms(params: list[Tensor], per_row: bool, known: list[float | None]) -> list[float]:
+    """Each parameter's largest norm (RMS→RMS per matrix, or row RMS); nan if not finite.
+    A ``known`` value (not None) is used as it is instead of measuring that parameter."""
     if not params:
         return []
     finite = torch.stack([torch.isfinite(p).all() for p in params]).tolist()  # one host sync
-    norms = [math.nan] * len(params)
+    norms = [k if f and k is not None else math.nan for f, k in zip(finite, known, strict=True)]
+    todo = [j for j, p in enumerate(params) if finite[j] and known[j] is None]
     order, values = [], []
-    for batch in _same_shape([(p, j) for j, p in enumerate(params) if finite[j]]):
+    for batch in _same_shape([(params[j], j) for j in todo]):
         ps = [p.detach() for p, _ in batch]
         W = ps[0].unsqueeze(0) if len(ps) == 1 else torch.stack(ps)  # (k, ..., out, in)
         value = row_rms(W.float()) if per_row else rms_operator_norm(W)  # (k, ...)

@@ -14,7 +14,7 @@ from torch import Tensor, nn
 from lipschitz.config import Config
 from lipschitz.data.tasks import model_sizes, text_codec
 from lipschitz.nn import build_model
-from lipschitz.training.rundir import RunDir
+from lipschitz.training.rundir import RunDir, first_line
 from lipschitz.training.runtime import autocast, rank_and_world
 
 
@@ -119,8 +119,9 @@ def load_weights(model: nn.Module, weights, source: Path) -> None:
     try:
         model.load_state_dict(weights)
     except (KeyError, RuntimeError, TypeError, AttributeError) as err:
-        first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
-        raise ValueError(f"{source}: its weights do not fit the run's model: {first}") from None
+        raise ValueError(
+            f"{source}: its weights do not fit the run's model: {first_line(err)}"
+        ) from None
 
 
 def sample_text(

@@ -53,7 +53,7 @@ from lipschitz.optim import (
 from lipschitz.schedules import schedule
 from lipschitz.training.inference import evaluate
 from lipschitz.training.report import Progress, plot_curves
-from lipschitz.training.rundir import RunDir
+from lipschitz.training.rundir import RunDir, first_line
 from lipschitz.training.runtime import (
     all_reduce_gradients,
     autocast,
@@ -194,8 +194,9 @@ class Trainer:
         try:
             self._load_state(saved)
         except (KeyError, RuntimeError, TypeError, ValueError) as err:
-            first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
-            raise ValueError(f"{run / run.CHECKPOINT}: does not fit this run: {first}") from None
+            raise ValueError(
+                f"{run / run.CHECKPOINT}: does not fit this run: {first_line(err)}"
+            ) from None
         if self.main:
             if not run.is_run():  # a run directory written before run.json existed
                 run.write_marker(self.task.n_outputs, self.task.n_inputs)

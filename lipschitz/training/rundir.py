@@ -276,9 +276,8 @@ class RunDir:
         try:
             saved = torch.load(path, map_location="cpu", weights_only=True)
         except (RuntimeError, pickle.UnpicklingError, EOFError, zipfile.BadZipFile) as err:
-            first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
             raise ValueError(f"{path}: not a readable checkpoint (truncated, corrupted or "
-                             f"not written by lipschitz): {first}") from None  # fmt: skip
+                             f"not written by lipschitz): {first_line(err)}") from None  # fmt: skip
         if _is_legacy(saved):
             return saved  # written before checkpoints carried digests: nothing to check
         keys = ("format", "config_sha256", "sha256", "state")
@@ -294,6 +293,12 @@ class RunDir:
         if state_digest(saved["state"]) != saved["sha256"]:
             raise ValueError(f"{path}: corrupted (its contents do not match their SHA-256)")
         return saved["state"]
+
+
+def first_line(err: BaseException) -> str:
+    """The first line of an error's message (torch's can run to pages), or its type's name."""
+    text = str(err).strip()
+    return text.splitlines()[0] if text else type(err).__name__
 
 
 def _is_legacy(saved) -> bool:
