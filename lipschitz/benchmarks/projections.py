@@ -10,17 +10,15 @@ same run. Writes ``projections.json`` and ``projections.md``.
 from __future__ import annotations
 
 import argparse
-import json
 import platform
 import statistics
 import time
 from collections.abc import Callable
-from pathlib import Path
 
 import torch
 
+from lipschitz.benchmarks import write_results
 from lipschitz.constraints import METHODS, spectral_hard_cap
-from lipschitz.fileio import atomic_write_text
 from lipschitz.linalg import rms_operator_norm
 
 SHAPES = [(256, 256), (1024, 256), (256, 1024), (1024, 1024), (4096, 1024)]
@@ -188,12 +186,7 @@ def main(argv: list[str] | None = None) -> None:
     if args.shapes:
         shapes = [tuple(int(x) for x in s.split("x")) for s in args.shapes.split(",")]
     results = run(shapes=shapes, device=args.device, budget_s=args.budget)
-    out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
-    atomic_write_text(out / "projections.json", json.dumps(results, indent=2))
-    table = markdown(results)
-    atomic_write_text(out / "projections.md", table)
-    print(table)
+    write_results(args.out, "projections", results, markdown(results))
 
 
 if __name__ == "__main__":

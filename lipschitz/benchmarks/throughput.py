@@ -15,16 +15,14 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import json
 import statistics
 import time
-from pathlib import Path
 
 import torch
 import torch.nn.functional as F
 
+from lipschitz.benchmarks import write_results
 from lipschitz.config import apply_overrides
-from lipschitz.fileio import atomic_write_text
 from lipschitz.nn import build_model
 from lipschitz.optim import build_optimizers
 from lipschitz.presets import preset
@@ -130,12 +128,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--out", default="benchmarks/out")
     args = parser.parse_args(argv)
     result = run(args.preset, args.set, args.rounds)
-    out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
-    atomic_write_text(out / "throughput.json", json.dumps(result, indent=2))
-    table = markdown(result)
-    atomic_write_text(out / "throughput.md", table)
-    print(table)
+    write_results(args.out, "throughput", result, markdown(result))
 
 
 if __name__ == "__main__":
