@@ -136,9 +136,12 @@ def _linear_rule(m: nn.Linear, a: float, walk: _Walk, name: str) -> tuple[float,
 
 @register_rule(MLP)
 def _mlp_rule(m: MLP, a: float, walk: _Walk, name: str) -> tuple[float, float]:
-    """fc_out(GELU(fc_in x)/1.1289): |GELU(z)| ≤ |z| bounds activations, its slope bounds L."""
+    """fc_out(GELU(fc_in x)/1.1289): |GELU(z)| ≤ |z| bounds activations, its slope bounds L.
+    fc_out(MaxMin(fc_in x)): MaxMin permutes pairs, so it keeps norms and is 1-Lipschitz."""
     n_in = walk.norm(f"{name}.fc_in.weight", m.fc_in.weight)
     n_out = walk.norm(f"{name}.fc_out.weight", m.fc_out.weight)
+    if m.activation == "maxmin":
+        return n_out * n_in, n_out * n_in * a
     # The paper's rule ‖W_out‖‖W_in‖/1.1289 counts GELU itself as 1-Lipschitz; its slope is 1.1289.
     slope = 1.0 if walk.rule == "paper" else GELU_MAX_SLOPE
     return n_out * n_in * slope / GELU_SCALE, n_out * n_in * a / GELU_SCALE

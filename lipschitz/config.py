@@ -62,6 +62,7 @@ class Config:
     residual_alpha: float | None = None  # α of the convex residuals (None: 1/(2·n_layer))
     attn_out_mult: float = 1 / 3
     pos_bias: bool = False  # a learned relative-position bias on the attention logits
+    activation: str = "gelu"  # the MLP's: gelu (GELU/1.1289, the paper) | maxmin (GroupSort-2)
     # Optimizer details
     head_w_max: float | None = None  # None: same as w_max
     head_lr: float | None = None  # the head's learning rate (None: lr)
@@ -175,6 +176,7 @@ def _check_choices(cfg: Config) -> None:
     """Names (model, dataset, optimizer, ...) are known ones and fit together."""
     from lipschitz.constraints import CONSTRAINTS
     from lipschitz.linalg import NS_COEFFICIENTS
+    from lipschitz.nn.layers import ACTIVATIONS, RESIDUALS
     from lipschitz.schedules import SCHEDULES
 
     choices = {
@@ -183,7 +185,8 @@ def _check_choices(cfg: Config) -> None:
         "optimizer": ("muon", "adamw"),
         "constraint": tuple(CONSTRAINTS),
         "eval_protocol": ("full", "paper"),
-        "residual": ("convex", "sum"),
+        "residual": RESIDUALS,
+        "activation": ACTIVATIONS,
         "target_norm_scalars": ("model", "unit"),
         "embed_optimizer": ("muon", "adamw"),
         "ns_dtype": ("float32", "bfloat16"),

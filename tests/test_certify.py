@@ -27,7 +27,7 @@ from lipschitz.nn import (
     LipschitzMLP,
     activation_stats,
 )
-from lipschitz.nn.layers import RelativePositionBias
+from lipschitz.nn.layers import RelativePositionBias, maxmin
 
 G = GELU_MAX_SLOPE / 1.1289  # Lipschitz constant of GELU(x)/1.1289 (1.0000037)
 
@@ -66,6 +66,7 @@ def _random_gpt(seed: int) -> LipschitzGPT:
         residual=pick(["convex", "convex", "sum"]),
         attn_out_mult=pick([1 / 3, 1 / 3, 1.0]),
         pos_bias=pick([False, True]),
+        activation=pick(["gelu", "maxmin"]),
     )
     _rescale_randomly(model, g, orthogonal=seed % 2 == 1)
     with torch.no_grad():  # position biases from flat to sharp (one lag dominating)
@@ -442,6 +443,41 @@ def test_paper_mlp_rule_undercounts_the_gelu_slope():
     certified = certify(model, inputs="embeds").lipschitz
     assert certified == pytest.approx(0.5 * (0.5 + 0.5 * G), rel=1e-12)
     assert certified * (1 - 1e-8) < ratio <= certified * (1 + 1e-10)
+
+
+def test_maxmin_is_norm_preserving_and_1_lipschitz():
+    g = torch.Generator().manual_seed(0)
+    x, y = torch.randn(2, 4000, 6, generator=g, dtype=torch.float64)
+    y[:2000] = x[:2000] + 1e-3 * y[:2000]  # near pairs too, where the order rarely changes
+    assert torch.allclose(maxmin(x).norm(dim=-1), x.norm(dim=-1), rtol=0, atol=1e-12)
+    ratio = (maxmin(x) - maxmin(y)).norm(dim=-1) / (x - y).norm(dim=-1)  # (4000,)
+    assert float(ratio.max()) <= 1 + 1e-12
+    assert float(ratio.min()) < 0.9  # order changes inside a pair do contract
+    # the pairs are (first half, second half): (3, 1, 2 | 0, 5, 2) → (3, 5, 2 | 0, 1, 2)
+    h = torch.tensor([3.0, 1, 2, 0, 5, 2])
+    assert maxmin(h).tolist() == [3.0, 5, 2, 0, 1, 2]
+
+
+def test_maxmin_mlp_certificate_is_attained():
+    """With W_in = [I; I; I; I] both halves of the hidden vector agree, MaxMin is the identity
+    there and the MLP is the linear map W_out·W_in: the certificate is its exact norm."""
+    model = LipschitzGPT(
+        vocab_size=4, d_model=4, n_layer=1, n_head=2, seq_len=2, zero_init_head=False,
+        activation="maxmin",
+    ).double()  # fmt: skip
+    I4 = torch.eye(4, dtype=torch.float64)
+    _set(model.blocks[0].mlp.fc_in, 0.8 * torch.cat([I4] * 4, 0))  # ‖W_in‖ = 0.8
+    _set(model.blocks[0].mlp.fc_out, (1.5 / 4) * torch.cat([I4] * 4, 1))  # ‖W_out‖ = 1.5
+    _set(model.head, I4)
+    # W_O = 0: the block is x ↦ 0.5·(0.5·x + 0.5·1.2·x) = 0.55·x
+    certified = certify(model, inputs="embeds").lipschitz
+    assert certified == pytest.approx(0.5 * (0.5 + 0.5 * 1.5 * 0.8), rel=1e-12)
+    x = torch.randn(1, 2, 4, dtype=torch.float64)
+    y = torch.randn(1, 2, 4, dtype=torch.float64)
+    with torch.no_grad():
+        diff = model(inputs_embeds=x) - model(inputs_embeds=y)
+    ratio = float(diff.pow(2).mean(-1).sqrt().amax() / (x - y).pow(2).mean(-1).sqrt().amax())
+    assert ratio == pytest.approx(certified, rel=1e-12)
 
 
 def test_tied_head_is_measured_as_both_embedding_and_head():

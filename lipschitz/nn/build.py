@@ -47,4 +47,5 @@ def build_model(cfg: Config, n_outputs: int, n_inputs: int | None = None) -> nn.
         kwargs["attn_out_mult"] = cfg.attn_out_mult
         kwargs["pos_bias"] = cfg.pos_bias
         kwargs["alpha"] = cfg.residual_alpha
+        kwargs["activation"] = cfg.activation
     return MODELS[cfg.model](**kwargs)

@@ -20,15 +20,18 @@ from torch import Tensor, nn
 from lipschitz.linalg import row_rms
 
 __all__ = [
+    "ACTIVATIONS",
     "GELU_MAX_SLOPE",
     "GELU_SCALE",
     "MLP",
+    "RESIDUALS",
     "Block",
     "CausalSelfAttention",
     "Embedding",
     "Linear",
     "RelativePositionBias",
     "apply_rope",
+    "maxmin",
     "rope_tables",
 ]
 
@@ -210,11 +213,30 @@ class CausalSelfAttention(nn.Module):
         return self.o(y)
 
 
-class MLP(nn.Module):
-    """d → 4d → d with exact GELU divided by 1.1289 (its max slope): a 1-Lipschitz activation."""
+def maxmin(x: Tensor) -> Tensor:
+    """MaxMin (GroupSort with groups of 2; Anil, Lucas & Grosse 2019) over the last dim: pairs
+    (first half, second half) become (max, min). It permutes each pair, so it is 1-Lipschitz and
+    keeps every token's norm exactly; its Jacobian is a permutation, orthogonal wherever it
+    exists, so a bounded network keeps its gradient norm (GELU's slope halves it on average)."""
+    a, b = x.chunk(2, dim=-1)  # (..., n/2) each
+    # max = b + relu(a − b), min = a − relu(a − b): the same numbers up to rounding, and on a
+    # CPU about 4× faster forward + backward than torch.maximum/minimum or torch.where
+    r = F.relu(a - b)
+    return torch.cat([b + r, a - r], dim=-1)
 
-    def __init__(self, d_model: int, zero_init_out: bool = True) -> None:
+
+ACTIVATIONS = ("gelu", "maxmin")
+
+
+class MLP(nn.Module):
+    """d → 4d → d with a 1-Lipschitz activation: exact GELU divided by 1.1289 (its max slope;
+    the paper), or MaxMin (norm-preserving, the certificate's slope is exactly 1)."""
+
+    def __init__(self, d_model: int, zero_init_out: bool = True, activation: str = "gelu") -> None:
         super().__init__()
+        if activation not in ACTIVATIONS:
+            raise ValueError(f"activation must be one of {ACTIVATIONS}, got {activation!r}")
+        self.activation = activation
         self.fc_in = Linear(d_model, 4 * d_model)
         self.fc_out = Linear(4 * d_model, d_model, zero_init=zero_init_out)
 
@@ -223,7 +245,9 @@ class MLP(nn.Module):
         return [self.fc_in, self.fc_out]
 
     def forward(self, x: Tensor) -> Tensor:  # (B, T, d) -> (B, T, d)
-        return self.fc_out(F.gelu(self.fc_in(x)) / GELU_SCALE)
+        h = self.fc_in(x)  # (B, T, 4d)
+        h = maxmin(h) if self.activation == "maxmin" else F.gelu(h) / GELU_SCALE
+        return self.fc_out(h)
 
 
 RESIDUALS = ("convex", "sum")
@@ -249,6 +273,7 @@ class Block(nn.Module):
         residual: str = "convex",
         attn_out_mult: float | None = None,
         pos_bias: bool = False,
+        activation: str = "gelu",
     ) -> None:
         super().__init__()
         if not 0 < alpha <= 1:
@@ -260,7 +285,7 @@ class Block(nn.Module):
         self.attn = CausalSelfAttention(
             d_model, n_head, seq_len, attn_scale, zero_init_out, attn_out_mult, pos_bias
         )
-        self.mlp = MLP(d_model, zero_init_out)
+        self.mlp = MLP(d_model, zero_init_out, activation)
 
     @property
     def weights(self) -> tuple[float, float]:

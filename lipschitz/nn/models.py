@@ -95,6 +95,7 @@ class LipschitzGPT(nn.Module):
         attn_out_mult: float | None = None,
         pos_bias: bool = False,
         alpha: float | None = None,
+        activation: str = "gelu",
     ) -> None:
         super().__init__()
         _check_sizes(vocab_size=vocab_size, d_model=d_model, n_layer=n_layer, n_head=n_head)
@@ -114,6 +115,7 @@ class LipschitzGPT(nn.Module):
             residual,
             attn_out_mult,
             pos_bias,
+            activation,
         )
         self.embed = Embedding(vocab_size, d_model)
         self.blocks = nn.ModuleList(Block(*block_args) for _ in range(n_layer))
