@@ -159,6 +159,8 @@ def cmd_presets(args: argparse.Namespace) -> None:
 def cmd_bench(args: argparse.Namespace) -> None:
     if args.name == "projections":
         from lipschitz.benchmarks.projections import main as bench_main
+    elif args.name == "profile":
+        from lipschitz.benchmarks.profile import main as bench_main
     else:
         from lipschitz.benchmarks.throughput import main as bench_main
     bench_main(args.args)
@@ -237,8 +239,8 @@ def _tool_commands(commands) -> None:
     p = commands.add_parser("presets", help="list the presets")
     p.set_defaults(func=cmd_presets)
 
-    p = commands.add_parser("bench", help="run a benchmark (projections, throughput)")
-    p.add_argument("name", choices=["projections", "throughput"])
+    p = commands.add_parser("bench", help="run a benchmark (projections, throughput, profile)")
+    p.add_argument("name", choices=["projections", "throughput", "profile"])
     p.add_argument("args", nargs=argparse.REMAINDER, help="options for the benchmark")
     p.set_defaults(func=cmd_bench)
 

@@ -1,5 +1,6 @@
 """The benchmarks run and report what they claim (timings themselves are not asserted)."""
 
+from lipschitz.benchmarks import profile as bench_profile
 from lipschitz.benchmarks import projections as bench_projections
 from lipschitz.benchmarks import throughput as bench_throughput
 from lipschitz.constraints import METHODS
@@ -29,3 +30,24 @@ def test_throughput_benchmark_compares_the_four_setups():
     }
     assert result["tokens_per_s"]["baseline"] > 0
     assert "Projection share" in bench_throughput.markdown(result)
+
+
+def test_peak_memory_counts_weights_gradients_and_optimizer_state():
+    """A fresh process's peak RSS grows by at least the weights, their gradients and Muon's
+    momentum (3 × 4 bytes per parameter) once the model has trained a step."""
+    memory = bench_throughput._memory_in_fresh_processes("tiny", ["d_model=256"], ["lipschitz"])
+    m = memory["lipschitz"]
+    n_params = 2 * 12 * 256 * 256  # 2 blocks of 12·d² weights (the embedding and head are small)
+    assert m["peak_rss"] - m["rss_before_model"] >= 3 * 4 * n_params
+
+
+def test_profile_splits_the_step_into_its_phases():
+    result = bench_profile.run("tiny", rounds=2)
+    lip, base = result["ms_per_step"]["lipschitz"], result["ms_per_step"]["baseline"]
+    assert lip["msign"] > 0 and lip["projection"] > 0  # Muon + soft cap
+    assert base["msign"] == 0  # AdamW
+    assert base["projection"] < 0.05 * base["step"]  # constraint "none": the hook only returns
+    assert lip["msign"] + lip["projection"] <= lip["optimizer"]  # nested inside the step
+    parts = lip["batch"] + lip["forward"] + lip["backward"] + lip["optimizer"]
+    assert lip["step"] == parts and lip["forward"] > 0 and lip["backward"] > 0
+    assert "Newton–Schulz (msign)" in bench_profile.markdown(result)

@@ -15,7 +15,11 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import json
+import resource
 import statistics
+import subprocess
+import sys
 import time
 
 import torch
@@ -41,6 +45,48 @@ def setups(name: str, overrides: list[str]) -> dict:
             cfg, model="baseline_gpt", optimizer="adamw", constraint="none", lr=3e-3
         ),
     }
+
+
+def _train_step(model, optimizers, x: torch.Tensor, device: torch.device) -> None:
+    """One step on the windows x (B, T + 1): forward, backward, every optimizer's step."""
+    with autocast(device):
+        logits = model(x[:, :-1])  # (B, T, V)
+    loss = F.cross_entropy(logits.float().flatten(0, 1), x[:, 1:].flatten())
+    loss.backward()
+    for opt in optimizers:
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+
+
+def peak_memory(name: str, overrides: list[str], key: str, steps: int = 3) -> dict:
+    """Peak memory of one set-up training alone in this (fresh) process: peak RSS on a CPU
+    (``ru_maxrss``, with the RSS before the model was built, which is Python + torch), or
+    ``torch.cuda.max_memory_allocated`` on CUDA."""
+    cfg = setups(name, overrides)[key]
+    device = select_device(cfg.device)
+    before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # Linux: KiB
+    torch.manual_seed(cfg.seed)
+    model = build_model(cfg, VOCAB).to(device)
+    optimizers = build_optimizers(cfg, model)
+    gen = torch.Generator().manual_seed(0)
+    for _ in range(steps):
+        x = torch.randint(VOCAB, (cfg.batch_size, cfg.seq_len + 1), generator=gen).to(device)
+        _train_step(model, optimizers, x, device)
+    if device.type == "cuda":
+        return {"cuda_max_allocated": torch.cuda.max_memory_allocated(device)}
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+    return {"peak_rss": peak, "rss_before_model": before}
+
+
+def _memory_in_fresh_processes(name: str, overrides: list[str], keys) -> dict:
+    """peak_memory of every set-up, each in its own Python process (peak RSS is per process)."""
+    out = {}
+    for key in keys:
+        args = [sys.executable, "-m", "lipschitz.benchmarks.throughput", "--preset", name,
+                "--memory-of", key] + [f"--set={o}" for o in overrides]  # fmt: skip
+        done = subprocess.run(args, capture_output=True, text=True, check=True)
+        out[key] = json.loads(done.stdout.strip().splitlines()[-1])
+    return out
 
 
 def run(
@@ -70,13 +116,7 @@ def _run(name: str, overrides: list[str] | None, rounds: int) -> dict:
             if device.type == "cuda":
                 torch.cuda.synchronize()
             t0 = time.perf_counter()
-            with autocast(device):
-                logits = model(x[:, :-1])
-            loss = F.cross_entropy(logits.float().flatten(0, 1), x[:, 1:].flatten())
-            loss.backward()
-            for opt in optimizers:
-                opt.step()
-                opt.zero_grad(set_to_none=True)
+            _train_step(model, optimizers, x, device)
             if device.type == "cuda":
                 torch.cuda.synchronize()
             if r >= 2:
@@ -84,6 +124,8 @@ def _run(name: str, overrides: list[str] | None, rounds: int) -> dict:
     cfg = configs["lipschitz"]
     tokens = cfg.batch_size * cfg.seq_len
     step_ms = {key: 1e3 * statistics.median(ts) for key, ts in times.items()}
+    memory = _memory_in_fresh_processes(name, overrides or [], ("lipschitz", "baseline"))
+    peak = {k: m.get("cuda_max_allocated", m.get("peak_rss")) for k, m in memory.items()}
     return {
         "preset": name,
         "overrides": overrides or [],
@@ -96,7 +138,19 @@ def _run(name: str, overrides: list[str] | None, rounds: int) -> dict:
         "tokens_per_s": {key: tokens / (ms / 1e3) for key, ms in step_ms.items()},
         "constraint_share_of_step": 1 - step_ms["lipschitz-unconstrained"] / step_ms["lipschitz"],
         "lipschitz_over_baseline_tokens_per_s": step_ms["baseline"] / step_ms["lipschitz"],
+        "memory": memory,
+        "lipschitz_over_baseline_peak_memory": peak["lipschitz"] / peak["baseline"],
+        "lipschitz_over_baseline_memory_above_import": _above_import(memory),
     }
+
+
+def _above_import(memory: dict) -> float | None:
+    """On a CPU: (peak RSS − RSS before the model), Lipschitz ÷ baseline: the training's own
+    memory without Python and torch."""
+    if "peak_rss" not in memory["lipschitz"]:
+        return None
+    own = {k: max(m["peak_rss"] - m["rss_before_model"], 1) for k, m in memory.items()}
+    return own["lipschitz"] / own["baseline"]
 
 
 def markdown(result: dict) -> str:
@@ -116,7 +170,23 @@ def markdown(result: dict) -> str:
         f"Projection share of the Lipschitz step: {100 * result['constraint_share_of_step']:.1f}%. "
         f"Lipschitz tokens/s ÷ baseline tokens/s: "
         f"{result['lipschitz_over_baseline_tokens_per_s']:.2f}.",
+        "",
+        "| set-up (alone, in a fresh process) | peak memory |",
+        "|---|---|",
     ]
+    for key, m in result["memory"].items():
+        if "cuda_max_allocated" in m:
+            lines.append(f"| {key} | {m['cuda_max_allocated'] / 2**20:.0f} MiB allocated |")
+        else:
+            lines.append(
+                f"| {key} | {m['peak_rss'] / 2**20:.0f} MiB peak RSS "
+                f"({m['rss_before_model'] / 2**20:.0f} MiB before the model) |"
+            )
+    above = result["lipschitz_over_baseline_memory_above_import"]
+    lines.append(
+        f"\nPeak memory, Lipschitz ÷ baseline: {result['lipschitz_over_baseline_peak_memory']:.2f}"
+        + ("." if above is None else f" ({above:.2f} above the memory before the model).")
+    )
     return "\n".join(lines) + "\n"
 
 
@@ -126,7 +196,11 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE")
     parser.add_argument("--rounds", type=int, default=20)
     parser.add_argument("--out", default="benchmarks/out")
+    parser.add_argument("--memory-of", help=argparse.SUPPRESS)  # internal: one set-up's memory
     args = parser.parse_args(argv)
+    if args.memory_of:
+        print(json.dumps(peak_memory(args.preset, args.set, args.memory_of)))
+        return
     result = run(args.preset, args.set, args.rounds)
     write_results(args.out, "throughput", result, markdown(result))
 

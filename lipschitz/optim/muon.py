@@ -16,6 +16,7 @@ from collections.abc import Callable
 
 import torch
 from torch import Tensor
+from torch.autograd.profiler import record_function
 from torch.optim.optimizer import Optimizer, ParamsT
 
 from lipschitz.linalg import NS_COEFFICIENTS, NS_MAX_OUTPUT, msign, rms_scale, row_rms
@@ -185,7 +186,8 @@ class Muon(Optimizer):
                     todo.append((p, u))
             for batch in _same_shape(todo):
                 U = batch[0][1] if len(batch) == 1 else torch.stack([u for _, u in batch])
-                O = msign(U, group["coefficients"], dtype=group["ns_dtype"])
+                with record_function("msign"):  # a label for `lipschitz bench profile`
+                    O = msign(U, group["coefficients"], dtype=group["ns_dtype"])
                 stages.work["msign"] += _n_matrices(U)
                 for i, (p, _) in enumerate(batch):
                     self._decay_and_step(p, group, O if len(batch) == 1 else O[i],
