@@ -149,6 +149,13 @@ def test_mlp_and_block_math():
     expected = (F.gelu(x @ mlp.fc_in.weight.T) / 1.1289) @ mlp.fc_out.weight.T
     torch.testing.assert_close(mlp(x), expected)
     assert mlp.fc_in.weight.shape == (32, 8) and mlp.fc_out.weight.shape == (8, 32)
+    mlp.activation = "maxmin"  # pairs (h_i, h_{i+16}) → (max, min), written out
+    h = x @ mlp.fc_in.weight.T  # (3, 5, 32)
+    pairs = torch.stack([h[..., :16], h[..., 16:]], dim=-1)  # (3, 5, 16, 2)
+    expected = torch.cat([pairs.amax(-1), pairs.amin(-1)], dim=-1) @ mlp.fc_out.weight.T
+    torch.testing.assert_close(mlp(x), expected, rtol=1e-12, atol=1e-12)
+    with pytest.raises(ValueError, match="activation"):
+        MLP(8, activation="relu")
 
     block = Block(8, 2, seq_len=5, alpha=0.25)  # zero-init o and fc_out: both branches output 0
     torch.testing.assert_close(block(x.float()), 0.75**2 * x.float())

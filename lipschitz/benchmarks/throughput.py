@@ -21,6 +21,7 @@ import statistics
 import subprocess
 import sys
 import time
+from pathlib import Path
 
 import torch
 import torch.nn.functional as F
@@ -60,11 +61,11 @@ def _train_step(model, optimizers, x: torch.Tensor, device: torch.device) -> Non
 
 def peak_memory(name: str, overrides: list[str], key: str, steps: int = 3) -> dict:
     """Peak memory of one set-up training alone in this (fresh) process: peak RSS on a CPU
-    (``ru_maxrss``, with the RSS before the model was built, which is Python + torch), or
+    (with the peak before the model was built, which is Python + torch), or
     ``torch.cuda.max_memory_allocated`` on CUDA."""
     cfg = setups(name, overrides)[key]
     device = select_device(cfg.device)
-    before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # Linux: KiB
+    before = _peak_rss()
     torch.manual_seed(cfg.seed)
     model = build_model(cfg, VOCAB).to(device)
     optimizers = build_optimizers(cfg, model)
@@ -74,8 +75,19 @@ def peak_memory(name: str, overrides: list[str], key: str, steps: int = 3) -> di
         _train_step(model, optimizers, x, device)
     if device.type == "cuda":
         return {"cuda_max_allocated": torch.cuda.max_memory_allocated(device)}
-    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
-    return {"peak_rss": peak, "rss_before_model": before}
+    return {"peak_rss": _peak_rss(), "rss_before_model": before}
+
+
+def _peak_rss() -> int:
+    """This process's peak resident set in bytes: VmHWM on Linux (``ru_maxrss`` would include
+    the parent's memory at the fork that started this process), else ``ru_maxrss``."""
+    status = Path("/proc/self/status")
+    if status.exists():
+        for line in status.read_text().splitlines():
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) * 1024  # kB
+    scale = 1 if sys.platform == "darwin" else 1024  # macOS: bytes; Linux, BSD: KiB
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * scale
 
 
 def _memory_in_fresh_processes(name: str, overrides: list[str], keys) -> dict:

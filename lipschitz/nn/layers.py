@@ -180,35 +180,44 @@ class CausalSelfAttention(nn.Module):
         paths of the attention's sensitivity, for the target-norm rule (paper App. D)."""
         return [lin for lin in (self.q, self.k, self.v) if lin is not None]
 
+    def _mix_by_position(self, v: Tensor, bias: Tensor | None) -> Tensor:
+        """Content-free heads: y = softmax(bias) @ v per head, the same weights for every
+        sequence, so one (T × T)·(T × B·d_head) product per head with the batch in the columns
+        (2–3× faster on a CPU than B·H small products). v: (B, T, d) → (B, T, d)."""
+        B, T, C = v.shape
+        H, dh = self.n_head, self.d_head
+        if bias is None:  # the causal average
+            causal = torch.ones(T, T, dtype=torch.bool, device=v.device).tril()
+            bias = torch.zeros(H, T, T, dtype=v.dtype, device=v.device)
+            bias = bias.masked_fill(~causal, -math.inf)
+        v = v.view(B, T, H, dh).permute(2, 1, 0, 3).reshape(H, T, B * dh)  # (H, T, B·dh)
+        y = torch.softmax(bias, dim=-1) @ v  # (H, T, B·dh)
+        return y.view(H, T, B, dh).permute(2, 1, 0, 3).reshape(B, T, C)
+
     def forward(self, x: Tensor, stats: dict | None = None) -> Tensor:
         B, T, C = x.shape  # (batch, tokens, d_model)
         if T > self.seq_len:
             raise ValueError(f"sequence of {T} tokens exceeds seq_len={self.seq_len}")
         H, dh = self.n_head, self.d_head
-        v = self.v(x).view(B, T, H, dh).transpose(1, 2)  # (B, H, T, dh)
+        v = self.v(x)  # (B, T, d)
         bias = None if self.pos_bias is None else self.pos_bias(T).to(v.dtype)  # (H, T, T)
         if self.q is None:  # content-free: A = softmax(bias), or the causal average
-            if bias is None:
+            return self.o(self._mix_by_position(v, bias) * self.out_mult)
+        v = v.view(B, T, H, dh).transpose(1, 2)  # (B, H, T, dh)
+        q = self.q(x).view(B, T, H, dh).transpose(1, 2)  # (B, H, T, dh)
+        k = self.k(x).view(B, T, H, dh).transpose(1, 2)
+        q = apply_rope(q, self.cos[:T], self.sin[:T])
+        k = apply_rope(k, self.cos[:T], self.sin[:T])
+        if stats is not None:  # largest logit before the causal mask (one T×T matmul)
+            with torch.no_grad():
+                logits = (q @ k.transpose(-2, -1)) * self.logit_scale()  # (B, H, T, T)
                 causal = torch.ones(T, T, dtype=torch.bool, device=x.device).tril()
-                bias = torch.zeros(T, T, dtype=v.dtype, device=x.device).masked_fill(
-                    ~causal, -math.inf
-                )
-            y = torch.softmax(bias, dim=-1) @ v  # (H, T, T) @ (B, H, T, dh)
+                stats["max_logit"] = logits.masked_fill(~causal, -math.inf).amax()
+        scale = self.logit_scale()
+        if bias is None:
+            y = F.scaled_dot_product_attention(q, k, v, is_causal=True, scale=scale)
         else:
-            q = self.q(x).view(B, T, H, dh).transpose(1, 2)  # (B, H, T, dh)
-            k = self.k(x).view(B, T, H, dh).transpose(1, 2)
-            q = apply_rope(q, self.cos[:T], self.sin[:T])
-            k = apply_rope(k, self.cos[:T], self.sin[:T])
-            if stats is not None:  # largest logit before the causal mask (one T×T matmul)
-                with torch.no_grad():
-                    logits = (q @ k.transpose(-2, -1)) * self.logit_scale()  # (B, H, T, T)
-                    causal = torch.ones(T, T, dtype=torch.bool, device=x.device).tril()
-                    stats["max_logit"] = logits.masked_fill(~causal, -math.inf).amax()
-            scale = self.logit_scale()
-            if bias is None:
-                y = F.scaled_dot_product_attention(q, k, v, is_causal=True, scale=scale)
-            else:
-                y = F.scaled_dot_product_attention(q, k, v, attn_mask=bias, scale=scale)
+            y = F.scaled_dot_product_attention(q, k, v, attn_mask=bias, scale=scale)
         y = y.transpose(1, 2).reshape(B, T, C) * self.out_mult  # (B, T, d)
         return self.o(y)
 
