@@ -265,3 +265,80 @@ def test_sync_constraint_state_skips_what_has_no_state(monkeypatch):
     basis = opt.state[a]["constraint"]["basis"].clone()
     sync_constraint_state(opt)
     assert torch.equal(opt.state[a]["constraint"]["basis"], basis) and b not in opt.state
+
+
+# ----------------------------------------------------------------------------- Muon defaults
+
+
+def test_muon_default_step_size_and_cap():
+    # lr defaults to 0.02: the first step is lr·sqrt(out/in)·msign(m), whose RMS→RMS norm is
+    # lr·σ(msign) ∈ lr·[0.99994, 1.0000001] with accurate8 (linalg.NS_COEFFICIENTS)
+    from lipschitz.linalg import rms_operator_norm
+
+    w = nn.Parameter(torch.randn(12, 6, dtype=torch.float64))
+    before = w.detach().clone()
+    opt = Muon([w], coefficients="accurate8", ns_dtype=torch.float64)
+    w.grad = torch.randn(12, 6, dtype=torch.float64)
+    opt.step()
+    assert rms_operator_norm(w.detach() - before).item() == pytest.approx(0.02, rel=1e-4)
+    # w_max defaults to 1: a constraint without w_max caps at RMS→RMS norm 1
+    w = nn.Parameter(torch.randn(12, 6) * 5)
+    opt = Muon([w], constraint="svd_cap")
+    w.grad = torch.randn(12, 6)
+    opt.step()
+    assert rms_operator_norm(w).item() <= 1 + 1e-5
+
+
+def test_muon_passes_constraint_kwargs(monkeypatch):
+    w = nn.Parameter(torch.randn(6, 5))
+    opt = Muon([w], constraint="spectral_normalize", constraint_kwargs={"iters": 3})
+    calls = []
+    qr = torch.linalg.qr
+    monkeypatch.setattr(torch.linalg, "qr", lambda A: calls.append(1) or qr(A))
+    w.grad = torch.randn(6, 5)
+    opt.step()
+    assert len(calls) == 1 + 3  # one QR of the start block, one per iteration
+
+
+@pytest.mark.parametrize("weight_decay", [0.0, 0.5, 1.0])
+def test_muon_decay_with_a_zero_gradient(weight_decay):
+    # msign(0) = 0, so only the decoupled decay acts: W ← W·(1 − λ·η·tn), by hand
+    w = nn.Parameter(torch.randn(5, 4, dtype=torch.float64))
+    before = w.detach().clone()
+    opt = Muon([w], lr=0.1, weight_decay=weight_decay, target_norm=2.0)
+    w.grad = torch.zeros(5, 4, dtype=torch.float64)
+    opt.step()
+    torch.testing.assert_close(w.detach(), before * (1 - weight_decay * 0.1 * 2.0))
+
+
+FLIP = r"lr·target_norm·weight_decay must be < 1 \(the decay would flip the weights\)"
+
+
+@pytest.mark.parametrize(
+    ("options", "message"),
+    [
+        ({"momentum_start": 1.0}, r"momentum_start must be in \[0, 1\), got 1.0"),
+        ({"momentum_start": 1.5}, r"momentum_start must be in \[0, 1\), got 1.5"),
+        ({"momentum_warmup_steps": -1}, "momentum_warmup_steps must be an int >= 0, got -1"),
+        ({"momentum_warmup_steps": 2.5}, "momentum_warmup_steps must be an int >= 0, got 2.5"),
+        ({"ns_dtype": torch.float16}, "ns_dtype must be one of .*, got torch.float16"),
+        ({"weight_decay": -0.1}, "weight_decay must be >= 0, got -0.1"),
+        ({"target_norm": 0.0}, "target_norm must be > 0, got 0.0"),
+        ({"lr": 0.5, "target_norm": 2.0, "weight_decay": 1.0}, FLIP),  # product exactly 1
+        ({"lr": 0.5, "target_norm": 4.0, "weight_decay": 0.6}, FLIP),  # 1.2
+        ({"rule": "row"}, r"rule must be one of \('matrix', 'embedding'\), got 'row'"),
+        ({"max_inflation": 0.5}, "max_inflation must be >= 1, got 0.5"),
+    ],
+)
+def test_muon_refuses_bad_options_by_name(options, message):
+    with pytest.raises(ValueError, match=f"^Muon: {message}$"):
+        Muon([nn.Parameter(torch.zeros(3, 2))], **options)
+
+
+def test_muon_accepts_the_ends_of_its_ranges():
+    Muon([nn.Parameter(torch.zeros(3, 2))], momentum_start=0.0, momentum_warmup_steps=0)
+    Muon([nn.Parameter(torch.zeros(3, 2))], max_inflation=1.0)
+    Muon([nn.Parameter(torch.zeros(3, 2))], max_inflation=1.5)
+    with pytest.raises(ValueError, match=r"Muon updates matrices: give vectors and scalars to "
+                       r"AdamW \(see route_parameters\)$"):  # fmt: skip
+        Muon([nn.Parameter(torch.zeros(3))])
