@@ -6,7 +6,7 @@ optimizer step, projection) of each per round, so that machine noise hits all al
 - ``lipschitz``: LipschitzGPT + Muon + the preset's constraint (what `lipschitz train` runs);
 - ``lipschitz-unconstrained``: the same without the projection (its cost is the difference);
 - ``lipschitz-adamw``: LipschitzGPT + AdamW, no constraint (the cost of Muon itself);
-- ``baseline``: BaselineGPT (LayerNorm) + AdamW.
+- ``baseline``: BaselineGPT (LayerNorm, standard q·kᵀ/√d_head attention) + AdamW.
 
 Prints tokens per second and ratios; writes ``throughput.json`` and ``throughput.md``.
 """
@@ -42,9 +42,11 @@ def setups(name: str, overrides: list[str]) -> dict:
         "lipschitz": cfg,
         "lipschitz-unconstrained": dataclasses.replace(cfg, constraint="none"),
         "lipschitz-adamw": dataclasses.replace(cfg, optimizer="adamw", constraint="none", lr=3e-3),
+        # nanoGPT's attention (q·kᵀ/√d_head), whatever the preset's Lipschitz attention is
         "baseline": dataclasses.replace(
-            cfg, model="baseline_gpt", optimizer="adamw", constraint="none", lr=3e-3
-        ),
+            cfg, model="baseline_gpt", optimizer="adamw", constraint="none", lr=3e-3,
+            attn_scale=1.0,
+        ),  # fmt: skip
     }
 
 
