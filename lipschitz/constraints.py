@@ -384,9 +384,9 @@ class Constraint:
 #   spectral_soft_cap   the coupling maps k onto w_max (paper Thm 3.1) while k ≤ SOFT_CAP_MAX_K
 #                       ·w_max: float32 rounding only, measured ≤ 3.1e-7 under worst-case steps
 #                       aligned with the top singular vectors
-#   spectral_normalize  16 power iterations give a lower bound on σ_max: worst seen 1.5% from a
-#                       cold start (400 drawn matrices), 1.8% in training before the warm
-#                       start caught up (tests/test_constraints.py, tests/test_optim.py)
+#   spectral_normalize  16 power iterations give a lower bound on σ_max: worst seen 2.2% from a
+#                       cold start (4400 matrices drawn as tests/matrices.py does;
+#                       docs/testing.md), 1.8% in training before the warm start caught up
 #   row_rms_cap         one exact division per row; float32 rounding
 #   the others          bound nothing (spectral_hammer leaves σ₂ free, see its docstring)
 METHODS: dict[str, Constraint] = {

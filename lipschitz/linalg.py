@@ -113,7 +113,8 @@ def spectral_norm_upper_bound(W: Tensor, iters: int = 6) -> Tensor:
     (over-estimate at most min(out, in)^(1/2^(k+1))). Each G is rescaled to unit Frobenius norm
     with the scale carried in log space, so nothing overflows. Float64 rounding of the products
     changes the k-th root by far less than the 1e-9 relative margin added at the end.
-    Cost: one Gram product plus ``iters - 1`` products of the small side.
+    Cost: one Gram product plus ``iters - 1`` products of the small side. A matrix with a NaN
+    or ±inf entry gets +inf (there is no finite bound), never a number that looks certified.
     """
     if iters < 1:
         raise ValueError(f"spectral_norm_upper_bound: iters must be >= 1, got {iters}")
@@ -132,7 +133,9 @@ def spectral_norm_upper_bound(W: Tensor, iters: int = 6) -> Tensor:
             log_scale = 2 * log_scale
     fro = torch.linalg.matrix_norm(G)
     bound = torch.exp((log_scale + fro.log()) / 2**iters)
-    bound = torch.where(fro > 0, bound, torch.zeros_like(bound))
+    bound = torch.where(fro == 0, torch.zeros_like(bound), bound)  # the zero matrix
+    finite = torch.isfinite(W.detach()).flatten(-2).all(-1)  # (...,)
+    bound = torch.where(finite, bound, torch.full_like(bound, math.inf))  # no finite bound
     return bound * (1 + 1e-9)
 
 

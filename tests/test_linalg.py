@@ -59,6 +59,16 @@ def test_spectral_norm_upper_bound_zero_and_huge():
     assert 1.0 <= ratio.item() < 1.2
 
 
+@pytest.mark.parametrize("bad", [math.nan, math.inf, -math.inf])
+def test_spectral_norm_upper_bound_of_a_non_finite_matrix_is_inf(bad):
+    W = torch.randn(3, 6, 4, dtype=torch.float64)
+    W[1, 2, 3] = bad  # one entry of the middle matrix
+    bound = spectral_norm_upper_bound(W)
+    assert bound[1].item() == math.inf  # not 0 or NaN, which a caller could read as a bound
+    exact = torch.linalg.matrix_norm(W[[0, 2]], ord=2)
+    assert torch.all(bound[[0, 2]] >= exact) and torch.all(bound[[0, 2]] < 1.2 * exact)
+
+
 def test_power_iteration_lower_bound_and_warm_start():
     gen = torch.Generator().manual_seed(1)
     sig = torch.tensor([[1.0, 0.8, 0.5, 0.1], [2.0, 1.9, 0.3, 0.2]], dtype=torch.float64)

@@ -44,9 +44,13 @@ def setups(name: str, overrides: list[str]) -> dict:
         "lipschitz-adamw": dataclasses.replace(cfg, optimizer="adamw", constraint="none", lr=3e-3),
         # nanoGPT's attention (q·kᵀ/√d_head), whatever the preset's Lipschitz attention is
         "baseline": dataclasses.replace(
-            cfg, model="baseline_gpt", optimizer="adamw", constraint="none", lr=3e-3,
+            cfg,
+            model="baseline_gpt",
+            optimizer="adamw",
+            constraint="none",
+            lr=3e-3,
             attn_scale=1.0,
-        ),  # fmt: skip
+        ),
     }
 
 
