@@ -146,7 +146,8 @@ def test_build_optimizers_routes_every_option_to_its_parameters(embed_optimizer)
         "spectral_soft_cap", 0.5, 0.03, 0.2)  # fmt: skip
     opt, g = groups["embed.weight"]
     assert opt == {"muon": "Muon", "adamw": "AdamW"}[embed_optimizer]
-    assert (g["constraint"], g["w_max"], g["lr"]) == ("row_rms_cap", 0.7, 0.04)
+    assert (g["constraint"], g["w_max"], g["lr"], g["weight_decay"]) == (
+        "row_rms_cap", 0.7, 0.04, 0.0)  # fmt: skip
     for name in ("blocks.0.attn.pos_bias.bias", "blocks.1.attn.pos_bias.bias"):
         opt, g = groups[name]
         assert opt == "AdamW", name
@@ -180,8 +181,28 @@ def test_weight_decay_and_constraint_reach_every_matrix(optimizer, constraint):
         assert g["weight_decay"] == 0.2, name
         assert g.get("constraint", "none") == want, name
     assert groups["blocks.0.attn.pos_bias.bias"][1]["weight_decay"] == 0.0
-    if optimizer == "adamw":  # the embedding is not decayed (its rows are capped instead)
-        assert groups["embed.weight"][1]["weight_decay"] == 0.0
+    assert groups["embed.weight"][1]["weight_decay"] == 0.0  # its rows are capped instead
+
+
+@pytest.mark.parametrize("embed_optimizer", ["muon", "adamw"])
+def test_weight_decay_leaves_the_embedding_alone_after_a_step(embed_optimizer):
+    """With zero gradients a step is pure decay: every hidden matrix shrinks by exactly
+    1 − lr·λ (blocks_mass none: tn = 1), the embedding not at all, whichever optimizer
+    trains it."""
+    cfg = gpt_config("weight_decay=0.2", "lr=0.1", "constraint=none",
+                     f"embed_optimizer={embed_optimizer}")  # fmt: skip
+    model = build_model(cfg, VOCAB)
+    optimizers = build_optimizers(cfg, model)
+    before = {n: p.detach().clone() for n, p in model.named_parameters()}
+    for p in model.parameters():
+        p.grad = torch.zeros_like(p)
+    for opt in optimizers:
+        opt.step()
+    params = dict(model.named_parameters())
+    # only the row cap's float32 rounding (rows start at RMS 1 ± 1 ulp); a decay would be 2%
+    torch.testing.assert_close(params["embed.weight"], before["embed.weight"], rtol=1e-6, atol=0)
+    W = "blocks.0.mlp.fc_in.weight"
+    torch.testing.assert_close(params[W], before[W] * (1 - 0.1 * 0.2), rtol=1e-6, atol=0)
 
 
 def test_spectral_decay_reaches_the_projection():

@@ -21,7 +21,10 @@ __all__ = ["build_optimizers", "start_inside_constraints"]
 
 def build_optimizers(cfg: Config, model: nn.Module) -> list[torch.optim.Optimizer]:
     """Muon (matrices) plus AdamW (vectors, if any), or AdamW for everything, with the run's
-    constraint attached to every hidden matrix and the head, and a row-RMS cap on embeddings."""
+    constraint attached to every hidden matrix and the head, and a row-RMS cap on embeddings.
+
+    ``weight_decay`` decays the hidden matrices and the head, whichever optimizer trains them;
+    never the embedding (its rows are capped instead) or the vectors."""
     lipschitz_model = cfg.model == "lipschitz_gpt"
     blocks_mass = cfg.blocks_mass if cfg.optimizer == "muon" else None
     unit = cfg.target_norm_scalars == "unit"
@@ -37,6 +40,8 @@ def build_optimizers(cfg: Config, model: nn.Module) -> list[torch.optim.Optimize
         elif role == "embedding" and lipschitz_model:
             group["constraint"] = "row_rms_cap"
             group["w_max"] = cfg.embed_w_max
+        if role == "embedding":  # weight_decay: hidden matrices and head only, as with AdamW
+            group["weight_decay"] = 0.0
         if role == "head" and cfg.head_lr is not None:
             group["lr"] = cfg.head_lr
         if role == "embedding" and cfg.embed_lr is not None:
