@@ -226,7 +226,8 @@ def maxmin(x: Tensor) -> Tensor:
     """MaxMin (GroupSort with groups of 2; Anil, Lucas & Grosse 2019) over the last dim: pairs
     (first half, second half) become (max, min). It permutes each pair, so it is 1-Lipschitz and
     keeps every token's norm exactly; its Jacobian is a permutation, orthogonal wherever it
-    exists, so a bounded network keeps its gradient norm (GELU's slope halves it on average)."""
+    exists, so a bounded network keeps its gradient norm (GELU/1.1289's slope is below 1
+    almost everywhere: 0.44 at 0)."""
     a, b = x.chunk(2, dim=-1)  # (..., n/2) each
     # max = b + relu(a − b), min = a − relu(a − b): the same numbers up to rounding, and on a
     # CPU about 4× faster forward + backward than torch.maximum/minimum or torch.where

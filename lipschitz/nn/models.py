@@ -73,6 +73,8 @@ class LipschitzGPT(nn.Module):
 
     embed (rows RMS 1) → n_layer Blocks (convex residuals, α = 1/(2·n_layer) unless given) → head
     → ×final_scale.
+    ``activation`` is the MLPs' 1-Lipschitz activation: ``"gelu"`` (GELU/1.1289, the paper) or
+    ``"maxmin"`` (norm-preserving MaxMin; docs/certificates.md).
     With ``tie_head=True`` the head reuses ``embed.weight`` (then ``zero_init_head`` is ignored);
     the certificate then measures that one matrix twice: as the embedding (max row RMS) and as
     the head (RMS→RMS norm).
