@@ -541,3 +541,30 @@ def test_errors_name_the_problem():
         math.prod(e["rms_operator_norm"] for e in base.layers), rel=1e-12
     )
     assert isinstance(LipschitzMLP(4, 4, 2).layers[0], Linear)
+
+
+@pytest.mark.parametrize(
+    "name",
+    ["shakespeare-cpu", "shakespeare-cpu-gelu", "shakespeare", "shakespeare-cpu-content-attn"],
+)
+def test_presets_certified_below_two_for_every_weight_their_constraints_allow(name):
+    """The certificate grows with every matrix norm, so its value with every matrix at its cap
+    (orthogonal: every head's row block at the cap too) and every embedding row at its RMS cap
+    bounds every model the preset's constraints allow: the README's "≤ 2 at every step"."""
+    from lipschitz.nn import build_model
+    from lipschitz.presets import preset
+
+    cfg = preset(name)
+    model = build_model(cfg, 65).double()
+    g = torch.Generator().manual_seed(0)
+    with torch.no_grad():
+        for module_name, m in model.named_modules():
+            if isinstance(m, nn.Linear):
+                W = torch.randn(m.weight.shape, generator=g, dtype=torch.float64)
+                U, _, Vh = torch.linalg.svd(W, full_matrices=False)
+                cap = cfg.head_w_max if module_name == "head" else cfg.w_max
+                m.weight.copy_(U @ Vh * (cap / float(rms_operator_norm(U @ Vh))))
+        E = model.embed.weight
+        E.mul_(cfg.embed_w_max / E.pow(2).mean(-1, keepdim=True).sqrt())
+    worst = certify(model).lipschitz
+    assert 1.9 < worst <= 2.0, (name, worst)
