@@ -1,0 +1,62 @@
+"""Resume for an image task: an interrupted MLP run resumes to the weights, metrics and bound of
+the uninterrupted run, bit for bit (the token-task and AdamW cases are in test_wiring.py, the
+character task in test_train.py)."""
+
+import json
+import os
+from pathlib import Path
+
+import pytest
+import torch
+
+import lipschitz.data.tasks as tasks
+from lipschitz.config import Config
+from lipschitz.training import RunDir, train
+
+DATA_DIR = os.environ.get("LIPSCHITZ_DATA_DIR")
+
+
+@pytest.mark.skipif(
+    not DATA_DIR or not Path(DATA_DIR, "mnist/train-images-idx3-ubyte.gz").exists(),
+    reason="needs LIPSCHITZ_DATA_DIR with mnist/",
+)
+@pytest.mark.parametrize("optimizer", ["muon", "adamw"])
+def test_image_run_resumes_bit_identically(tmp_path, monkeypatch, optimizer):
+    cfg = Config(model="lipschitz_mlp", dataset="mnist", data_dir=DATA_DIR, d_model=32,
+                 n_layer=3, batch_size=32, steps=6, eval_every=3, checkpoint_every=3,
+                 log_every=1, optimizer=optimizer, constraint="spectral_hard_cap", w_max=2.0,
+                 lr=0.05 if optimizer == "muon" else 3e-3, sample_tokens=0)  # fmt: skip
+    final = train(cfg, tmp_path / "full")
+
+    real, calls = tasks.ImageTask.batch, {"n": 0}
+
+    def batch(self, n, generator):  # one call per step: the 5th is step 5, after checkpoint 3
+        calls["n"] += 1
+        if calls["n"] == 5:
+            raise KeyboardInterrupt
+        return real(self, n, generator)
+
+    monkeypatch.setattr(tasks.ImageTask, "batch", batch)
+    with pytest.raises(KeyboardInterrupt):
+        train(cfg, tmp_path / "broken")
+    monkeypatch.setattr(tasks.ImageTask, "batch", real)
+    assert RunDir(tmp_path / "broken").load_checkpoint()["step"] == 3
+    resumed = train(cfg, tmp_path / "broken", resume=True)
+
+    a = RunDir(tmp_path / "full").load_checkpoint()["model"]
+    b = RunDir(tmp_path / "broken").load_checkpoint()["model"]
+    assert a.keys() == b.keys()
+    for name in a:
+        assert torch.equal(a[name], b[name]), name
+    assert resumed["val_acc"] == final["val_acc"]
+    assert resumed["lipschitz_bound"] == final["lipschitz_bound"]
+    full = (tmp_path / "full" / "metrics.jsonl").read_text().splitlines()
+    broken = (tmp_path / "broken" / "metrics.jsonl").read_text().splitlines()
+    assert len(full) == len(broken) == 6
+    # every line but its wall-clock fields is the uninterrupted run's
+    assert [_untimed(x) for x in broken] == [_untimed(x) for x in full]
+
+
+def _untimed(line: str) -> dict:
+    record = json.loads(line)
+    return {k: v for k, v in record.items() if "time" not in k and k != "tokens_per_s"}
