@@ -1,6 +1,7 @@
 """Benchmarks, run as ``lipschitz bench NAME`` (or ``python -m lipschitz.benchmarks.NAME``):
-``projections`` (cost and accuracy of every constraint) and ``throughput`` (training steps per
-second against the baseline). Results and the machines they ran on: docs/benchmarks.md."""
+``projections`` (cost and accuracy of every constraint), ``throughput`` (training steps per
+second and peak memory against the baseline) and ``profile`` (where a step's time goes).
+Results and the machines they ran on: docs/benchmarks.md."""
 
 from __future__ import annotations
 
