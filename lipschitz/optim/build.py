@@ -40,8 +40,8 @@ def build_optimizers(cfg: Config, model: nn.Module) -> list[torch.optim.Optimize
         elif role == "embedding" and lipschitz_model:
             group["constraint"] = "row_rms_cap"
             group["w_max"] = cfg.embed_w_max
-        if role == "embedding":  # weight_decay: hidden matrices and head only, as with AdamW
-            group["weight_decay"] = 0.0
+        # weight_decay: hidden matrices and head only, whichever optimizer trains them
+        group["weight_decay"] = cfg.weight_decay if role in ("hidden", "head") else 0.0
         if role == "head" and cfg.head_lr is not None:
             group["lr"] = cfg.head_lr
         if role == "embedding" and cfg.embed_lr is not None:
@@ -74,9 +74,7 @@ def build_optimizers(cfg: Config, model: nn.Module) -> list[torch.optim.Optimize
         for group in groups:
             group.pop("rule", None)
             # the paper's decay λ·η·tn: torch's AdamW decays by λ·η, so fold tn into λ
-            decays = group["role"] in ("hidden", "head")
-            group["weight_decay"] = cfg.weight_decay * group["target_norm"] if decays else 0.0
-            group.pop("target_norm")
+            group["weight_decay"] *= group.pop("target_norm")
         adamw = torch.optim.AdamW(groups, lr=cfg.lr, betas=cfg.adam_betas)
         return [constrain(adamw)]
     raise ValueError(f"optimizer must be 'muon' or 'adamw', got {cfg.optimizer!r}")
