@@ -2,7 +2,8 @@
 
 Each set-up (the ones of :mod:`lipschitz.benchmarks.throughput`) runs alone: warm-up steps,
 then ``rounds`` steps under ``torch.profiler``. The phases are ``record_function`` labels:
-``batch``, ``forward``, ``backward`` and ``optimizer`` here; inside the optimizer, ``msign``
+``batch`` here, ``forward``, ``backward`` and ``optimizer`` in
+:func:`~lipschitz.benchmarks.throughput.train_step`; inside the optimizer, ``msign``
 (Muon's Newton–Schulz, in :class:`~lipschitz.optim.Muon`) and ``projection`` (the constraint
 hook, :mod:`lipschitz.optim.projection`). The rest of the optimizer (momentum, decay, the
 update, AdamW) is ``optimizer`` minus those two. Times are per step, CPU wall time of each
@@ -14,19 +15,16 @@ set-up are in the JSON.
 
 from __future__ import annotations
 
-import argparse
-
 import torch
-import torch.nn.functional as F
 from torch.autograd.profiler import record_function
 from torch.profiler import ProfilerActivity, profile
 
 from lipschitz.benchmarks import write_results
-from lipschitz.benchmarks.throughput import VOCAB, setups
+from lipschitz.benchmarks.throughput import VOCAB, preset_parser, setups, train_step
 from lipschitz.data.tasks import sample_batch
 from lipschitz.nn import build_model
 from lipschitz.optim import build_optimizers
-from lipschitz.training.runtime import autocast, select_device
+from lipschitz.training.runtime import select_device
 
 PHASES = ("batch", "forward", "backward", "optimizer", "msign", "projection")
 
@@ -35,15 +33,7 @@ def _step(cfg, model, optimizers, data: torch.Tensor, gen: torch.Generator, devi
     with record_function("batch"):
         x, y = sample_batch(data, cfg.batch_size, cfg.seq_len, gen)
         x, y = x.to(device), y.to(device)
-    with record_function("forward"), autocast(device):
-        logits = model(x)  # (B, T, V)
-        loss = F.cross_entropy(logits.float().flatten(0, 1), y.flatten())
-    with record_function("backward"):
-        loss.backward()
-    with record_function("optimizer"):
-        for opt in optimizers:
-            opt.step()
-            opt.zero_grad(set_to_none=True)
+    train_step(model, optimizers, x, y, device)  # labels forward, backward, optimizer
 
 
 def profile_setup(cfg, device: torch.device, rounds: int) -> tuple[dict, list]:
@@ -125,12 +115,7 @@ def markdown(result: dict) -> str:
 
 
 def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(prog="lipschitz bench profile", description=__doc__)
-    parser.add_argument("--preset", default="shakespeare-cpu")
-    parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE")
-    parser.add_argument("--rounds", type=int, default=10)
-    parser.add_argument("--out", default="benchmarks/out")
-    args = parser.parse_args(argv)
+    args = preset_parser("lipschitz bench profile", __doc__, rounds=10).parse_args(argv)
     result = run(args.preset, args.set, args.rounds)
     write_results(args.out, "profile", result, markdown(result))
 

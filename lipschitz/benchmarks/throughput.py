@@ -25,6 +25,7 @@ from pathlib import Path
 
 import torch
 import torch.nn.functional as F
+from torch.autograd.profiler import record_function
 
 from lipschitz.benchmarks import write_results
 from lipschitz.config import apply_overrides
@@ -54,15 +55,29 @@ def setups(name: str, overrides: list[str]) -> dict:
     }
 
 
-def _train_step(model, optimizers, x: torch.Tensor, device: torch.device) -> None:
-    """One step on the windows x (B, T + 1): forward, backward, every optimizer's step."""
-    with autocast(device):
-        logits = model(x[:, :-1])  # (B, T, V)
-    loss = F.cross_entropy(logits.float().flatten(0, 1), x[:, 1:].flatten())
-    loss.backward()
-    for opt in optimizers:
-        opt.step()
-        opt.zero_grad(set_to_none=True)
+def train_step(model, optimizers, x: torch.Tensor, y: torch.Tensor, device: torch.device) -> None:
+    """One step on inputs x and targets y (B, T): forward, backward, every optimizer's step,
+    each under a ``record_function`` label that :mod:`lipschitz.benchmarks.profile` reads."""
+    with record_function("forward"):
+        with autocast(device):
+            logits = model(x)  # (B, T, V)
+        loss = F.cross_entropy(logits.float().flatten(0, 1), y.flatten())
+    with record_function("backward"):
+        loss.backward()
+    with record_function("optimizer"):
+        for opt in optimizers:
+            opt.step()
+            opt.zero_grad(set_to_none=True)
+
+
+def preset_parser(prog: str, description: str | None, rounds: int) -> argparse.ArgumentParser:
+    """The options of a benchmark of one preset's set-ups: --preset, --set, --rounds, --out."""
+    parser = argparse.ArgumentParser(prog=prog, description=description)
+    parser.add_argument("--preset", default="shakespeare-cpu")
+    parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE")
+    parser.add_argument("--rounds", type=int, default=rounds)
+    parser.add_argument("--out", default="benchmarks/out")
+    return parser
 
 
 def peak_memory(name: str, overrides: list[str], key: str, steps: int = 3) -> dict:
@@ -78,7 +93,7 @@ def peak_memory(name: str, overrides: list[str], key: str, steps: int = 3) -> di
     gen = torch.Generator().manual_seed(0)
     for _ in range(steps):
         x = torch.randint(VOCAB, (cfg.batch_size, cfg.seq_len + 1), generator=gen).to(device)
-        _train_step(model, optimizers, x, device)
+        train_step(model, optimizers, x[:, :-1], x[:, 1:], device)
     if device.type == "cuda":
         return {"cuda_max_allocated": torch.cuda.max_memory_allocated(device)}
     return {"peak_rss": _peak_rss(), "rss_before_model": before}
@@ -134,7 +149,7 @@ def _run(name: str, overrides: list[str] | None, rounds: int) -> dict:
             if device.type == "cuda":
                 torch.cuda.synchronize()
             t0 = time.perf_counter()
-            _train_step(model, optimizers, x, device)
+            train_step(model, optimizers, x[:, :-1], x[:, 1:], device)
             if device.type == "cuda":
                 torch.cuda.synchronize()
             if r >= 2:
@@ -209,11 +224,7 @@ def markdown(result: dict) -> str:
 
 
 def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(prog="lipschitz bench throughput", description=__doc__)
-    parser.add_argument("--preset", default="shakespeare-cpu")
-    parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE")
-    parser.add_argument("--rounds", type=int, default=20)
-    parser.add_argument("--out", default="benchmarks/out")
+    parser = preset_parser("lipschitz bench throughput", __doc__, rounds=20)
     parser.add_argument("--memory-of", help=argparse.SUPPRESS)  # internal: one set-up's memory
     args = parser.parse_args(argv)
     if args.memory_of:
