@@ -1,5 +1,5 @@
-"""Test-wide settings: one torch thread, derandomized Hypothesis under CI (CI=true), and
-synthetic GPT-2 token shards."""
+"""Test-wide settings: one torch thread, derandomized Hypothesis under CI (CI=true),
+synthetic GPT-2 token shards, and a training run interrupted at a chosen step."""
 
 import os
 
@@ -33,6 +33,29 @@ def token_shards(tmp_path):
     write_shard(folder / "toy_train_000001.bin", stream[3000:5000])
     write_shard(folder / "toy_val_000000.bin", stream[5000:])
     return folder
+
+
+@pytest.fixture
+def train_interrupted(monkeypatch):
+    """train(cfg, out) that stops with KeyboardInterrupt when the task class's ``batch`` is
+    called for the ``at``-th time (step ``at`` with grad_accum 1); the method is restored."""
+    from lipschitz.training import train
+
+    def run(cfg, out, task_class, at: int) -> None:
+        real, calls = task_class.batch, {"n": 0}
+
+        def batch(self, n, generator):
+            calls["n"] += 1
+            if calls["n"] == at:
+                raise KeyboardInterrupt
+            return real(self, n, generator)
+
+        monkeypatch.setattr(task_class, "batch", batch)
+        with pytest.raises(KeyboardInterrupt):
+            train(cfg, out)
+        monkeypatch.setattr(task_class, "batch", real)
+
+    return run
 
 
 @pytest.fixture(autouse=True, scope="module")

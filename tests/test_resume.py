@@ -21,25 +21,14 @@ DATA_DIR = os.environ.get("LIPSCHITZ_DATA_DIR")
     reason="needs LIPSCHITZ_DATA_DIR with mnist/",
 )
 @pytest.mark.parametrize("optimizer", ["muon", "adamw"])
-def test_image_run_resumes_bit_identically(tmp_path, monkeypatch, optimizer):
+def test_image_run_resumes_bit_identically(tmp_path, train_interrupted, optimizer):
     cfg = Config(model="lipschitz_mlp", dataset="mnist", data_dir=DATA_DIR, d_model=32,
                  n_layer=3, batch_size=32, steps=6, eval_every=3, checkpoint_every=3,
                  log_every=1, optimizer=optimizer, constraint="spectral_hard_cap", w_max=2.0,
                  lr=0.05 if optimizer == "muon" else 3e-3, sample_tokens=0)  # fmt: skip
     final = train(cfg, tmp_path / "full")
 
-    real, calls = tasks.ImageTask.batch, {"n": 0}
-
-    def batch(self, n, generator):  # one call per step: the 5th is step 5, after checkpoint 3
-        calls["n"] += 1
-        if calls["n"] == 5:
-            raise KeyboardInterrupt
-        return real(self, n, generator)
-
-    monkeypatch.setattr(tasks.ImageTask, "batch", batch)
-    with pytest.raises(KeyboardInterrupt):
-        train(cfg, tmp_path / "broken")
-    monkeypatch.setattr(tasks.ImageTask, "batch", real)
+    train_interrupted(cfg, tmp_path / "broken", tasks.ImageTask, at=5)  # after checkpoint 3
     assert RunDir(tmp_path / "broken").load_checkpoint()["step"] == 3
     resumed = train(cfg, tmp_path / "broken", resume=True)
 

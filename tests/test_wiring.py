@@ -442,7 +442,7 @@ def test_grad_accum_gives_the_same_weights_as_one_batch(tmp_path, token_shards):
         torch.testing.assert_close(b[name], a[name], rtol=0, atol=1e-6, msg=name)
 
 
-def test_adamw_run_resumes_bit_identically(tmp_path, token_shards, monkeypatch):
+def test_adamw_run_resumes_bit_identically(tmp_path, token_shards, train_interrupted):
     """An AdamW + svd_cap run interrupted after its step-2 checkpoint and resumed ends with
     the weights of the uninterrupted run, bit for bit."""
     cfg = _tiny_tokens(token_shards, ("optimizer", "adamw"), ("constraint", "svd_cap"),
@@ -450,18 +450,7 @@ def test_adamw_run_resumes_bit_identically(tmp_path, token_shards, monkeypatch):
                        ("checkpoint_every", 2))  # fmt: skip
     train(cfg, tmp_path / "full")
 
-    real, calls = tasks.TokenTask.batch, {"n": 0}
-
-    def batch(self, n, generator):  # one call per step (grad_accum 1): the 4th is step 4
-        calls["n"] += 1
-        if calls["n"] == 4:
-            raise KeyboardInterrupt
-        return real(self, n, generator)
-
-    monkeypatch.setattr(tasks.TokenTask, "batch", batch)
-    with pytest.raises(KeyboardInterrupt):
-        train(cfg, tmp_path / "broken")
-    monkeypatch.setattr(tasks.TokenTask, "batch", real)
+    train_interrupted(cfg, tmp_path / "broken", tasks.TokenTask, at=4)  # during step 4
     assert RunDir(tmp_path / "broken").load_checkpoint()["step"] == 2
     at_step_2 = _weights(tmp_path / "broken")
     train(cfg, tmp_path / "broken", resume=True)
