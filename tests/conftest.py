@@ -21,6 +21,16 @@ if settings is not None:
 @pytest.fixture
 def token_shards(tmp_path):
     """A folder of GPT-2-token shards (two train, one val) holding a noisy repeating pattern."""
+    return _write_token_shards(tmp_path)
+
+
+@pytest.fixture(scope="module")
+def module_token_shards(tmp_path_factory):
+    """:func:`token_shards`, written once for a test module (for runs that several tests share)."""
+    return _write_token_shards(tmp_path_factory.mktemp("shards"))
+
+
+def _write_token_shards(tmp_path):
     from lipschitz.data.tokens import write_shard
 
     rng = np.random.default_rng(0)

@@ -1,4 +1,5 @@
-"""torchrun: 2 gloo processes train exactly what 1 process trains, and split the matrix work.
+"""torchrun: 2 gloo processes train exactly what 1 process trains, split the matrix work, and
+resume an interrupted run bit for bit.
 
 The 2-process run is the real user path, ``python -m torch.distributed.run --nproc_per_node=2
 -m lipschitz train ...``, on synthetic GPT-2 token shards (no data needed). The embedding is
@@ -9,11 +10,13 @@ rounding of gradient entries that nearly cancel, which depends on the order of t
 
 import json
 import os
+import shutil
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
+import torch
 
 from lipschitz.config import apply_overrides
 from lipschitz.nn import build_model
@@ -25,7 +28,7 @@ ROOT = Path(__file__).resolve().parents[1]  # the checkout under test
 STEPS = 6
 SETTINGS = [
     "dataset=tokens", "d_model=32", "n_layer=2", "n_head=2", "seq_len=32", "batch_size=8",
-    f"steps={STEPS}", f"eval_every={STEPS}", f"checkpoint_every={STEPS}", "val_tokens=256",
+    f"steps={STEPS}", "eval_every=3", "checkpoint_every=3", "val_tokens=256",
     "device=cpu", "sample_tokens=0", "nesterov=true",
 ]  # fmt: skip
 
@@ -46,24 +49,62 @@ def test_assign_ranks_partitions_by_cost():
         assign_ranks(shapes, 0)
 
 
-def test_two_gloo_processes_equal_one_process(tmp_path, token_shards):
-    settings = [*SETTINGS, f"token_dir={token_shards}"]
+def _torchrun(out: Path, settings: list[str], *args: str, interrupt_at: int | None = None):
+    """``torchrun --nproc_per_node=2 -m lipschitz train tiny --out OUT [args] --set ...``, one
+    thread per process, with this checkout first on the path. ``interrupt_at``: every rank
+    raises KeyboardInterrupt when it fetches its ``interrupt_at``-th batch (the user's Ctrl-C,
+    at a step chosen in advance), through a launcher script that patches the task."""
     env = dict(os.environ, OMP_NUM_THREADS="1")
     env["PYTHONPATH"] = os.pathsep.join([str(ROOT), env.get("PYTHONPATH", "")])  # this checkout
+    entry = ["-m", "lipschitz"]
+    if interrupt_at is not None:
+        launcher = out.parent / f"{out.name}_launcher.py"
+        launcher.write_text(INTERRUPTING_LAUNCHER.replace("AT", str(interrupt_at)))
+        entry = [str(launcher)]
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
-           "-m", "lipschitz", "train", "tiny", "--out", str(tmp_path / "two")]  # fmt: skip
+           *entry, "train", "tiny", "--out", str(out), *args]  # fmt: skip
     for item in settings:
         cmd += ["--set", item]
-    done = subprocess.run(cmd, env=env, cwd=tmp_path, capture_output=True, text=True, timeout=300)
+    return subprocess.run(cmd, env=env, cwd=out.parent, capture_output=True, text=True, timeout=300)
+
+
+INTERRUPTING_LAUNCHER = """
+import sys
+from lipschitz.cli import main
+from lipschitz.data.tasks import TokenTask
+
+real, calls = TokenTask.batch, [0]
+
+def batch(self, n, generator):
+    calls[0] += 1
+    if calls[0] == AT:
+        raise KeyboardInterrupt
+    return real(self, n, generator)
+
+TokenTask.batch = batch
+main(sys.argv[1:])
+"""
+
+
+@pytest.fixture(scope="module")
+def two_processes(tmp_path_factory, module_token_shards):
+    """An uninterrupted 2-process run: (its directory, its settings)."""
+    settings = [*SETTINGS, f"token_dir={module_token_shards}"]
+    out = tmp_path_factory.mktemp("runs") / "two"
+    done = _torchrun(out, settings)
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
     assert done.stdout.count("final: val_acc=") == 1  # rank 0 reports
+    return out, settings
 
+
+def test_two_gloo_processes_equal_one_process(tmp_path, two_processes):
+    out, settings = two_processes
     cfg = apply_overrides(preset("tiny"), settings)
     one = train(cfg, tmp_path / "one")
-    two = json.loads((tmp_path / "two" / "final.json").read_text())
+    two = json.loads((out / "final.json").read_text())
 
     a = RunDir(tmp_path / "one").load_checkpoint()
-    b = RunDir(tmp_path / "two").load_checkpoint()
+    b = RunDir(out).load_checkpoint()
     assert b["world_size"] == 2 and a["model"].keys() == b["model"].keys()
     diff = max((a["model"][k] - b["model"][k]).abs().max().item() for k in a["model"])
     print(f"max |w(2 processes) - w(1 process)| = {diff:.3g}")
@@ -73,7 +114,7 @@ def test_two_gloo_processes_equal_one_process(tmp_path, token_shards):
     assert two["val_loss"] == pytest.approx(one["val_loss"], abs=2e-6)
     assert two["steps"] == STEPS and two["world_size"] == 2
     # rank 0 alone wrote the metrics: the same lines as the single process, not twice as many
-    lines = [json.loads(x) for x in (tmp_path / "two" / "metrics.jsonl").read_text().splitlines()]
+    lines = [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines()]
     assert [r["step"] for r in lines] == [
         json.loads(x)["step"] for x in (tmp_path / "one" / "metrics.jsonl").read_text().splitlines()
     ]
@@ -91,3 +132,45 @@ def test_two_gloo_processes_equal_one_process(tmp_path, token_shards):
         assert per_rank[r] == {"msign": share, "projections": share}
         assert 0 < share < total["msign"]
     assert sum(w["msign"] for w in per_rank) == total["msign"]
+
+
+def test_two_gloo_processes_resume_bit_identically(tmp_path, two_processes):
+    """Ctrl-C under torchrun after the step-3 checkpoint, then ``torchrun ... --resume``: the
+    same weights, bit for bit, and the same metrics as the uninterrupted 2-process run."""
+    whole, settings = two_processes
+    broken = tmp_path / "broken"
+    done = _torchrun(broken, settings, interrupt_at=5)  # step 5's batch: after checkpoint 3
+    assert done.returncode != 0 and "interrupted" in done.stderr, done.stderr[-3000:]
+    assert RunDir(broken).load_checkpoint()["step"] == 3
+    assert not (broken / "final.json").exists()
+    elsewhere = tmp_path / "resumed_by_one_process"
+    shutil.copytree(broken, elsewhere)
+    done = _torchrun(broken, [], "--resume")
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+
+    a = RunDir(whole).load_checkpoint()
+    b = RunDir(broken).load_checkpoint()
+    assert a["step"] == b["step"] == STEPS and b["world_size"] == 2
+    for name in a["model"]:
+        assert torch.equal(a["model"][name], b["model"][name]), name
+    final_a = json.loads((whole / "final.json").read_text())
+    final_b = json.loads((broken / "final.json").read_text())
+    assert final_b["val_loss"] == final_a["val_loss"]
+    assert final_b["lipschitz_bound"] == final_a["lipschitz_bound"]
+    assert final_b["work_per_rank"] == final_a["work_per_rank"]
+    untimed = [
+        [{k: v for k, v in json.loads(x).items() if "time" not in k and k != "tokens_per_s"}
+         for x in (run / "metrics.jsonl").read_text().splitlines()]
+        for run in (whole, broken)
+    ]  # fmt: skip
+    assert untimed[0] == untimed[1] and untimed[0][-1]["step"] == STEPS
+
+    # the same checkpoint resumed by one process: the same run up to the all-reduce's rounding
+    # (as in the test above); the matrix work is counted afresh from the resumed step
+    one = train(RunDir(elsewhere).config(), elsewhere, resume=True)
+    c = RunDir(elsewhere).load_checkpoint()
+    diff = max((a["model"][k] - c["model"][k]).abs().max().item() for k in a["model"])
+    assert diff <= 2e-6 and c["world_size"] == 1
+    assert one["work_from_step"] == 3
+    total = {k: sum(w[k] for w in final_a["work_per_rank"]) for k in ("msign", "projections")}
+    assert one["work_per_rank"] == [{k: v * 3 // STEPS for k, v in total.items()}]

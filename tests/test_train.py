@@ -65,6 +65,8 @@ def test_tiny_interrupt_resume_certify_sample(tmp_path, monkeypatch, capsys):
     for name in a:
         assert torch.equal(a[name], b[name]), name
     assert resumed["val_loss"] == final["val_loss"]
+    assert resumed["work_per_rank"] == final["work_per_rank"]  # the whole run's, not the resume's
+    assert resumed["work_from_step"] == final["work_from_step"] == 0
     # the resumed run's metrics are those of the uninterrupted run, line for line
     assert (broken / "metrics.jsonl").read_text() == (full / "metrics.jsonl").read_text()
 

@@ -76,6 +76,10 @@ class TrainState:
     elapsed_s: float = 0.0  # wall time of earlier processes of this run
     train_time_s: float = 0.0  # time spent in training steps (no evaluation)
     last_eval: dict = field(default_factory=dict)  # the latest evaluation record (not saved)
+    # matrices each rank orthogonalized / projected in earlier processes of this run, counted
+    # from step work_from_step (a resume at another world size starts the count afresh)
+    work_before: list[dict] | None = None
+    work_from_step: int = 0
 
 
 def train(cfg: Config, out: str | Path, resume: bool = False) -> dict:
@@ -213,6 +217,12 @@ class Trainer:
         if self.device.type == "cuda" and saved.get("cuda_rng") is not None:
             torch.cuda.set_rng_state_all(saved["cuda_rng"])
         self.state = TrainState(saved["step"], saved["elapsed_s"], saved["train_time_s"])
+        work = saved.get("work_per_rank")  # absent in checkpoints written before it was saved
+        if work is not None and len(work) == self.world:
+            self.state.work_before = work
+            self.state.work_from_step = saved["work_from_step"]
+        else:
+            self.state.work_from_step = saved["step"]
 
     def fit(self) -> None:
         """Train from the current step to cfg.steps, evaluating, logging and checkpointing."""
@@ -315,6 +325,7 @@ class Trainer:
         """Save the training state (every rank syncs its constraint state; rank 0 writes)."""
         for opt in self.optimizers:
             sync_constraint_state(opt)  # every rank takes part
+        work = self.work_per_rank()  # every rank takes part
         if not self.main:
             return
         state = self.state
@@ -329,18 +340,28 @@ class Trainer:
             "elapsed_s": state.elapsed_s + time.time() - self.t_start,
             "train_time_s": state.train_time_s,
             "world_size": self.world,
+            "work_per_rank": work,
+            "work_from_step": state.work_from_step,
         })  # fmt: skip
 
-    def finish(self) -> dict:
-        """The final metrics: written to final.json (and curves.png) by rank 0, returned."""
-        cfg, state = self.cfg, self.state
-        last = state.last_eval or self.evaluate()  # resumed after the last checkpoint's eval
+    def work_per_rank(self) -> list[dict]:
+        """The matrices each rank orthogonalized (``msign``) and projected (``projections``)
+        since step ``state.work_from_step``: this process's counts plus the earlier processes'
+        of a resumed run. Every rank takes part (one all-gather)."""
         counts = {k: sum(work_counts(opt)[k] for opt in self.optimizers)
                   for k in ("msign", "projections")}  # fmt: skip
         work = [counts]
         if self.world > 1:
             work = [None] * self.world
             dist.all_gather_object(work, counts)
+        before = self.state.work_before or [dict.fromkeys(counts, 0)] * self.world
+        return [{k: b[k] + w[k] for k in w} for b, w in zip(before, work, strict=True)]
+
+    def finish(self) -> dict:
+        """The final metrics: written to final.json (and curves.png) by rank 0, returned."""
+        cfg, state = self.cfg, self.state
+        last = state.last_eval or self.evaluate()  # resumed after the last checkpoint's eval
+        work = self.work_per_rank()
         tokens = state.step * cfg.batch_size * self.task.tokens_per_example
         final = {key: last.get(key) for key in _FINAL_FROM_EVAL}
         final.update({
@@ -353,8 +374,8 @@ class Trainer:
             "data_source": self.task.source,
             "device": str(self.device),
             "world_size": self.world,
-            # matrices orthogonalized / projected by each rank since this process started
-            "work_per_rank": work,
+            "work_per_rank": work,  # matrices orthogonalized / projected by each rank
+            "work_from_step": state.work_from_step,  # 0 unless resumed at another world size
         })  # fmt: skip
         if last.get("constraint_violations"):
             final["constraint_violations"] = last["constraint_violations"]
