@@ -9,6 +9,7 @@ distribute, and assignments worked out by hand from assign_ranks' documented gre
 """
 
 import copy
+import math
 import threading
 import warnings
 
@@ -22,6 +23,7 @@ from lipschitz.optim import (
     Muon,
     assign_ranks,
     constrain,
+    constraint_violations,
     distribute,
     matrix_cost,
     sync_constraint_state,
@@ -267,6 +269,54 @@ def test_sync_constraint_state_skips_what_has_no_state(monkeypatch):
     assert torch.equal(opt.state[a]["constraint"]["basis"], basis) and b not in opt.state
 
 
+# ---------------------------------------------------------- projection: checks and reports
+
+
+def test_constrain_refuses_bad_groups_with_their_whole_message():
+    w = nn.Parameter(torch.zeros(4, 4))
+    cases = [
+        ({"constraint": "spectral_soft_cap", "w_max": 1.0},
+         "constrain: spectral_soft_cap needs a bound on the norm of every step, and AdamW steps "
+         "have none (an AdamW step can be arbitrarily large in the spectral norm). Use Muon, or a "
+         "constraint that does not depend on the step: svd_cap, spectral_hard_cap, "
+         "spectral_normalize."),
+        ({"constraint": "svd_cap", "w_max": math.inf},
+         "constrain: constraint 'svd_cap' needs a finite w_max > 0, got inf"),
+        ({"constraint": "svd_cap", "w_max": 1.0, "constraint_kwargs": [("iters", 3)]},
+         "constrain: constraint_kwargs must be a dict"),
+        ({"constraint": "svd_cap", "w_max": 1.0, "param_names": ["a", "b"]},
+         "constrain: a param group has 2 param_names for 1 parameters"),
+        ({"constraint": "none", "param_names": []},
+         "constrain: a param group has 0 param_names for 1 parameters"),
+    ]  # fmt: skip
+    for options, message in cases:
+        with pytest.raises(ValueError) as err:
+            constrain(torch.optim.AdamW([{"params": [w], **options}]))
+        assert str(err.value) == message
+
+
+def test_constraint_violations_never_trusts_a_known_norm_of_a_non_finite_weight():
+    w = nn.Parameter(torch.ones(4, 4))
+    opt = constrain(torch.optim.SGD([{"params": [w], "constraint": "svd_cap", "w_max": 1.0,
+                                      "param_names": ["w"]}], lr=0.0))  # fmt: skip
+    with torch.no_grad():
+        w[0, 0] = float("inf")
+    (found,) = constraint_violations(opt, known_norms={"w": 0.5})  # a stale measurement
+    assert found["param"] == "w" and math.isnan(found["norm"])
+    with torch.no_grad():
+        w[0, 0] = 1.0  # finite again (norm 4): the known norm is used as it is
+    assert constraint_violations(opt, known_norms={"w": 0.5}) == []
+    assert constraint_violations(opt)[0]["norm"] == pytest.approx(4.0, rel=1e-12)
+
+
+def test_soft_cap_warning_names_the_constraint():
+    w = nn.Parameter(torch.zeros(8, 8))
+    opt = Muon([w], lr=1.0, constraint="spectral_soft_cap", w_max=0.1)  # step ≫ what it absorbs
+    w.grad = torch.randn(8, 8)
+    with pytest.warns(UserWarning, match=r"^spectral_soft_cap: step norm "):
+        opt.step()
+
+
 # ----------------------------------------------------------------------------- Muon defaults
 
 
@@ -287,6 +337,23 @@ def test_muon_default_step_size_and_cap():
     w.grad = torch.randn(12, 6)
     opt.step()
     assert rms_operator_norm(w).item() <= 1 + 1e-5
+
+
+def test_muon_first_step_is_msign_in_its_ns_dtype():
+    # Muon's first step without momentum history is W − lr·sqrt(out/in)·msign(g) (momentum
+    # buffer (1−β)·g, nesterov off; msign is scale-free), computed in ns_dtype: bit for bit
+    # the same as msign called directly in that dtype, and different from the float32 result
+    from lipschitz.linalg import msign
+
+    g = torch.randn(12, 6, generator=torch.Generator().manual_seed(3))
+    for dtype in (torch.bfloat16, torch.float32):
+        w = nn.Parameter(torch.zeros(12, 6))
+        opt = Muon([w], lr=0.1, nesterov=False, coefficients="jordan5", ns_dtype=dtype)
+        w.grad = g.clone()
+        opt.step()
+        expected = -0.1 * (12 / 6) ** 0.5 * msign(0.05 * g, "jordan5", dtype=dtype)
+        assert torch.equal(w.detach(), expected), dtype
+    assert not torch.equal(msign(g, "jordan5", dtype=torch.bfloat16), msign(g, "jordan5"))
 
 
 def test_muon_passes_constraint_kwargs(monkeypatch):

@@ -110,10 +110,12 @@ def _zeropower_float32(grad, ns_coefficients, ns_steps, eps):
     return X.T if grad.size(0) > grad.size(1) else X
 
 
-def _parity_error(ns_dtype: torch.dtype, steps: int = 20, lr: float = 0.02) -> float:
+def _parity_error(
+    ns_dtype: torch.dtype, steps: int = 20, lr: float = 0.02, seed: int = 0
+) -> float:
     """Max |W_ours − W_torch| / (lr·sqrt(out/in)) after ``steps`` steps, over three shapes."""
     worst = 0.0
-    gen = torch.Generator().manual_seed(0)
+    gen = torch.Generator().manual_seed(seed)
     for out_f, in_f in [(48, 32), (32, 32), (32, 48)]:
         W0 = torch.randn(out_f, in_f, generator=gen) / math.sqrt(in_f)
         ours, ref = nn.Parameter(W0.clone()), nn.Parameter(W0.clone())
@@ -138,11 +140,14 @@ def _parity_error(ns_dtype: torch.dtype, steps: int = 20, lr: float = 0.02) -> f
 def test_parity_with_torch_muon_bfloat16():
     # Both run Jordan's quintic in bfloat16, but round differently (torch fuses with addmm), and
     # the unconverged iteration amplifies rounding: one step's orthogonalized entries (|O| ≲ 0.5)
-    # differ by up to ~0.035 between the two. Over 20 steps the weights may drift by about
-    # sqrt(20)·0.035 step sizes; measured 0.105 with msign's fused a·X + B·X form, bound 0.2
-    # (a full step is up to ~0.5).
+    # differ by up to ~0.035 between the two. Over 20 steps the weights drift apart by about
+    # sqrt(20)·0.035 step sizes. Measured (2026-11-30, torch 2.13 CPU): 0.106 for this seed; over
+    # seeds 0-99 median 0.091, worst 0.142. The bound 0.15 lies above every seed measured (a
+    # full step is up to ~0.5). Ours in float32 against torch's bfloat16 is closer (0.03-0.05,
+    # only torch's rounding), so this test checks the update rule at bfloat16 accuracy, not that
+    # bfloat16 is used: tests/test_mutants_linalg.py checks msign's compute dtype.
     err = _parity_error(torch.bfloat16)
-    assert err < 0.2, err
+    assert err < 0.15, err
 
 
 def test_parity_with_torch_muon_float32(monkeypatch):

@@ -143,6 +143,12 @@ def _check_constraint_group(optimizer: Optimizer, group: dict) -> None:
     name = group.get("constraint", "none")
     if name not in METHODS:
         raise ValueError(f"constrain: unknown constraint {name!r}; known: {sorted(METHODS)}")
+    names = group.get("param_names")  # torch accepts any list here; the reports rely on it
+    if names is not None and len(names) != len(group["params"]):
+        raise ValueError(
+            f"constrain: a param group has {len(names)} param_names for "
+            f"{len(group['params'])} parameters"
+        )
     if name == "none":
         return
     c = METHODS[name]
