@@ -110,9 +110,7 @@ def _zeropower_float32(grad, ns_coefficients, ns_steps, eps):
     return X.T if grad.size(0) > grad.size(1) else X
 
 
-def _parity_error(
-    ns_dtype: torch.dtype, steps: int = 20, lr: float = 0.02, seed: int = 0
-) -> float:
+def _parity_error(ns_dtype: torch.dtype, steps: int = 20, lr: float = 0.02, seed: int = 0) -> float:
     """Max |W_ours − W_torch| / (lr·sqrt(out/in)) after ``steps`` steps, over three shapes."""
     worst = 0.0
     gen = torch.Generator().manual_seed(seed)
