@@ -29,7 +29,10 @@ DTYPES = st.sampled_from([torch.float64, torch.float32])
 # Tolerances of the registry (and the docstrings), relative to w_max.
 HARD_CAP_TOL = METHODS["spectral_hard_cap"].tolerance  # msign hard cap: σ_max ≤ w_max·(1 + 1e-3)
 STIEFEL_TOL = 1e-4  # accurate8 band [0.9999, 1.0001] for σ ≥ 1e-3·‖W‖_F
-NORMALIZE_COLD_TOL = METHODS["spectral_normalize"].tolerance  # cold start: worst seen 1.5%
+# Spectral normalization from a cold start (16 power iterations) overshoots w_max by the
+# iteration's error: worst measured 2.2% in 4400 and 2.1% in 1500 drawn matrix_cases
+# (docs/testing.md), so 3%; the registry's 5% is the run-time health check's margin.
+NORMALIZE_COLD_TOL = 0.03
 POWER_ITERATION_METHODS = {name for name, c in METHODS.items() if c.stateful}
 
 
@@ -138,30 +141,70 @@ def test_spectral_weight_decay_shrinks_top_only():
     torch.testing.assert_close(rms_singular_values(out), expected)
 
 
+# The paper's four hard-cap quintics (a, b, c) of a·x + b·x³ + c·x⁵, typed in from its table
+# (preprint §3.2, Fig. 5; credited to Cesista), not imported from the package.
+PAPER_HARD_CAP_QUINTICS = (
+    (0.805032, 0.206361, -0.019763),
+    (0.649867, 0.162935, -0.011150),
+    (1.810259, -0.200265, 0.008251),
+    (1.004384, -0.183490, 0.014413),
+)
+
+
+def _paper_quintic_composition(x: np.ndarray) -> np.ndarray:
+    for a, b, c in PAPER_HARD_CAP_QUINTICS:
+        x = a * x + b * x**3 + c * x**5
+    return x
+
+
 def test_hard_cap_quintic_option_and_domain_guard():
     gen = torch.Generator().manual_seed(3)
+    assert HARD_CAP_QUINTICS == PAPER_HARD_CAP_QUINTICS
     x = torch.tensor([0.5, 1.0, 2.0, 3.0], dtype=torch.float64)
     q = x
     for step in HARD_CAP_QUINTICS:
         q = scalar_odd_polynomial(q, step)
-    # the paper's composition: q(0.5) = 0.498, q(1) = 0.966, q(2) = 1.002, q(3) = 1.0009
+    # reference: the published quintics evaluated in numpy (monomials, not Horner)
+    np.testing.assert_allclose(q.numpy(), _paper_quintic_composition(x.numpy()), rtol=1e-13)
+    # an earlier independent evaluation of the published coefficients (not printed in the
+    # paper), to its printed digits: q(0.5) = 0.498, q(1) = 0.966, q(2) = 1.002, q(3) = 1.0009
     np.testing.assert_allclose(q.numpy(), [0.498, 0.966, 1.002, 1.0009], atol=1.5e-3)
     # outside its domain the raw composition diverges (q(4) ≈ −1); the guard pre-scales
     sig = torch.tensor([10.0, 4.0, 1.0, 0.2], dtype=torch.float64)
     W = matrix_with_spectrum(16, 4, sig, gen)
     s = rms_singular_values(spectral_hard_cap(W, w_max=1.0, method="quintic"))
+    # the composition's maximum on the guarded domain [0, 3] (numpy grid): 1.0109 at x ≈ 1.185
+    q_max = _paper_quintic_composition(np.linspace(0.0, 3.0, 300_001)).max()
+    assert 1.0108 < q_max < 1.011
     assert s.max() <= 1.011 and s.min() > 0
 
 
+def _smallest_nonnegative_quartic_root(w_max: float, k: float) -> float:
+    """The paper's quartic −k⁹α⁴ + 3k⁷α³ − 3k⁵α² + (k − w_max) = 0 (Thm 3.1, App. A) solved by
+    numpy's companion-matrix eigenvalues, as the released code does (jnp.roots)."""
+    roots = np.roots([-(k**9), 3 * k**7, -3 * k**5, 0.0, k - w_max])
+    real = roots[np.abs(roots.imag) < 1e-9].real
+    return float(real[real >= 0].min())
+
+
 def test_soft_cap_alpha_worked_values_and_root_choice():
-    # the soft cap's coupling (paper §3.1, App. A) evaluated by hand
+    # worked values of the paper's quartic (§3.1, App. A), solved independently of this code
+    # (not printed in the paper), to their printed digits; numpy's roots are checked below
     assert soft_cap_alpha(1.0, 0.0, 0.05) == pytest.approx(0.1224, abs=1e-4)
     assert soft_cap_alpha(1.0, 0.0, 0.0601) == pytest.approx(0.1320, abs=1e-4)
     assert soft_cap_alpha(2.0, 0.0, 0.05) == pytest.approx(0.0225, abs=1e-4)
     assert soft_cap_alpha(6.0, 0.0, 0.1) == pytest.approx(0.00207, abs=1e-5)
     assert soft_cap_alpha(8.0, 0.0, 0.0601) == pytest.approx(0.00079, abs=1e-5)
+    for w_max, eta in [(1.0, 0.05), (1.0, 0.0601), (2.0, 0.05), (6.0, 0.1), (8.0, 0.0601)]:
+        k, alpha = w_max + eta, soft_cap_alpha(w_max, 0.0, eta)
+        # the same root by numpy.roots (bisection in the code; agree to ~6e-15 here)
+        assert alpha == pytest.approx(_smallest_nonnegative_quartic_root(w_max, k), rel=1e-12)
+        # the fixed point p₂(p₁(k)) = w_max, composed from the two cubics x ∓ αx³
+        p1 = k - alpha * k**3
+        assert p1 + alpha * p1**3 == pytest.approx(w_max, rel=1e-12)
     alpha = soft_cap_alpha(1.0, 0.0, 0.05)
     p = lambda x: (x - alpha * x**3) + alpha * (x - alpha * x**3) ** 3  # noqa: E731
+    # the same table's p(σmax)/σmax and p(σmax/2)/(σmax/2) at σmax = 1, update norm 0.05
     assert p(1.0) == pytest.approx(0.9603, abs=1e-4)
     assert p(0.5) / 0.5 == pytest.approx(0.9973, abs=1e-4)
     # no projection needed ⇒ 0, never the released code's fallback 1 (here λ·w_max > 1 with wd)

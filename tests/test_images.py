@@ -40,6 +40,7 @@ def test_mnist_downloads_verify_decompressed_content(tmp_path, monkeypatch, no_d
     reference = images.load_mnist(DATA_DIR)
     assert reference.x_train.shape == (60000, 784) and reference.x_test.shape == (10000, 784)
     assert reference.x_train.min() == 0 and reference.x_train.max() == 1
+    # MNIST's published test-set class counts for the digits 0, 1, 2
     assert torch.bincount(reference.y_test).tolist()[:3] == [980, 1135, 1032]
 
     monkeypatch.setattr(images, "MNIST_URL", Path(DATA_DIR, "mnist").as_uri() + "/")

@@ -36,6 +36,7 @@ def test_constant_cooldown_matches_nanogpt():
 
 
 def test_warmup():
+    # by hand: warm-up (t + 1)/(4 + 1) for t < 4, then progress (t − 4)/(T − 4)
     assert [constant(t, 100, warmup_steps=4) for t in range(6)] == pytest.approx(
         [0.2, 0.4, 0.6, 0.8, 1.0, 1.0]
     )

@@ -29,6 +29,9 @@ MOBY = (
 def test_gpt2_tokenizer_offline(monkeypatch, tmp_path):
     monkeypatch.setenv("LIPSCHITZ_CACHE_DIR", str(tmp_path / "empty-cache"))  # data dir only
     enc = tk.gpt2_tokenizer(DATA_DIR)
+    # GPT-2's ids of the single-token words "Hello" and " world" (Ġ = space), read from the file
+    encoder = json.loads(Path(DATA_DIR, "gpt2_bpe/encoder.json").read_text())
+    assert [encoder["Hello"], encoder["Ġworld"]] == [15496, 995]
     assert enc.encode("Hello world") == [15496, 995]
     assert enc.n_vocab == 50257 and enc.eot_token == tk.EOT
     ids = enc.encode_ordinary(MOBY)

@@ -164,7 +164,8 @@ def test_token_task_windows(token_shards):
     x, y = task.batch(5, torch.Generator().manual_seed(0))
     assert x.shape == y.shape == (5, 32) and torch.equal(x[:, 1:], y[:, :-1])
     few = tasks.TokenTask(apply_overrides(cfg, ["val_tokens=128"]))
-    assert list(few.val_starts) == [0, 192, 384, 576]  # 4 windows spread over the 25
+    # 128 // 32 = 4 windows spread over the 25: window i·25 // 4 = 0, 6, 12, 18, times 32
+    assert list(few.val_starts) == [0, 192, 384, 576]
     with pytest.raises(FileNotFoundError, match="lipschitz prepare"):
         tasks.TokenTask(apply_overrides(cfg, ["token_dir=no/such/folder"]))
     with pytest.raises(ValueError, match="needs token_dir"):
