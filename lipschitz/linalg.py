@@ -62,15 +62,16 @@ def rms_operator_norm(W: Tensor) -> Tensor:
 class PowerIteration(NamedTuple):
     """Result of :func:`power_iteration`: ``W v ≈ sigma · u`` with unit ``u`` and ``v``.
 
-    ``sigma = ‖W v‖`` is always a lower bound on σ_max. ``basis`` (..., in, k) is the whole
-    iterated subspace (column 0 is ``v``): pass it back as ``v0`` to warm-start, so a slowly
-    changing weight needs one or two iterations, not sixteen.
+    ``sigma = ‖W v‖`` is always a lower bound on σ_max. ``basis`` (..., in, min(out, k)) is the
+    iterated subspace rotated so that column 0 is ``v`` (the Rayleigh–Ritz directions; when
+    out < k the directions W maps to zero are dropped): pass it back as ``v0`` to warm-start,
+    so a slowly changing weight needs one or two iterations, not sixteen.
     """
 
     sigma: Tensor  # (...,)
     u: Tensor  # (..., out)
     v: Tensor  # (..., in)
-    basis: Tensor  # (..., in, k)
+    basis: Tensor  # (..., in, min(out, k))
 
 
 def power_iteration(
