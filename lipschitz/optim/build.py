@@ -40,7 +40,8 @@ def build_optimizers(cfg: Config, model: nn.Module) -> list[torch.optim.Optimize
         elif role == "embedding" and lipschitz_model:
             group["constraint"] = "row_rms_cap"
             group["w_max"] = cfg.embed_w_max
-        # weight_decay: hidden matrices and head only, whichever optimizer trains them
+        # weight_decay: hidden matrices and head only, whichever optimizer trains them (set on
+        # every group, so the optimizers' own defaults never apply)
         group["weight_decay"] = cfg.weight_decay if role in ("hidden", "head") else 0.0
         if role == "head" and cfg.head_lr is not None:
             group["lr"] = cfg.head_lr
@@ -60,7 +61,6 @@ def build_optimizers(cfg: Config, model: nn.Module) -> list[torch.optim.Optimize
             momentum_start=cfg.momentum_start,
             coefficients=cfg.coefficients,
             ns_dtype=getattr(torch, cfg.ns_dtype),
-            weight_decay=cfg.weight_decay,
         )
         if not others:
             return [muon]
@@ -68,13 +68,12 @@ def build_optimizers(cfg: Config, model: nn.Module) -> list[torch.optim.Optimize
             group.pop("target_norm")
             if group["role"] == "vector":  # e.g. LayerNorm gains, at an Adam-sized step
                 group["lr"] = cfg.lr * 0.01 if cfg.vector_lr is None else cfg.vector_lr
-        adamw = torch.optim.AdamW(others, lr=cfg.lr, betas=cfg.adam_betas, weight_decay=0.0)
+        adamw = torch.optim.AdamW(others, lr=cfg.lr, betas=cfg.adam_betas)
         return [muon, constrain(adamw)]
     if cfg.optimizer == "adamw":
         for group in groups:
             group.pop("rule", None)
-            # the paper's decay λ·η·tn: torch's AdamW decays by λ·η, so fold tn into λ
-            group["weight_decay"] *= group.pop("target_norm")
+            group.pop("target_norm")  # 1 for every group: no mass split (blocks_mass is None)
         adamw = torch.optim.AdamW(groups, lr=cfg.lr, betas=cfg.adam_betas)
         return [constrain(adamw)]
     raise ValueError(f"optimizer must be 'muon' or 'adamw', got {cfg.optimizer!r}")
