@@ -114,8 +114,9 @@ def test_gram_polynomial_unit_odd_coefficients_against_naive_powers():
     for coeffs in [(0.5, 1.0), (0.5, 1.0, 2.0), (0.0, 1.0, -1.0, 1.0)]:
         expected = sum(c * torch.linalg.matrix_power(A, k) for k, c in enumerate(coeffs))
         torch.testing.assert_close(gram_polynomial(A, coeffs), expected, rtol=1e-12, atol=1e-12)
-    with pytest.raises(ValueError, match="gram_polynomial: at least one coefficient"):
+    with pytest.raises(ValueError) as err:
         gram_polynomial(A, ())
+    assert str(err.value) == "gram_polynomial: at least one coefficient is needed"
 
 
 def test_msign_computes_in_the_requested_dtype():

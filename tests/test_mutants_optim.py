@@ -293,6 +293,10 @@ def test_constrain_refuses_bad_groups_with_their_whole_message():
         with pytest.raises(ValueError) as err:
             constrain(torch.optim.AdamW([{"params": [w], **options}]))
         assert str(err.value) == message
+    once = constrain(torch.optim.AdamW([w]))
+    with pytest.raises(ValueError) as err:
+        constrain(once)
+    assert str(err.value) == "constrain: this optimizer already has its constraints installed"
 
 
 def test_constraint_violations_never_trusts_a_known_norm_of_a_non_finite_weight():
