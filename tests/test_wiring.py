@@ -161,6 +161,18 @@ def test_vector_lr_defaults_to_a_hundredth_of_lr_with_muon():
     assert groups["blocks.0.attn.pos_bias.bias"][1]["lr"] == pytest.approx(0.001, rel=1e-12)
 
 
+@pytest.mark.parametrize("scalars", ["model", "unit"])
+def test_adamw_has_one_group_per_role_whatever_blocks_mass(scalars):
+    # target norms (blocks_mass) split Muon's groups by multiplier; AdamW has none, so its
+    # groups, and the optimizer state_dict layout its checkpoints hold, are one per role
+    cfg = gpt_config("optimizer=adamw", "constraint=svd_cap", "blocks_mass=32",
+                     f"target_norm_scalars={scalars}")  # fmt: skip
+    (adamw,) = build_optimizers(cfg, build_model(cfg, VOCAB))
+    roles = [g["role"] for g in adamw.param_groups]
+    assert sorted(roles) == sorted(set(roles)) == ["embedding", "head", "hidden"]
+    assert all("target_norm" not in g for g in adamw.param_groups)
+
+
 @pytest.mark.parametrize(
     ("optimizer", "constraint"),
     [("muon", c) for c in CONSTRAINTS]
@@ -168,8 +180,8 @@ def test_vector_lr_defaults_to_a_hundredth_of_lr_with_muon():
 )
 def test_weight_decay_and_constraint_reach_every_matrix(optimizer, constraint):
     """For every constraint and optimizer, the hidden matrices and the head get the run's
-    constraint and weight decay λ (blocks_mass none, and AdamW never uses target norms: tn = 1,
-    so AdamW's folded λ·tn is λ), the vectors no decay."""
+    constraint and weight decay λ (blocks_mass none; AdamW has no target norms), the vectors no
+    decay."""
     cfg = gpt_config("pos_bias=true", f"optimizer={optimizer}", f"constraint={constraint}",
                      "weight_decay=0.2", "lr=0.01")  # fmt: skip
     groups = by_name(build_optimizers(cfg, build_model(cfg, VOCAB)))

@@ -27,8 +27,11 @@ def build_optimizers(cfg: Config, model: nn.Module) -> list[torch.optim.Optimize
     never the embedding (its rows are capped instead) or the vectors. Target norms
     (``blocks_mass``, ``target_norm_scalars``) scale Muon's steps only."""
     lipschitz_model = cfg.model == "lipschitz_gpt"
+    # Target norms scale Muon's steps only; without them AdamW gets one group per role (and
+    # its checkpoints keep that layout)
+    blocks_mass = cfg.blocks_mass if cfg.optimizer == "muon" else None
     unit = cfg.target_norm_scalars == "unit"
-    groups = route_parameters(model, blocks_mass=cfg.blocks_mass, unit_scalars=unit)
+    groups = route_parameters(model, blocks_mass=blocks_mass, unit_scalars=unit)
     head_w_max = cfg.w_max if cfg.head_w_max is None else cfg.head_w_max
     for group in groups:
         role = group["role"]
@@ -73,7 +76,7 @@ def build_optimizers(cfg: Config, model: nn.Module) -> list[torch.optim.Optimize
     if cfg.optimizer == "adamw":
         for group in groups:
             group.pop("rule", None)
-            group.pop("target_norm")  # Muon's step multipliers; AdamW steps are not scaled
+            group.pop("target_norm")  # 1: no target norms without blocks_mass
         adamw = torch.optim.AdamW(groups, lr=cfg.lr, betas=cfg.adam_betas)
         return [constrain(adamw)]
     raise ValueError(f"optimizer must be 'muon' or 'adamw', got {cfg.optimizer!r}")

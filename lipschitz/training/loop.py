@@ -70,7 +70,8 @@ class ConstraintViolation(RuntimeError):
 
 @dataclass
 class TrainState:
-    """Where a run stands, beyond model and optimizers (step and times are checkpointed)."""
+    """Where a run stands, beyond model and optimizers (step, times and the matrix work
+    counts are checkpointed)."""
 
     step: int = 0
     elapsed_s: float = 0.0  # wall time of earlier processes of this run
@@ -376,6 +377,7 @@ class Trainer:
             "world_size": self.world,
             "work_per_rank": work,  # matrices orthogonalized / projected by each rank
             "work_from_step": state.work_from_step,  # 0 unless resumed at another world size
+            # or from a checkpoint that did not save the counts
         })  # fmt: skip
         if last.get("constraint_violations"):
             final["constraint_violations"] = last["constraint_violations"]

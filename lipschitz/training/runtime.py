@@ -51,6 +51,11 @@ def init_distributed(device: str) -> bool:
     joined yet; returns whether it was started here (and must be destroyed by the caller)."""
     if int(os.environ.get("WORLD_SIZE", "1")) <= 1 or dist.is_initialized():
         return False
+    # Imported after the group exists (the first optimizer imports it), torch._dynamo keeps a
+    # reference to the group, so destroy_process_group cannot free it: gloo's threads then die
+    # at interpreter exit, which aborts a rank now and then (std::terminate; torch 2.13).
+    import torch._dynamo
+
     cuda = device.startswith("cuda") or (device == "auto" and torch.cuda.is_available())
     if cuda:
         torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
