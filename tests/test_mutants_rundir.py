@@ -105,3 +105,19 @@ def test_first_line_of_an_error():
     assert first_line(ValueError("  first\nsecond  ")) == "first"
     assert first_line(ValueError("")) == "ValueError"
     assert first_line(KeyError()) == "KeyError"
+
+
+def test_state_digest_tells_keys_and_container_types_apart():
+    from lipschitz.training.rundir import state_digest
+
+    t = torch.ones(2)
+    digests = [
+        state_digest({"a": t}),
+        state_digest({"b": t}),  # same value under another key
+        state_digest([t]),  # a list of the same tensor
+        state_digest((t,)),  # a tuple of it
+        state_digest({"a": [t]}),
+        state_digest({"a": (t,)}),
+    ]
+    assert len(set(digests)) == len(digests)
+    assert state_digest({"a": t}) == state_digest({"a": torch.ones(2)})  # content, not identity
