@@ -11,14 +11,13 @@ from matrices import matrix_with_spectrum, rms_singular_values
 
 from lipschitz.config import apply_overrides
 from lipschitz.constraints import CONSTRAINTS
+from lipschitz.data.tasks import TextTask
 from lipschitz.linalg import rms_operator_norm
 from lipschitz.presets import preset
 from lipschitz.training import RunDir, load_run, train
 
-NEEDS_CUDA = [
-    pytest.mark.cuda,
-    pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device"),
-]
+needs_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+DEVICES = ["cpu", pytest.param("cuda", marks=(pytest.mark.cuda, needs_cuda))]
 DATA_DIR = os.environ.get("LIPSCHITZ_DATA_DIR")
 
 
@@ -39,7 +38,7 @@ def _weights_and_reference(name: str) -> tuple[torch.Tensor, torch.Tensor]:
 DEVICE_TOL = {torch.float32: 1e-4, torch.bfloat16: 5e-3}
 
 
-@pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=NEEDS_CUDA)])
+@pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("name", sorted(set(CONSTRAINTS) - {"none"}))
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_constraint_on_device_matches_float64_on_cpu(device, name, dtype):
@@ -52,31 +51,17 @@ def test_constraint_on_device_matches_float64_on_cpu(device, name, dtype):
 
 
 @pytest.mark.cuda
-@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+@needs_cuda
 @pytest.mark.skipif(not DATA_DIR, reason="needs LIPSCHITZ_DATA_DIR")
-def test_tiny_trains_and_resumes_on_cuda(tmp_path):
+def test_tiny_trains_and_resumes_on_cuda(tmp_path, train_interrupted):
     cfg = apply_overrides(preset("tiny"), ["device=cuda"])
     final = train(cfg, tmp_path / "full")
     assert final["device"].startswith("cuda") and final["lipschitz_bound"] < 10
     state = RunDir(tmp_path / "full").load_checkpoint()
     assert state["cuda_rng"] is not None
-    # interrupted after the step-10 checkpoint, resumed: the same weights, on the GPU
-    import lipschitz.data.tasks as tasks
-
-    real, calls = tasks.sample_batch, {"n": 0}
-
-    def crash_at_13(*args, **kwargs):
-        calls["n"] += 1
-        if calls["n"] == 13:
-            raise KeyboardInterrupt
-        return real(*args, **kwargs)
-
-    tasks.sample_batch = crash_at_13
-    try:
-        with pytest.raises(KeyboardInterrupt):
-            train(cfg, tmp_path / "half")
-    finally:
-        tasks.sample_batch = real
+    # interrupted during step 13 (after the step-10 checkpoint), resumed, on the GPU
+    train_interrupted(cfg, tmp_path / "half", TextTask, at=13)
+    assert RunDir(tmp_path / "half").load_checkpoint()["step"] == 10
     resumed = train(cfg, tmp_path / "half", resume=True)
     assert resumed["steps"] == cfg.steps
     # the same run continued: equal up to the GPU's nondeterministic reductions (atomic adds in
@@ -86,7 +71,7 @@ def test_tiny_trains_and_resumes_on_cuda(tmp_path):
 
 
 @pytest.mark.cuda
-@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+@needs_cuda
 def test_token_run_compiled_with_bf16_newton_schulz_on_cuda(tmp_path, token_shards):
     """The GPU recipe of gpt-145m at toy size: torch.compile, bf16 autocast, bf16 Muon."""
     cfg = apply_overrides(

@@ -17,6 +17,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from runlog import untimed_metrics
 
 from lipschitz.config import apply_overrides
 from lipschitz.nn import build_model
@@ -158,12 +159,8 @@ def test_two_gloo_processes_resume_bit_identically(tmp_path, two_processes):
     assert final_b["val_loss"] == final_a["val_loss"]
     assert final_b["lipschitz_bound"] == final_a["lipschitz_bound"]
     assert final_b["work_per_rank"] == final_a["work_per_rank"]
-    untimed = [
-        [{k: v for k, v in json.loads(x).items() if "time" not in k and k != "tokens_per_s"}
-         for x in (run / "metrics.jsonl").read_text().splitlines()]
-        for run in (whole, broken)
-    ]  # fmt: skip
-    assert untimed[0] == untimed[1] and untimed[0][-1]["step"] == STEPS
+    assert untimed_metrics(broken) == untimed_metrics(whole)
+    assert untimed_metrics(whole)[-1]["step"] == STEPS
 
     # the same checkpoint resumed by one process: the same run up to the all-reduce's rounding
     # (as in the test above); the matrix work is counted afresh from the resumed step

@@ -2,12 +2,12 @@
 the uninterrupted run, bit for bit (the token-task and AdamW cases are in test_wiring.py, the
 character task in test_train.py)."""
 
-import json
 import os
 from pathlib import Path
 
 import pytest
 import torch
+from runlog import untimed_metrics
 
 import lipschitz.data.tasks as tasks
 from lipschitz.config import Config
@@ -39,13 +39,7 @@ def test_image_run_resumes_bit_identically(tmp_path, train_interrupted, optimize
         assert torch.equal(a[name], b[name]), name
     assert resumed["val_acc"] == final["val_acc"]
     assert resumed["lipschitz_bound"] == final["lipschitz_bound"]
-    full = (tmp_path / "full" / "metrics.jsonl").read_text().splitlines()
-    broken = (tmp_path / "broken" / "metrics.jsonl").read_text().splitlines()
-    assert len(full) == len(broken) == 6
+    full = untimed_metrics(tmp_path / "full")
+    assert len(full) == 6
     # every line but its wall-clock fields is the uninterrupted run's
-    assert [_untimed(x) for x in broken] == [_untimed(x) for x in full]
-
-
-def _untimed(line: str) -> dict:
-    record = json.loads(line)
-    return {k: v for k, v in record.items() if "time" not in k and k != "tokens_per_s"}
+    assert untimed_metrics(tmp_path / "broken") == full

@@ -29,7 +29,7 @@ def _weights(run_dir: Path) -> dict:
 
 
 @needs_data
-def test_tiny_interrupt_resume_certify_sample(tmp_path, monkeypatch, capsys):
+def test_tiny_interrupt_resume_certify_sample(tmp_path, train_interrupted, capsys):
     cfg = preset("tiny")
     full = tmp_path / "full"
     final = train(cfg, full)
@@ -40,19 +40,7 @@ def test_tiny_interrupt_resume_certify_sample(tmp_path, monkeypatch, capsys):
 
     # Interrupt a second run during step 13 (after the checkpoint at step 10), then resume.
     broken = tmp_path / "broken"
-    real_sample = tasks.sample_batch
-    calls = {"n": 0}
-
-    def crash_at_13(*args, **kwargs):
-        calls["n"] += 1
-        if calls["n"] == 13:
-            raise KeyboardInterrupt
-        return real_sample(*args, **kwargs)
-
-    monkeypatch.setattr(tasks, "sample_batch", crash_at_13)
-    with pytest.raises(KeyboardInterrupt):
-        train(cfg, broken)
-    monkeypatch.setattr(tasks, "sample_batch", real_sample)
+    train_interrupted(cfg, broken, tasks.TextTask, at=13)
     assert RunDir(broken).load_checkpoint()["step"] == 10
     metrics_before = (broken / "metrics.jsonl").read_text().splitlines()
     assert metrics_before, "an interrupted run keeps its metrics"
