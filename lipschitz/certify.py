@@ -36,7 +36,7 @@ from dataclasses import asdict, dataclass, field
 import torch
 from torch import Tensor, nn
 
-from lipschitz.linalg import rms_operator_norm, row_rms
+from lipschitz.linalg import head_spectral_norms, rms_operator_norm, row_rms
 from lipschitz.nn.layers import GELU_MAX_SLOPE, GELU_SCALE, MLP, Block, CausalSelfAttention, Linear
 from lipschitz.nn.models import BaselineMLP, LipschitzGPT, LipschitzMLP
 
@@ -115,8 +115,16 @@ def register_rule(*types: type) -> Callable[[Rule], Rule]:
     return deco
 
 
+def _own_rule(module: nn.Module, a: float, walk: _Walk, name: str) -> tuple[float, float]:
+    return module.certificate(a, walk, name)
+
+
 def _rule_for(module: nn.Module) -> Rule:
+    """The module's registered rule, or its own ``certificate(a, walk, name)`` method (a block
+    that owns its facts: lipschitz.nn.lookup.LookupAttention)."""
     rule = RULES.get(type(module))
+    if rule is None and callable(getattr(module, "certificate", None)):
+        return _own_rule
     if rule is None:
         raise TypeError(
             f"no certificate rule for {type(module).__name__}; register one with "
@@ -147,12 +155,6 @@ def _mlp_rule(m: MLP, a: float, walk: _Walk, name: str) -> tuple[float, float]:
     return n_out * n_in * slope / GELU_SCALE, n_out * n_in * a / GELU_SCALE
 
 
-def _head_norms(W: Tensor, n_head: int) -> list[float]:
-    """Spectral norms of the n_head row blocks (d_head × d) of W (d × d), in float64."""
-    blocks = W.detach().double().reshape(n_head, -1, W.shape[-1])  # (H, d_head, d)
-    return torch.linalg.matrix_norm(blocks, ord=2).tolist()
-
-
 @register_rule(CausalSelfAttention)
 def _attention_rule(
     m: CausalSelfAttention, a: float, walk: _Walk, name: str
@@ -163,10 +165,10 @@ def _attention_rule(
         hq = hk = [0.0] * H
         nq = nk = 0.0
     else:
-        hq, hk = _head_norms(m.q.weight, H), _head_norms(m.k.weight, H)
+        hq, hk = head_spectral_norms(m.q.weight, H), head_spectral_norms(m.k.weight, H)
         nq = walk.norm(f"{name}.q.weight", m.q.weight, head_spectral_norms=hq)
         nk = walk.norm(f"{name}.k.weight", m.k.weight, head_spectral_norms=hk)
-    hv = _head_norms(m.v.weight, H)
+    hv = head_spectral_norms(m.v.weight, H)
     nv = walk.norm(f"{name}.v.weight", m.v.weight, head_spectral_norms=hv)
     no = walk.norm(f"{name}.o.weight", m.o.weight)
     if walk.rule == "paper":  # paper App. B with its ×1/3, whatever the model's; valid for H = 1

@@ -63,6 +63,23 @@ class Config:
     attn_out_mult: float = 1 / 3
     pos_bias: bool = False  # a learned relative-position bias on the attention logits
     activation: str = "gelu"  # the MLP's: gelu (GELU/1.1289, the paper) | maxmin (GroupSort-2)
+    # Token mixer of the Lipschitz GPT: attention (the paper's, with attn_scale and pos_bias) |
+    # lookup (lipschitz.nn.lookup: a lag bias on every head, dynamic lags, q·k content heads, an
+    # optional value-0 sink; with mixer_budget each head's values are scaled so that it costs
+    # the certificate no more than a content-free head)
+    mixer: str = "attention"
+    content_heads: int = 0  # lookup: heads with q·k content logits (full-width d × d maps)
+    content_scale: float = 0.0  # lookup: s of the content logits s·(Qx)·(Kx')/d
+    qk_tied: bool = False  # lookup: K = Q in every content head (a similarity)
+    key_shift: bool = False  # lookup: keys from the previous token (a one-layer induction head)
+    lag_window: int = 0  # lookup: K, the lags each query reweights (0: no dynamic lags)
+    lag_gate: float = 0.0  # lookup: g of the dynamic-lag logits g·(M x)[lag]
+    attn_sink: bool = False  # lookup: a key with a learned logit and value 0
+    mixer_budget: bool = True  # lookup: scale each head's values by 1/(1 + its cost at the caps)
+    budget_ramp: float = 0.0  # lookup: fraction of the steps over which the budget rises from 0
+    # dataset "recall": multi-query associative recall, generated from the seed
+    recall_pairs: int = 16  # key-value pairs per sequence (the queries fill the rest)
+    recall_vocab: int = 64  # size of the key alphabet and of the (separate) value alphabet
     # Optimizer details
     head_w_max: float | None = None  # None: same as w_max
     head_lr: float | None = None  # the head's learning rate (None: lr)
@@ -176,12 +193,14 @@ def _check_choices(cfg: Config) -> None:
     """Names (model, dataset, optimizer, ...) are known ones and fit together."""
     from lipschitz.constraints import CONSTRAINTS
     from lipschitz.linalg import NS_COEFFICIENTS
+    from lipschitz.nn.build import MIXERS
     from lipschitz.nn.layers import ACTIVATIONS, RESIDUALS
     from lipschitz.schedules import SCHEDULES
 
     choices = {
         "model": ("lipschitz_gpt", "baseline_gpt", "lipschitz_mlp", "baseline_mlp"),
-        "dataset": ("shakespeare", "tokens", "cifar10", "mnist"),
+        "dataset": ("shakespeare", "tokens", "recall", "cifar10", "mnist"),
+        "mixer": tuple(MIXERS),
         "optimizer": ("muon", "adamw"),
         "constraint": tuple(CONSTRAINTS),
         "eval_protocol": ("full", "paper"),
@@ -200,10 +219,36 @@ def _check_choices(cfg: Config) -> None:
         raise ValueError(
             f"config: device must be auto, cpu, cuda, cuda:N or mps, got {cfg.device!r}"
         )
-    if cfg.model.endswith("_gpt") != (cfg.dataset in ("shakespeare", "tokens")):
+    if cfg.model.endswith("_gpt") != (cfg.dataset in ("shakespeare", "tokens", "recall")):
         raise ValueError(
             f"config: model {cfg.model!r} cannot train on dataset {cfg.dataset!r} "
-            "(GPT models: shakespeare, tokens; MLP models: cifar10, mnist)"
+            "(GPT models: shakespeare, tokens, recall; MLP models: cifar10, mnist)"
+        )
+    lookup_keys = {"content_heads": 0, "content_scale": 0.0, "qk_tied": False,
+                   "key_shift": False, "lag_window": 0, "lag_gate": 0.0,
+                   "attn_sink": False}  # fmt: skip
+    if cfg.mixer != "lookup" or cfg.model != "lipschitz_gpt":
+        for key, default in lookup_keys.items():
+            if getattr(cfg, key) != default:
+                raise ValueError(
+                    f"config: {key} belongs to mixer='lookup' of model 'lipschitz_gpt' "
+                    f"(got model={cfg.model!r}, mixer={cfg.mixer!r})"
+                )
+    if cfg.content_heads > cfg.n_head:
+        raise ValueError(
+            f"config: content_heads={cfg.content_heads} must be <= n_head={cfg.n_head}"
+        )
+    if cfg.lag_window > cfg.seq_len:
+        raise ValueError(f"config: lag_window={cfg.lag_window} must be <= seq_len={cfg.seq_len}")
+    if cfg.dataset == "recall" and not 2 * cfg.recall_pairs < cfg.seq_len:
+        raise ValueError(
+            f"config: dataset 'recall' needs seq_len > 2·recall_pairs (the pairs, then at least "
+            f"one query), got seq_len={cfg.seq_len}, recall_pairs={cfg.recall_pairs}"
+        )
+    if cfg.dataset == "recall" and cfg.recall_pairs > cfg.recall_vocab:
+        raise ValueError(
+            f"config: recall_pairs={cfg.recall_pairs} distinct keys need recall_vocab >= "
+            f"recall_pairs, got recall_vocab={cfg.recall_vocab}"
         )
     if cfg.dataset == "tokens" and not cfg.token_dir:
         raise ValueError(
@@ -217,14 +262,15 @@ def _check_ranges(cfg: Config) -> None:
     positive = ("steps", "batch_size", "seq_len", "d_model", "n_layer", "n_head", "grad_accum",
                 "eval_every", "checkpoint_every", "log_every", "w_max", "embed_w_max",
                 "attn_out_mult", "train_temperature", "head_w_max", "blocks_mass",
-                "residual_alpha")  # fmt: skip
+                "residual_alpha", "recall_pairs", "recall_vocab")  # fmt: skip
     for key in positive:
         value = getattr(cfg, key)
         if value is not None and not value > 0:
             raise ValueError(f"config: {key} must be > 0, got {value!r}")
     non_negative = ("lr", "weight_decay", "spectral_decay", "warmup_steps", "lr_floor",
                     "momentum_warmup_steps", "sample_tokens", "head_lr", "embed_lr",
-                    "vector_lr")  # fmt: skip
+                    "vector_lr", "lag_window", "lag_gate", "content_heads",
+                    "content_scale")  # fmt: skip
     for key in non_negative:
         value = getattr(cfg, key)
         if value is not None and not value >= 0:
@@ -240,6 +286,8 @@ def _check_ranges(cfg: Config) -> None:
         raise ValueError(f"config: val_tokens must be >= seq_len, got {cfg.val_tokens}")
     if not cfg.lr_floor <= 1:
         raise ValueError(f"config: lr_floor must be in [0, 1], got {cfg.lr_floor}")
+    if not 0 <= cfg.budget_ramp <= 1:
+        raise ValueError(f"config: budget_ramp must be in [0, 1], got {cfg.budget_ramp}")
     if not 0 < cfg.cooldown_frac <= 1:
         raise ValueError(f"config: cooldown_frac must be in (0, 1], got {cfg.cooldown_frac}")
     if cfg.schedule == "constant" and cfg.lr_floor != 0:

@@ -26,6 +26,7 @@ __all__ = [
     "NS_MAX_OUTPUT",
     "PowerIteration",
     "gram_polynomial",
+    "head_spectral_norms",
     "msign",
     "odd_polynomial",
     "power_iteration",
@@ -53,6 +54,13 @@ def rms_operator_norm(W: Tensor) -> Tensor:
     # on the CPU: float64 SVD is not available on every accelerator (e.g. Apple MPS)
     sigma = torch.linalg.matrix_norm(W.detach().to("cpu", torch.float64), ord=2)
     return sigma / rms_scale(W)
+
+
+def head_spectral_norms(W: Tensor, n_head: int) -> list[float]:
+    """Exact spectral norms (float64, not RMS units) of the ``n_head`` row blocks of W (out, in):
+    head h's rows of a query, key or value projection."""
+    blocks = W.detach().to("cpu", torch.float64).reshape(n_head, -1, W.shape[-1])  # (H, out/H, in)
+    return torch.linalg.matrix_norm(blocks, ord=2).tolist()
 
 
 # --------------------------------------------------------------------------------------------

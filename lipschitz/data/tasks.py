@@ -7,9 +7,10 @@ A task gives the training loop
 - ``probe()``: a fixed input for activation statistics;
 - ``n_outputs``, ``n_inputs``, ``tokens_per_example``, ``vocab`` (characters, or None), ``source``.
 
-Three tasks: next-character prediction on Tiny Shakespeare (:class:`TextTask`), next-token
-prediction on GPT-2 token shards (:class:`TokenTask`) and image classification
-(:class:`ImageTask`). The model never sees a task; the loop moves batches to the device.
+Four tasks: next-character prediction on Tiny Shakespeare (:class:`TextTask`), next-token
+prediction on GPT-2 token shards (:class:`TokenTask`), in-context associative recall
+(:class:`~lipschitz.data.recall.RecallTask`) and image classification (:class:`ImageTask`).
+The model never sees a task; the loop moves batches to the device.
 """
 
 from __future__ import annotations
@@ -26,6 +27,7 @@ from lipschitz.config import Config
 from lipschitz.data import shakespeare
 from lipschitz.data.images import IMAGE_SHAPES, N_CLASSES
 from lipschitz.data.images import LOADERS as IMAGE_LOADERS
+from lipschitz.data.recall import RecallTask
 from lipschitz.data.tokens import GPT2_VOCAB, TokenShards, gpt2_tokenizer, resolve_token_dir
 
 Batch = tuple[Tensor, Tensor]
@@ -167,7 +169,7 @@ class TokenTask:
         return self._windows(self.val, self.val_starts[:1])[0]  # (1, T)
 
 
-Task = TextTask | TokenTask | ImageTask
+Task = TextTask | TokenTask | ImageTask | RecallTask
 
 
 def model_sizes(cfg: Config, vocab: list[str] | None) -> tuple[int, int | None]:
@@ -179,6 +181,8 @@ def model_sizes(cfg: Config, vocab: list[str] | None) -> tuple[int, int | None]:
         return len(vocab), None
     if cfg.dataset == "tokens":
         return cfg.vocab_size or GPT2_VOCAB, None
+    if cfg.dataset == "recall":
+        return 2 * cfg.recall_vocab, None
     return N_CLASSES, math.prod(IMAGE_SHAPES[cfg.dataset])
 
 
@@ -186,6 +190,8 @@ def make_task(cfg: Config) -> Task:
     """The task of ``cfg.dataset``."""
     if cfg.dataset == "shakespeare":
         return TextTask(cfg)
+    if cfg.dataset == "recall":
+        return RecallTask(cfg.seq_len, cfg.recall_pairs, cfg.recall_vocab)
     return TokenTask(cfg) if cfg.dataset == "tokens" else ImageTask(cfg)
 
 
@@ -203,4 +209,4 @@ def text_codec(cfg: Config, vocab: list[str] | None, data_dir: str | None = None
             return enc.decode([i for i in ids if i < enc.n_vocab])  # padded vocabularies
 
         return partial(enc.encode, allowed_special="all"), decode
-    raise ValueError(f"a {cfg.dataset} run is a classifier: it has no text to sample")
+    raise ValueError(f"a {cfg.dataset} run has no text to sample")

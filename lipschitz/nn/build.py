@@ -2,16 +2,18 @@
 
 from __future__ import annotations
 
+import functools
 from typing import TYPE_CHECKING
 
 from torch import nn
 
+from lipschitz.nn.lookup import LookupAttention
 from lipschitz.nn.models import BaselineGPT, BaselineMLP, LipschitzGPT, LipschitzMLP
 
 if TYPE_CHECKING:
     from lipschitz.config import Config
 
-__all__ = ["MODELS", "build_model"]
+__all__ = ["MIXERS", "MODELS", "build_model"]
 
 MODELS = {
     "lipschitz_gpt": LipschitzGPT,
@@ -19,6 +21,31 @@ MODELS = {
     "lipschitz_mlp": LipschitzMLP,
     "baseline_mlp": BaselineMLP,
 }
+
+
+def _lookup(cfg: Config):
+    """Each block's LookupAttention, from the lookup keys of the config."""
+    return functools.partial(
+        LookupAttention,
+        cfg.d_model,
+        cfg.n_head,
+        cfg.seq_len,
+        content_heads=cfg.content_heads,
+        content_scale=cfg.content_scale,
+        qk_tied=cfg.qk_tied,
+        key_shift=cfg.key_shift,
+        lag_window=cfg.lag_window,
+        lag_gate=cfg.lag_gate,
+        sink=cfg.attn_sink,
+        budget_w_max=cfg.w_max if cfg.mixer_budget else None,
+        budget_input=cfg.embed_w_max,
+        out_mult=cfg.attn_out_mult,
+    )
+
+
+# token mixers of the Lipschitz GPT: name → (config → a function making one block's mixer), or
+# None for the attention that the model builds from attn_scale, attn_out_mult and pos_bias
+MIXERS = {"attention": None, "lookup": _lookup}
 
 
 def build_model(cfg: Config, n_outputs: int, n_inputs: int | None = None) -> nn.Module:
@@ -48,4 +75,6 @@ def build_model(cfg: Config, n_outputs: int, n_inputs: int | None = None) -> nn.
         kwargs["pos_bias"] = cfg.pos_bias
         kwargs["alpha"] = cfg.residual_alpha
         kwargs["activation"] = cfg.activation
+        make_mixer = MIXERS[cfg.mixer]
+        kwargs["mixer"] = make_mixer(cfg) if make_mixer else None
     return MODELS[cfg.model](**kwargs)

@@ -266,6 +266,9 @@ RESIDUALS = ("convex", "sum")
 class Block(nn.Module):
     """x ← β·x + γ·attn(x); x ← β·x + γ·mlp(x).
 
+    ``mixer``: the token mixer to use as ``attn`` (default: :class:`CausalSelfAttention` built
+    from the attention arguments).
+
     ``residual="convex"`` (the paper, §5.2): β = 1−α, γ = α, so the ∞RMS bound is kept.
     ``residual="sum"``: β = γ = 1, the plain x + f(x) that the paper's May-2025 code ran while
     its ``Mul`` module ignored its scalar (docs/results.md, "Where the paper's Shakespeare rows
@@ -284,6 +287,7 @@ class Block(nn.Module):
         attn_out_mult: float | None = None,
         pos_bias: bool = False,
         activation: str = "gelu",
+        mixer: nn.Module | None = None,
     ) -> None:
         super().__init__()
         if not 0 < alpha <= 1:
@@ -292,7 +296,9 @@ class Block(nn.Module):
             raise ValueError(f"residual must be one of {RESIDUALS}, got {residual!r}")
         self.alpha = float(alpha)
         self.residual = residual
-        self.attn = CausalSelfAttention(
+        # the token mixer: the paper's attention, or another module that maps (B, T, d) to
+        # (B, T, d) and brings its certificate rule (e.g. lipschitz.nn.lookup.LookupAttention)
+        self.attn = mixer or CausalSelfAttention(
             d_model, n_head, seq_len, attn_scale, zero_init_out, attn_out_mult, pos_bias
         )
         self.mlp = MLP(d_model, zero_init_out, activation)

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import itertools
 import math
+from collections.abc import Callable
 
 import torch
 import torch.nn.functional as F
@@ -75,6 +76,9 @@ class LipschitzGPT(nn.Module):
     → ×final_scale.
     ``activation`` is the MLPs' 1-Lipschitz activation: ``"gelu"`` (GELU/1.1289, the paper) or
     ``"maxmin"`` (norm-preserving MaxMin; docs/certificates.md).
+    ``mixer``: a function returning each block's token mixer (e.g.
+    ``functools.partial(LookupAttention, d_model, n_head, seq_len, ...)``) instead of the
+    attention that ``attn_scale``, ``attn_out_mult`` and ``pos_bias`` describe.
     With ``tie_head=True`` the head reuses ``embed.weight`` (then ``zero_init_head`` is ignored);
     the certificate then measures that one matrix twice: as the embedding (max row RMS) and as
     the head (RMS→RMS norm).
@@ -98,6 +102,7 @@ class LipschitzGPT(nn.Module):
         pos_bias: bool = False,
         alpha: float | None = None,
         activation: str = "gelu",
+        mixer: Callable[[], nn.Module] | None = None,
     ) -> None:
         super().__init__()
         _check_sizes(vocab_size=vocab_size, d_model=d_model, n_layer=n_layer, n_head=n_head)
@@ -120,7 +125,9 @@ class LipschitzGPT(nn.Module):
             activation,
         )
         self.embed = Embedding(vocab_size, d_model)
-        self.blocks = nn.ModuleList(Block(*block_args) for _ in range(n_layer))
+        self.blocks = nn.ModuleList(
+            Block(*block_args, mixer=mixer() if mixer else None) for _ in range(n_layer)
+        )
         self.head = Linear(d_model, vocab_size, zero_init=zero_init_head and not tie_head)
         if tie_head:
             self.head.weight = self.embed.weight  # (V, d): one parameter, two roles

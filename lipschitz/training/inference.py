@@ -12,6 +12,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from lipschitz.config import Config
+from lipschitz.data.recall import IGNORE
 from lipschitz.data.tasks import model_sizes, text_codec
 from lipschitz.nn import build_model
 from lipschitz.training.rundir import RunDir, first_line
@@ -22,7 +23,8 @@ from lipschitz.training.runtime import autocast, rank_and_world
 def score(
     model: nn.Module, batches: Iterable, device: torch.device, temperature: float = 1.0
 ) -> dict[str, float]:
-    """Mean cross-entropy and accuracy over every target of the (x, y) batches.
+    """Mean cross-entropy and accuracy over every target of the (x, y) batches (targets equal
+    to ``IGNORE``, -100, are skipped).
 
     With ``temperature`` τ ≠ 1 (a run's train_temperature) also ``val_loss_at_train_temperature``,
     the cross-entropy of softmax(τ·logits): the probabilities the run was trained to give.
@@ -39,8 +41,9 @@ def score(
         y = y.flatten()
         total_loss += F.cross_entropy(logits, y, reduction="sum").item()
         tempered_loss += F.cross_entropy(logits * temperature, y, reduction="sum").item()
-        correct += (logits.argmax(-1) == y).sum().item()
-        count += y.numel()
+        scored = y != IGNORE  # a recall run scores its queries only
+        correct += ((logits.argmax(-1) == y) & scored).sum().item()
+        count += scored.sum().item()
     model.train(was_training)
     if rank_and_world()[1] > 1:
         sums = [total_loss, tempered_loss, correct, count]
