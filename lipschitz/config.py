@@ -26,6 +26,11 @@ MAX_PARAMETERS = 10**11
 MAX_TOKENS_PER_STEP = 10**9
 
 
+# The keys only mixer="lookup" reads, at their defaults (any other mixer refuses other values).
+LOOKUP_DEFAULTS = {"content_heads": 0, "content_scale": 0.0, "qk_tied": False, "key_shift": False,
+                   "lag_window": 0, "lag_gate": 0.0, "attn_sink": False}  # fmt: skip
+
+
 @dataclass
 class Config:
     # What to train
@@ -76,7 +81,6 @@ class Config:
     lag_gate: float = 0.0  # lookup: g of the dynamic-lag logits g·(M x)[lag]
     attn_sink: bool = False  # lookup: a key with a learned logit and value 0
     mixer_budget: bool = True  # lookup: scale each head's values by 1/(1 + its cost at the caps)
-    budget_ramp: float = 0.0  # lookup: fraction of the steps over which the budget rises from 0
     # dataset "recall": multi-query associative recall, generated from the seed
     recall_pairs: int = 16  # key-value pairs per sequence (the queries fill the rest)
     recall_vocab: int = 64  # size of the key alphabet and of the (separate) value alphabet
@@ -224,11 +228,8 @@ def _check_choices(cfg: Config) -> None:
             f"config: model {cfg.model!r} cannot train on dataset {cfg.dataset!r} "
             "(GPT models: shakespeare, tokens, recall; MLP models: cifar10, mnist)"
         )
-    lookup_keys = {"content_heads": 0, "content_scale": 0.0, "qk_tied": False,
-                   "key_shift": False, "lag_window": 0, "lag_gate": 0.0,
-                   "attn_sink": False}  # fmt: skip
     if cfg.mixer != "lookup" or cfg.model != "lipschitz_gpt":
-        for key, default in lookup_keys.items():
+        for key, default in LOOKUP_DEFAULTS.items():
             if getattr(cfg, key) != default:
                 raise ValueError(
                     f"config: {key} belongs to mixer='lookup' of model 'lipschitz_gpt' "
@@ -286,8 +287,6 @@ def _check_ranges(cfg: Config) -> None:
         raise ValueError(f"config: val_tokens must be >= seq_len, got {cfg.val_tokens}")
     if not cfg.lr_floor <= 1:
         raise ValueError(f"config: lr_floor must be in [0, 1], got {cfg.lr_floor}")
-    if not 0 <= cfg.budget_ramp <= 1:
-        raise ValueError(f"config: budget_ramp must be in [0, 1], got {cfg.budget_ramp}")
     if not 0 < cfg.cooldown_frac <= 1:
         raise ValueError(f"config: cooldown_frac must be in (0, 1], got {cfg.cooldown_frac}")
     if cfg.schedule == "constant" and cfg.lr_floor != 0:

@@ -28,7 +28,7 @@ import torch.nn.functional as F
 from torch.autograd.profiler import record_function
 
 from lipschitz.benchmarks import write_results
-from lipschitz.config import apply_overrides
+from lipschitz.config import LOOKUP_DEFAULTS, apply_overrides
 from lipschitz.nn import build_model
 from lipschitz.optim import build_optimizers
 from lipschitz.presets import preset
@@ -51,6 +51,8 @@ def setups(name: str, overrides: list[str]) -> dict:
             constraint="none",
             lr=3e-3,
             attn_scale=1.0,
+            mixer="attention",
+            **LOOKUP_DEFAULTS,
         ),
     }
 

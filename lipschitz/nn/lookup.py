@@ -53,7 +53,7 @@ from torch import Tensor, nn
 from lipschitz.linalg import head_spectral_norms
 from lipschitz.nn.layers import Linear, RelativePositionBias
 
-__all__ = ["LookupAttention", "content_off", "has_content", "set_budget_strength"]
+__all__ = ["LookupAttention", "content_off", "has_content"]
 
 
 class LookupAttention(nn.Module):
@@ -109,7 +109,9 @@ class LookupAttention(nn.Module):
             self.out_mult = float(out_mult)
         self.v = Linear(d_model, d_model)
         self.o = Linear(d_model, d_model, zero_init=zero_init_out)
-        self.pos_bias = RelativePositionBias(n_head, seq_len)
+        self.pos_bias = RelativePositionBias(n_head, seq_len)  # lag heads: the lag ladder
+        with torch.no_grad():
+            self.pos_bias.bias[:content_heads] = 0.0  # content heads start reading by content
         # M (H·K × d), zero at the start: the model starts from lag attention
         self.lags = Linear(d_model, n_head * lag_window, zero_init=True) if lag_window else None
         self.q = nn.ModuleList(Linear(d_model, d_model) for _ in range(content_heads))
@@ -120,9 +122,6 @@ class LookupAttention(nn.Module):
         )
         self.sink = nn.Parameter(torch.zeros(n_head)) if sink else None  # z: the sink's logit
         self.content_enabled = True  # False: dynamic lags and content read as 0 (content_off)
-        # p in n_h = (1 + t_h⁰)^(−p): 1 is the full budget; a run may ramp it up from 0
-        # (set_budget_strength), so the content heads learn before they pay for it
-        self.register_buffer("budget_strength", torch.ones((), dtype=torch.float64))
 
     def keys(self) -> nn.ModuleList:
         return self.q if self.k is None else self.k
@@ -132,54 +131,69 @@ class LookupAttention(nn.Module):
         return [self.v, *self.q, *(self.k or []), *([self.lags] if self.lags else [])]
 
     def head_scales(self) -> Tensor:
-        """(H,) n_h = (1 + t_h⁰)^(−p), t_h⁰ at the caps and budget_input, p the budget's
-        strength (1 unless a run ramps it; module docstring)."""
+        """(H,) n_h = 1/(1 + t_h⁰), t_h⁰ at the caps and budget_input (module docstring)."""
         t = torch.zeros(self.n_head, dtype=torch.float64)
         if self.budget_w_max is not None:
             w, a, H = self.budget_w_max, self.budget_input, self.n_head
             if self.lags is not None:  # √d·a·g·r_h with r_h ≤ σ_max(M) = √(H·K/d)·w
                 t += math.sqrt(H * self.lag_window) * a * self.lag_gate * w
             t[: self.content_heads] += 2 * a * a * self.content_scale * w * w
-        return (1 + t) ** -self.budget_strength.cpu()
+        return 1 / (1 + t)
 
-    def logits(self, x: Tensor) -> Tensor:
-        """(B, H, T, T) attention logits, −inf above the diagonal. x: (B, T, d)."""
+    def logits(self, x: Tensor) -> tuple[Tensor, Tensor]:
+        """Attention logits (−inf above the diagonal), split by whether they depend on the
+        input: (B, n, T, T) for the first n heads (the content heads; every head when dynamic
+        lags are on) and (H − n, T, T) for the lag heads, the same for every sequence."""
         B, T, d = x.shape
         H, K, n_c = self.n_head, self.lag_window, self.content_heads
-        out = self.pos_bias(T).to(x.dtype).expand(B, H, T, T)  # b[h, i − j]
+        bias = self.pos_bias(T).to(x.dtype)  # (H, T, T): b[h, i − j]
         if not self.content_enabled:
-            return out
+            return bias[:0].expand(B, 0, T, T), bias
         if self.lags is not None:
             m = self.lags(x).view(B, T, H, K).transpose(1, 2)  # (B, H, T, K): (M x_i)[h, Δ]
             t = torch.arange(T, device=x.device)
             lag = t[:, None] - t[None, :]  # (T, T): i − j
             inside = (lag >= 0) & (lag < K)
             index = lag.clamp(0, K - 1).expand(B, H, T, T)
-            out = out + self.lag_gate * m.gather(-1, index) * inside
+            dependent = bias + self.lag_gate * m.gather(-1, index) * inside  # (B, H, T, T)
+            n = H
+        else:
+            dependent, n = bias[:n_c].expand(B, n_c, T, T), n_c
         if n_c:
             x_k = F.pad(x, (0, 0, 1, 0))[:, :T] if self.key_shift else x  # (B, T, d)
             q = torch.stack([lin(x) for lin in self.q], dim=1)  # (B, n_c, T, d)
             k = torch.stack([lin(x_k) for lin in self.keys()], dim=1)
             content = (self.content_scale / d) * (q @ k.transpose(-2, -1))  # (B, n_c, T, T)
-            out = torch.cat([out[:, :n_c] + content, out[:, n_c:]], dim=1)
-        return out
+            dependent = torch.cat([dependent[:, :n_c] + content, dependent[:, n_c:]], dim=1)
+        return dependent, bias[n:]
+
+    def _softmax(self, logits: Tensor, heads: slice) -> Tensor:
+        """Attention weights over the keys, and over the sink (then dropped) if there is one."""
+        if self.sink is None:
+            return torch.softmax(logits, dim=-1)
+        T = logits.shape[-1]
+        sink = self.sink[heads].to(logits.dtype)[:, None, None].expand(*logits.shape[:-1], 1)
+        return torch.softmax(torch.cat([logits, sink], dim=-1), dim=-1)[..., :T]
 
     def forward(self, x: Tensor, stats: dict | None = None) -> Tensor:
         B, T, C = x.shape  # (batch, tokens, d_model)
         if T > self.seq_len:
             raise ValueError(f"sequence of {T} tokens exceeds seq_len={self.seq_len}")
         H, dh = self.n_head, self.d_head
-        logits = self.logits(x)  # (B, H, T, T)
+        dependent, shared = self.logits(x)  # (B, n, T, T), (H − n, T, T)
+        n = dependent.shape[1]
         if stats is not None:
-            stats["max_logit"] = logits.detach().amax()
-        if self.sink is not None:  # one more key, logit z_h, value 0
-            sink = self.sink.to(x.dtype)[None, :, None, None].expand(B, H, T, 1)
-            attn = torch.softmax(torch.cat([logits, sink], dim=-1), dim=-1)[..., :T]
-        else:
-            attn = torch.softmax(logits, dim=-1)  # (B, H, T, T)
+            stats["max_logit"] = torch.cat(
+                [dependent.detach().flatten(), shared.detach().flatten()]
+            ).amax()
         v = self.v(x).view(B, T, H, dh).transpose(1, 2)  # (B, H, T, dh)
         v = v * self.head_scales().to(v)[:, None, None]  # each head within its budget
-        y = (attn @ v).transpose(1, 2).reshape(B, T, C)  # (B, T, d)
+        y_dep = self._softmax(dependent, slice(0, n)) @ v[:, :n]  # (B, n, T, dh)
+        # lag heads: one (T × T)·(T × B·dh) product per head, the batch in the columns
+        v_shared = v[:, n:].permute(1, 2, 0, 3).reshape(H - n, T, B * dh)
+        y_shared = self._softmax(shared, slice(n, H)) @ v_shared  # (H − n, T, B·dh)
+        y_shared = y_shared.view(H - n, T, B, dh).permute(2, 0, 1, 3)  # (B, H − n, T, dh)
+        y = torch.cat([y_dep, y_shared], dim=1).transpose(1, 2).reshape(B, T, C)  # (B, T, d)
         return self.o(y * self.out_mult)
 
     def certificate(self, a: float, walk, name: str) -> tuple[float, float]:
@@ -240,12 +254,3 @@ def has_content(model: nn.Module) -> bool:
         isinstance(m, LookupAttention) and (m.lags is not None or m.content_heads > 0)
         for m in model.modules()
     )
-
-
-def set_budget_strength(model: nn.Module, strength: float) -> None:
-    """Set p ∈ [0, 1] of every LookupAttention's budget n_h = (1 + t_h⁰)^(−p) (1: full)."""
-    if not 0 <= strength <= 1:
-        raise ValueError(f"budget strength must be in [0, 1], got {strength!r}")
-    for m in model.modules():
-        if isinstance(m, LookupAttention):
-            m.budget_strength.fill_(strength)

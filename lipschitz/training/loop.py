@@ -41,7 +41,7 @@ from lipschitz.certify import certify
 from lipschitz.config import Config
 from lipschitz.data.tasks import TextTask, make_task
 from lipschitz.nn import BaselineGPT, LipschitzGPT, activation_stats, build_model
-from lipschitz.nn.lookup import content_off, has_content, set_budget_strength
+from lipschitz.nn.lookup import content_off, has_content
 from lipschitz.optim import (
     build_optimizers,
     constraint_violations,
@@ -169,8 +169,6 @@ class Trainer:
         self.task = make_task(cfg)
         torch.manual_seed(cfg.seed)
         self.model = build_model(cfg, self.task.n_outputs, self.task.n_inputs).to(self.device)
-        if cfg.budget_ramp > 0:  # lookup heads start without their budget (restore loads it)
-            set_budget_strength(self.model, 0.0)
         self.optimizers = build_optimizers(cfg, self.model)
         start_inside_constraints(self.optimizers)
         if self.world > 1:
@@ -287,8 +285,6 @@ class Trainer:
         for sched in self.schedulers:
             sched.step()
         state.step += 1
-        if cfg.budget_ramp > 0:  # the lookup heads' budget rises to full over the ramp
-            set_budget_strength(self.model, min(1.0, state.step / (cfg.budget_ramp * cfg.steps)))
         if self.device.type == "cuda":
             torch.cuda.synchronize(self.device)  # count this step's GPU work in this step
         state.train_time_s += time.time() - t0
