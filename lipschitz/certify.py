@@ -37,7 +37,15 @@ import torch
 from torch import Tensor, nn
 
 from lipschitz.linalg import head_spectral_norms, rms_operator_norm, row_rms
-from lipschitz.nn.layers import GELU_MAX_SLOPE, GELU_SCALE, MLP, Block, CausalSelfAttention, Linear
+from lipschitz.nn.layers import (
+    GELU_MAX_SLOPE,
+    GELU_SCALE,
+    MLP,
+    RESIDUALS,
+    Block,
+    CausalSelfAttention,
+    Linear,
+)
 from lipschitz.nn.models import BaselineMLP, LipschitzGPT, LipschitzMLP
 
 __all__ = [
@@ -234,6 +242,7 @@ def certify(
     """
     if rule not in RULE_SETS:
         raise ValueError(f"rule must be one of {RULE_SETS}, got {rule!r}")
+    _check_certifiable(model)
     walk = _Walk(rule)
     if type(model) is LipschitzGPT:
         inputs = inputs or "tokens"
@@ -262,6 +271,37 @@ def certify(
         f"no certificate for {type(model).__name__}: supported models are LipschitzGPT, "
         "LipschitzMLP and BaselineMLP (a LayerNorm model has no useful global bound)"
     )
+
+
+def _check_certifiable(model: nn.Module) -> None:
+    """Refuse what would make the rules bound another function than the one that runs: a
+    forward hook or pre-hook on any module (it may change what the module computes), a
+    non-finite parameter or buffer, and constants set after construction to values the
+    constructors refuse (a residual weight α = 1.5 makes β negative)."""
+    for name, m in model.named_modules():
+        where = f"module {name or '(the model)'!r} ({type(m).__name__})"
+        if m._forward_hooks or m._forward_pre_hooks:
+            raise ValueError(
+                f"certify: {where} has a forward hook; a hook can change what the module "
+                "computes, so its rule would not bound the model: remove the hook first"
+            )
+        for key in ("alpha", "out_mult", "attn_scale", "final_scale", "content_scale", "lag_gate"):
+            value = getattr(m, key, None)
+            if isinstance(value, int | float) and not (math.isfinite(value) and value >= 0):
+                raise ValueError(f"certify: {where} has {key} = {value!r}; it must be finite, >= 0")
+        if isinstance(m, Block) and not (0 < m.alpha <= 1 and m.residual in RESIDUALS):
+            raise ValueError(
+                f"certify: {where} has alpha = {m.alpha!r}, residual = {m.residual!r}; the rule "
+                f"needs alpha in (0, 1] and residual in {RESIDUALS}"
+            )
+    if torch.nn.modules.module._global_forward_hooks or (
+        torch.nn.modules.module._global_forward_pre_hooks
+    ):
+        raise ValueError("certify: a global forward hook is registered; remove it first")
+    for kind, items in (("parameter", model.named_parameters()), ("buffer", model.named_buffers())):
+        for name, t in items:
+            if t.is_floating_point() and not bool(torch.isfinite(t).all()):
+                raise ValueError(f"certify: {kind} {name!r} holds a non-finite value (inf or NaN)")
 
 
 # --------------------------------------------------------------------------------------------

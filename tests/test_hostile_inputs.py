@@ -236,3 +236,120 @@ def test_robust_accuracy_is_the_renamed_evaluate_and_pgd_takes_zero_steps():
     assert result["eps"][0]["pgd_acc"] == result["clean_acc"]
     with pytest.raises(ValueError, match="robustness: n"):
         robustness.robust_accuracy(model, x[:0], y[:0], 10.0, eps_list=(0.1,))
+
+
+# --------------------------------------------------------------------------------------------
+# certify: what it bounds must be what runs
+
+
+def _recall_cfg(steps: int):
+    from lipschitz.presets import preset
+
+    return apply_overrides(preset("tiny"), ["dataset=recall", "seq_len=16", "recall_pairs=4",
+                                            "recall_vocab=8", f"steps={steps}", "eval_every=2",
+                                            "checkpoint_every=2", "sample_tokens=0"])  # fmt: skip
+
+
+def _small_gpt(**kwargs):
+    from lipschitz.nn import LipschitzGPT
+
+    torch.manual_seed(0)
+    return LipschitzGPT(vocab_size=7, d_model=8, n_layer=1, n_head=2, seq_len=4,
+                        zero_init_out=False, zero_init_head=False, **kwargs)  # fmt: skip
+
+
+def test_certify_refuses_a_forward_hook_on_any_module():
+    from lipschitz.certify import certify
+
+    model = _small_gpt()
+    before = certify(model).lipschitz
+    handle = model.blocks[0].mlp.register_forward_hook(lambda m, args, out: out * 1000)
+    with pytest.raises(ValueError, match=r"'blocks.0.mlp' \(MLP\) has a forward hook"):
+        certify(model)
+    handle.remove()
+    handle = model.blocks[0].attn.register_forward_pre_hook(lambda m, args: (args[0] * 10,))
+    with pytest.raises(ValueError, match=r"blocks\.0\.attn"):
+        certify(model)
+    handle.remove()
+    handle = torch.nn.modules.module.register_module_forward_hook(lambda m, a, out: out)
+    try:
+        with pytest.raises(ValueError, match="global forward hook"):
+            certify(model)
+    finally:
+        handle.remove()
+    assert certify(model).lipschitz == before
+
+
+@pytest.mark.parametrize(
+    ("where", "key", "value"),
+    [("blocks.0", "alpha", 1.5), ("blocks.0", "alpha", 0.0), ("blocks.0.attn", "out_mult", -1.0),
+     ("blocks.0.attn", "attn_scale", float("nan")), ("", "final_scale", float("inf"))],
+)  # fmt: skip
+def test_certify_revalidates_constants_set_after_construction(where, key, value):
+    from lipschitz.certify import certify
+
+    model = _small_gpt()
+    setattr(model.get_submodule(where), key, value)
+    with pytest.raises(ValueError, match=key):
+        certify(model)
+
+
+def test_certify_refuses_non_finite_parameters():
+    from lipschitz.certify import certify
+
+    model = _small_gpt(pos_bias=True, attn_scale=0.0)
+    with torch.no_grad():
+        model.blocks[0].attn.pos_bias.bias[0, 1] = float("inf")
+    with pytest.raises(ValueError, match=r"'blocks.0.attn.pos_bias.bias' holds a non-finite"):
+        certify(model)
+
+
+def test_cli_certify_json_never_puts_the_papers_formula_under_a_bound_key(tmp_path, capsys):
+    """--rule paper prints the paper's formula as paper_formula_not_a_bound, never as
+    lipschitz_bound or lipschitz (a JSON reader takes those for the certified bound)."""
+    from lipschitz.cli import main
+    from lipschitz.training import train
+
+    train(_recall_cfg(2), tmp_path / "run")
+    capsys.readouterr()
+    main(["certify", str(tmp_path / "run"), "--json", "--rule", "paper"])
+    paper = json.loads(capsys.readouterr().out)
+    assert "lipschitz_bound" not in paper and "lipschitz" not in paper
+    assert paper["rule"] == "paper" and paper["paper_formula_not_a_bound"] > 0
+    main(["certify", str(tmp_path / "run"), "--json"])
+    certified = json.loads(capsys.readouterr().out)
+    assert certified["lipschitz_bound"] == certified["lipschitz"] > 0
+
+
+# --------------------------------------------------------------------------------------------
+# crafted checkpoints: every field of a resumed state is checked, whatever its format
+
+
+@pytest.mark.parametrize(
+    ("change", "words"),
+    [(dict(step=60), "step 60 is not an int in [0, steps=4]"),
+     (dict(step=-10), "step -10"), (dict(step="abc"), "step 'abc'"), (dict(step=2.0), "step 2.0"),
+     (dict(elapsed_s=float("nan")), "elapsed_s nan"), ("nan weight", "non-finite")],
+)  # fmt: skip
+def test_a_crafted_checkpoint_is_refused_in_one_line_naming_the_field(
+    tmp_path, train_interrupted, change, words
+):
+    """The bare (first-format) state carries no digest, so a crafted one must still pass a
+    check of every field: a 60-step state over a 4-step run's checkpoint, steps below 0 or not
+    ints, non-finite times and weights."""
+    from lipschitz.data.recall import RecallTask
+    from lipschitz.training import train
+    from lipschitz.training.rundir import RunDir
+
+    cfg = _recall_cfg(4)
+    train_interrupted(cfg, tmp_path / "run", RecallTask, at=3)  # after the step-2 checkpoint
+    run = RunDir(tmp_path / "run")
+    state = run.load_checkpoint()
+    if change == "nan weight":
+        state["model"]["head.weight"][0, 0] = float("nan")
+    else:
+        state.update(change)
+    torch.save(state, run / run.CHECKPOINT)  # the bare state: the first checkpoint format
+    with pytest.raises(ValueError, match="does not fit this run") as err:
+        train(cfg, tmp_path / "run", resume=True)
+    assert words in str(err.value) and "checkpoint.pt" in str(err.value)

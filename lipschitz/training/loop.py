@@ -209,6 +209,18 @@ class Trainer:
             run.keep_metrics_until(self.state.step)  # later lines are redone
 
     def _load_state(self, saved: dict) -> None:
+        if not isinstance(saved, dict):
+            raise TypeError("the saved state is not a dict")
+        step = saved["step"]
+        if type(step) is not int or not 0 <= step <= self.cfg.steps:
+            raise ValueError(f"its step {step!r} is not an int in [0, steps={self.cfg.steps}]")
+        for key in ("elapsed_s", "train_time_s"):
+            value = saved[key]
+            if not (isinstance(value, int | float) and math.isfinite(value) and value >= 0):
+                raise ValueError(f"its {key} {value!r} is not a finite time >= 0")
+        for name, t in saved["model"].items():
+            if torch.is_tensor(t) and t.is_floating_point() and not bool(torch.isfinite(t).all()):
+                raise ValueError(f"its weight {name!r} holds a non-finite value")
         self.model.load_state_dict(saved["model"])
         for opt, s in zip(self.optimizers, saved["optimizers"], strict=True):
             opt.load_state_dict(s)
