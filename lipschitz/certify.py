@@ -467,6 +467,8 @@ def main(argv: list[str] | None = None) -> None:
     args = parser.parse_args(argv)
     if not args.table:
         parser.error("nothing to do: pass --table")
+    if not all(math.isfinite(x) and x > 0 for x in args.sigmas):
+        parser.error(f"--sigmas must be finite and > 0, got {args.sigmas}")
     print("| σ | paper's rule (App. B) | certified (`certify(model)`) |")
     print("|---|---|---|")
     for row in certificate_table(tuple(args.sigmas)):

@@ -186,7 +186,7 @@ def _run_commands(commands) -> None:
     p.add_argument("--temperature", type=float, default=0.8,
                    help="sampling temperature of the run's trained probabilities "
                    "softmax(train_temperature·logits); 0: greedy")  # fmt: skip
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--seed", type=_seed, default=0)
     p.add_argument("--data-dir", default=None, help="where gpt2_bpe/ is (GPT-2 token runs)")
     p.set_defaults(func=cmd_sample)
 
@@ -246,6 +246,14 @@ def _tool_commands(commands) -> None:
     p.add_argument("name", choices=["projections", "throughput", "profile"])
     p.add_argument("args", nargs=argparse.REMAINDER, help="options for the benchmark")
     p.set_defaults(func=cmd_bench)
+
+
+def _seed(text: str) -> int:
+    """argparse type of --seed: an int that torch's generator takes."""
+    seed = int(text)
+    if not 0 <= seed < 2**63:
+        raise argparse.ArgumentTypeError(f"must be in [0, 2**63), got {seed}")
+    return seed
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -24,6 +24,7 @@ DEVICE_PATTERN = re.compile(r"auto|cpu|mps|cuda(:[0-9]+)?")
 # before the model's allocation fails (or swaps the machine to a halt).
 MAX_PARAMETERS = 10**11
 MAX_TOKENS_PER_STEP = 10**9
+MAX_FLOAT = 1e8  # no float setting means anything beyond this (w_max, lr, scales, ...)
 
 
 # The keys only mixer="lookup" reads, at their defaults (any other mixer refuses other values).
@@ -184,13 +185,18 @@ def _check_types(cfg: Config) -> None:
 
 
 def _check_finite(cfg: Config) -> None:
-    """Every float is finite. No key gives infinity a meaning (an unbounded model is
-    constraint=none), and an inf or NaN lr, w_max, ... trains to NaN or certifies nothing."""
+    """Every float is finite and at most MAX_FLOAT in size. No key gives infinity a meaning (an
+    unbounded model is constraint=none), an inf or NaN lr, w_max, ... trains to NaN or certifies
+    nothing, and a w_max of 1e300 overflows float32 weights. The seed fits torch's generator."""
     for f in fields(cfg):
         value = getattr(cfg, f.name)
         values = value if isinstance(value, tuple) else (value,)
         if any(isinstance(v, float) and not math.isfinite(v) for v in values):
             raise ValueError(f"config: {f.name} must be finite, got {value!r}")
+        if any(isinstance(v, float) and abs(v) > MAX_FLOAT for v in values):
+            raise ValueError(f"config: {f.name}={value!r} is beyond the supported {MAX_FLOAT:g}")
+    if not 0 <= cfg.seed < 2**63:
+        raise ValueError(f"config: seed must be in [0, 2**63), got {cfg.seed}")
 
 
 def _check_choices(cfg: Config) -> None:

@@ -43,6 +43,49 @@ def test_config_rejects_non_finite_floats_naming_the_key(assignment):
 
 
 @pytest.mark.parametrize(
+    "assignment",
+    ["w_max=1e300", "lr=-1e300", "head_w_max=1e9", "content_scale=1e20", "train_temperature=1e40",
+     "seed=1180591620717411303424", "seed=-1"],
+)  # fmt: skip
+def test_config_rejects_extreme_numbers_naming_the_key(assignment):
+    key = assignment.split("=")[0]
+    with pytest.raises(ValueError, match=rf"config: {key}"):
+        apply_overrides(Config(mixer="lookup"), [assignment])
+
+
+@pytest.mark.parametrize(
+    ("argv", "words"),
+    [(["sample", "RUN", "--seed", str(2**70)], "argument --seed: must be in [0, 2**63)"),
+     (["train", "tiny", "--out", "RUN", "--set", "seed=" + str(2**70)], "config: seed")],
+)  # fmt: skip
+def test_cli_refuses_a_seed_torch_cannot_take_in_one_line(argv, words, tmp_path, capsys):
+    from lipschitz.cli import main
+
+    argv = [str(tmp_path / "run") if a == "RUN" else a for a in argv]
+    with pytest.raises(SystemExit) as done:
+        main(argv)
+    assert done.value.code == 2 and words in capsys.readouterr().err
+
+
+def test_certify_table_refuses_non_finite_or_negative_sigmas(capsys):
+    from lipschitz.certify import main
+
+    with pytest.raises(SystemExit) as done:
+        main(["--table", "--sigmas", "nan", "-1"])
+    assert done.value.code == 2 and "--sigmas must be finite and > 0" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("name", ["WORLD_SIZE", "LOCAL_RANK"])
+def test_a_bad_torchrun_variable_is_named(name, monkeypatch):
+    from lipschitz.training.runtime import init_distributed
+
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    monkeypatch.setenv(name, "abc")
+    with pytest.raises(ValueError, match=f"environment variable {name}='abc' is not an integer"):
+        init_distributed("cuda")
+
+
+@pytest.mark.parametrize(
     ("assignments", "key"),
     [(["d_model=1000000000"], "d_model"), (["n_layer=100000000", "d_model=4096"], "n_layer"),
      (["batch_size=1000000000000"], "batch_size"), (["seq_len=10000000000"], "seq_len")],

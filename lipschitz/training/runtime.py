@@ -46,10 +46,21 @@ def rank_and_world() -> tuple[int, int]:
     return 0, 1
 
 
+def _env_int(name: str, default: int) -> int:
+    """An integer environment variable (torchrun's WORLD_SIZE, LOCAL_RANK), named if bad."""
+    text = os.environ.get(name)
+    if text is None:
+        return default
+    try:
+        return int(text)
+    except ValueError:
+        raise ValueError(f"environment variable {name}={text!r} is not an integer") from None
+
+
 def init_distributed(device: str) -> bool:
     """Join torchrun's process group (NCCL on CUDA, else gloo) if WORLD_SIZE > 1 and it is not
     joined yet; returns whether it was started here (and must be destroyed by the caller)."""
-    if int(os.environ.get("WORLD_SIZE", "1")) <= 1 or dist.is_initialized():
+    if _env_int("WORLD_SIZE", 1) <= 1 or dist.is_initialized():
         return False
     # Imported after the group exists (the first optimizer imports it), torch._dynamo keeps a
     # reference to the group, so destroy_process_group cannot free it: gloo's threads then die
@@ -58,7 +69,7 @@ def init_distributed(device: str) -> bool:
 
     cuda = device.startswith("cuda") or (device == "auto" and torch.cuda.is_available())
     if cuda:
-        torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
+        torch.cuda.set_device(_env_int("LOCAL_RANK", 0))
     dist.init_process_group("nccl" if cuda else "gloo")
     return True
 
