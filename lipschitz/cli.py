@@ -37,6 +37,7 @@ def cmd_train(args: argparse.Namespace) -> None:
     from lipschitz.config import apply_overrides
     from lipschitz.presets import preset
     from lipschitz.training import RunDir, sample_text, train
+    from lipschitz.training.runtime import env_int
 
     if args.resume and args.set:
         raise ValueError("--resume continues the saved config exactly; drop --set")
@@ -44,7 +45,7 @@ def cmd_train(args: argparse.Namespace) -> None:
     if args.data_dir is not None:
         cfg = apply_overrides(cfg, [f"data_dir={args.data_dir}"])
     final = train(cfg, args.out, resume=args.resume)
-    if int(os.environ.get("RANK", "0")) != 0:  # under torchrun, rank 0 reports
+    if env_int("RANK", 0) != 0:  # under torchrun, rank 0 reports
         return
     cfg = RunDir(args.out).config()  # the saved one, on resume
     bound = final["lipschitz_bound"]
@@ -173,7 +174,7 @@ def _run_commands(commands) -> None:
     """train, sample, certify, robustness: the commands on one run directory."""
     p = commands.add_parser("train", help="train a preset into a run directory")
     p.add_argument("preset", help="a preset name (see `lipschitz presets`)")
-    p.add_argument("--out", required=True, help="run directory")
+    p.add_argument("--out", required=True, type=_path, help="run directory")
     p.add_argument("--set", action="append", metavar="KEY=VALUE", help="override a config key")
     p.add_argument("--data-dir", default=None, help="folder laid out like shared/data")
     p.add_argument("--resume", action="store_true", help="continue the run in --out exactly")
@@ -214,7 +215,9 @@ def _tool_commands(commands) -> None:
     """prepare, sweep, plot, presets, bench: data, grids of runs, figures, benchmarks."""
     p = commands.add_parser("prepare", help="tokenize text files into token shards")
     p.add_argument("files", nargs="+", metavar="TEXT_FILE", help="one document per file")
-    p.add_argument("--out", required=True, help="folder for the *_train_*/*_val_*.bin shards")
+    p.add_argument(
+        "--out", required=True, type=_path, help="folder for the *_train_*/*_val_*.bin shards"
+    )
     p.add_argument("--tokenizer", default="gpt2", choices=["gpt2"])
     p.add_argument("--val-fraction", type=float, default=0.1, help="the last fraction of every "
                    "document's tokens that is validation")  # fmt: skip
@@ -225,7 +228,9 @@ def _tool_commands(commands) -> None:
 
     p = commands.add_parser("sweep", help="run a grid of trainings from a TOML spec")
     p.add_argument("spec", help="TOML file: preset, [set], [[grid]] (see lipschitz.sweep)")
-    p.add_argument("--out", default=None, help="sweep directory (default: the spec's out)")
+    p.add_argument(
+        "--out", default=None, type=_path, help="sweep directory (default: the spec's out)"
+    )
     p.add_argument("--data-dir", default=None)
     p.add_argument("--parallel", type=int, default=None, help="runs at a time")
     p.set_defaults(func=cmd_sweep)
@@ -234,7 +239,9 @@ def _tool_commands(commands) -> None:
     p.add_argument("runs", nargs="+", help="run directories or folders of runs")
     p.add_argument("--x", default="lipschitz_bound", help="a final.json or config.json key")
     p.add_argument("--y", default="val_acc")
-    p.add_argument("--out", default="pareto.png", help="PNG path; the table goes to .md")
+    p.add_argument(
+        "--out", default="pareto.png", type=_path, help="PNG path; the table goes to .md"
+    )
     p.add_argument("--linear-x", action="store_true", help="linear instead of log x axis")
     p.add_argument("--lower-y", action="store_true", help="lower y is better (e.g. val_loss)")
     p.set_defaults(func=cmd_plot)
@@ -246,6 +253,13 @@ def _tool_commands(commands) -> None:
     p.add_argument("name", choices=["projections", "throughput", "profile"])
     p.add_argument("args", nargs=argparse.REMAINDER, help="options for the benchmark")
     p.set_defaults(func=cmd_bench)
+
+
+def _path(text: str) -> str:
+    """argparse type of --out: a non-empty path (an empty one would write into the cwd)."""
+    if not text.strip():
+        raise argparse.ArgumentTypeError("must name a file or folder, got an empty string")
+    return text
 
 
 def _seed(text: str) -> int:
@@ -265,6 +279,12 @@ def main(argv: list[str] | None = None) -> None:
     args = parser.parse_args(argv)
     try:
         args.func(args)
+    except BrokenPipeError:  # the reader went away (`lipschitz certify RUN | head -1`): quietly
+        try:  # no second error when Python flushes stdout at exit
+            os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        except (OSError, ValueError):  # stdout is not a file (captured)
+            pass
+        sys.exit(141)  # as a process killed by SIGPIPE
     except KeyboardInterrupt:
         print(f"lipschitz {args.command}: interrupted", file=sys.stderr)
         sys.exit(130)

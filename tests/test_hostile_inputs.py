@@ -396,3 +396,36 @@ def test_a_crafted_checkpoint_is_refused_in_one_line_naming_the_field(
     with pytest.raises(ValueError, match="does not fit this run") as err:
         train(cfg, tmp_path / "run", resume=True)
     assert words in str(err.value) and "checkpoint.pt" in str(err.value)
+
+
+def test_a_stale_rank_variable_is_refused_before_anything_is_written(tmp_path, monkeypatch):
+    from lipschitz.training import train
+
+    monkeypatch.setenv("RANK", "1")
+    monkeypatch.delenv("WORLD_SIZE", raising=False)
+    with pytest.raises(ValueError, match="RANK=1 but WORLD_SIZE is 1"):
+        train(_recall_cfg(2), tmp_path / "run")
+    assert not (tmp_path / "run").exists()
+
+
+@pytest.mark.parametrize("command", [["train", "tiny"], ["sweep", "SPEC"], ["plot", "DIR"]])
+def test_an_empty_out_is_refused_in_one_line(command, capsys):
+    from lipschitz.cli import main
+
+    with pytest.raises(SystemExit) as done:
+        main([*command, "--out", " "])
+    assert done.value.code == 2
+    assert "argument --out: must name a file or folder" in capsys.readouterr().err
+
+
+def test_a_closed_pipe_ends_the_command_quietly(monkeypatch, capsys):
+    """`lipschitz certify RUN | head -1`: the reader leaves; no message, SIGPIPE's status."""
+    from lipschitz import cli
+
+    def closed(args):
+        raise BrokenPipeError
+
+    monkeypatch.setattr(cli, "cmd_presets", closed)
+    with pytest.raises(SystemExit) as done:
+        cli.main(["presets"])
+    assert done.value.code == 141 and capsys.readouterr().err == ""

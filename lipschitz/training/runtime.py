@@ -46,7 +46,7 @@ def rank_and_world() -> tuple[int, int]:
     return 0, 1
 
 
-def _env_int(name: str, default: int) -> int:
+def env_int(name: str, default: int) -> int:
     """An integer environment variable (torchrun's WORLD_SIZE, LOCAL_RANK), named if bad."""
     text = os.environ.get(name)
     if text is None:
@@ -60,7 +60,13 @@ def _env_int(name: str, default: int) -> int:
 def init_distributed(device: str) -> bool:
     """Join torchrun's process group (NCCL on CUDA, else gloo) if WORLD_SIZE > 1 and it is not
     joined yet; returns whether it was started here (and must be destroyed by the caller)."""
-    if _env_int("WORLD_SIZE", 1) <= 1 or dist.is_initialized():
+    world, rank = env_int("WORLD_SIZE", 1), env_int("RANK", 0)
+    if world <= 1 and rank != 0:
+        raise ValueError(
+            f"environment variable RANK={rank} but WORLD_SIZE is {world}: a variable left from "
+            "an earlier torchrun? unset RANK (or launch with torchrun)"
+        )
+    if world <= 1 or dist.is_initialized():
         return False
     # Imported after the group exists (the first optimizer imports it), torch._dynamo keeps a
     # reference to the group, so destroy_process_group cannot free it: gloo's threads then die
@@ -69,7 +75,7 @@ def init_distributed(device: str) -> bool:
 
     cuda = device.startswith("cuda") or (device == "auto" and torch.cuda.is_available())
     if cuda:
-        torch.cuda.set_device(_env_int("LOCAL_RANK", 0))
+        torch.cuda.set_device(env_int("LOCAL_RANK", 0))
     dist.init_process_group("nccl" if cuda else "gloo")
     return True
 
