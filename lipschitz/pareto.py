@@ -58,6 +58,8 @@ def load_points(run_dirs: list[Path], x: str, y: str) -> list[dict]:
                                  f"keys: {sorted(values)}")  # fmt: skip
             if not (values[key] is None or _is_number(values[key])):
                 raise ValueError(f"{run}: {key} is {values[key]!r:.40}, not a number")
+            if values[key] is not None and abs(values[key]) > 1e300:  # also ints past float
+                raise ValueError(f"{run}: {key} is {values[key]!r:.40}, beyond a float's range")
         if (
             values[x] is None
             or values[y] is None
@@ -140,6 +142,11 @@ def plot(
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
+    if log_x:  # a log axis has no place for 0 or a negative value
+        for p in points:
+            if p["x"] <= 0:
+                print(f"plot: leaving out {p['run']} ({x}={p['x']} cannot go on a log axis)")
+        points = [p for p in points if p["x"] > 0]
     if not points:
         raise ValueError(f"no run has both {x} and {y}")
     out, table = output_paths(out)

@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import itertools
 import json
+import math
 import os
 import signal
 import subprocess
@@ -41,6 +42,7 @@ from lipschitz.training.rundir import RunDir
 
 SPEC_KEYS = {"preset", "out", "parallel", "set", "grid"}
 LOCK = ".lock"  # in the sweep directory: held by the running sweep (fileio.lock)
+MAX_RUNS = 10_000  # a larger grid is a typo (or a job for a cluster scheduler)
 SUMMARY_KEYS = ("val_acc", "val_loss", "lipschitz_bound", "lipschitz_bound_l2", "wall_time_s")
 
 
@@ -123,6 +125,11 @@ def expand(spec: dict) -> list[Run]:
     """The runs of a spec: the union of its grids' Cartesian products, in order. A point that
     two grids share (same config) is run once; names use the parsed values (2 and 2.0 agree)."""
     base = preset(spec["preset"])  # ValueError naming the presets for a bad name
+    total = sum(math.prod(len(v) if isinstance(v, list) else 1 for v in g.values())
+                for g in spec["grid"])  # fmt: skip
+    if total > MAX_RUNS:  # expanding checks every config (~5 ms each): refuse before that
+        raise ValueError(f"the spec's grids make {total:,} runs, more than {MAX_RUNS:,}; "
+                         "split it into several specs")  # fmt: skip
     shared = dict(spec.get("set", {}))
     runs: dict[str, Run] = {}
     seen: set[str] = set()

@@ -175,6 +175,14 @@ def test_a_spec_with_wrong_types_names_the_key(tmp_path, text, key):
         expand(load_spec(_spec(tmp_path, text)))
 
 
+def test_an_absurd_grid_is_refused_before_it_is_expanded(tmp_path):
+    """10⁶ runs took minutes of silence to expand (a config check each); refused at once."""
+    axis = "[" + ", ".join(str(1 + i / 1000) for i in range(1000)) + "]"
+    text = f'preset = "tiny"\n[[grid]]\nw_max = {axis}\nlr = {axis}\n'
+    with pytest.raises(ValueError, match="make 1,000,000 runs, more than 10,000"):
+        expand(load_spec(_spec(tmp_path, text)))
+
+
 def test_a_second_sweep_on_the_same_directory_is_refused(tmp_path):
     spec = _spec(tmp_path, 'preset = "tiny"\n[[grid]]\nw_max = [1.0, 2.0]\n')
     out = tmp_path / "sweep"
@@ -249,6 +257,23 @@ def test_plot_names_a_damaged_final_json(tmp_path):
         '{"lipschitz_bound": "big", "val_acc": 1}'
     )
     with pytest.raises(ValueError, match=r"bad: lipschitz_bound is 'big', not a number"):
+        load_points(find_runs([tmp_path / "runs"]), "lipschitz_bound", "val_acc")
+
+
+def test_plot_leaves_out_bounds_a_log_axis_cannot_show(tmp_path, capsys):
+    for name, bound in (("zero", 0.0), ("negative", -3.0), ("good", 2.0)):
+        _fake_run(tmp_path / "runs", name, json.dumps({"lipschitz_bound": bound, "val_acc": 0.9}))
+    points = load_points(find_runs([tmp_path / "runs"]), "lipschitz_bound", "val_acc")
+    plot(points, "lipschitz_bound", "val_acc", tmp_path / "p.png")
+    said = capsys.readouterr().out
+    assert "zero (lipschitz_bound=0.0 cannot go on a log axis)" in said and "negative" in said
+    table = (tmp_path / "p.md").read_text()
+    assert "negative" not in table and "zero" not in table and "good" in table
+
+
+def test_plot_names_a_number_beyond_a_float(tmp_path):
+    _fake_run(tmp_path / "runs", "huge", '{"lipschitz_bound": 1' + "0" * 400 + ', "val_acc": 1}')
+    with pytest.raises(ValueError, match=r"huge: lipschitz_bound is 1000.*beyond a float's range"):
         load_points(find_runs([tmp_path / "runs"]), "lipschitz_bound", "val_acc")
 
 
