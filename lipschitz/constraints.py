@@ -57,6 +57,9 @@ __all__ = [
 ]
 
 
+MAX_ENTRY = 1e15  # largest |entry| a projection accepts (see _checked)
+
+
 def _checked(name: str, W: Tensor, w_max: float) -> Tensor:
     """Validate the common arguments; return W detached, in its compute dtype."""
     if not isinstance(W, Tensor):
@@ -70,11 +73,17 @@ def _checked(name: str, W: Tensor, w_max: float) -> Tensor:
         raise ValueError(f"{name}: w_max must be a number > 0, got {w_max!r}")
     if not W.is_floating_point():
         raise ValueError(f"{name}: weight must be floating point, got {W.dtype}")
-    # A sum is a fast test (NaN and ±inf propagate); only if it fails is the exact test run, so
-    # a finite matrix whose sum merely overflows is not rejected.
-    if not bool(torch.isfinite(W.sum())) and not bool(torch.isfinite(W).all()):
+    if W.numel() == 0:
+        raise ValueError(f"{name}: weight of shape {tuple(W.shape)} has no entries")
+    largest = float(W.detach().abs().amax())  # NaN propagates through amax
+    if not math.isfinite(largest):
         raise ValueError(
             f"{name}: weight of shape {tuple(W.shape)} has non-finite entries (nan or inf)"
+        )
+    if largest > MAX_ENTRY:  # Gram matrices of such entries overflow float32 (SVD, iterations)
+        raise ValueError(
+            f"{name}: weight of shape {tuple(W.shape)} has entries up to {largest:.3g}, beyond "
+            f"the {MAX_ENTRY:g} the projections compute with"
         )
     W = W.detach()
     return W if W.dtype in (torch.float32, torch.float64) else W.float()

@@ -2,6 +2,7 @@
 from deep inside, a write outside the requested folder, or a good file overwritten."""
 
 import json
+import re
 import struct
 
 import numpy as np
@@ -10,6 +11,7 @@ import torch
 
 from lipschitz import fileio, robustness
 from lipschitz.config import Config, apply_overrides
+from lipschitz.constraints import CONSTRAINTS
 from lipschitz.data import tokens as tk
 from lipschitz.pareto import MARKER, find_runs, load_points, plot
 from lipschitz.sweep import expand, load_spec, read_final, run_sweep, summarize
@@ -454,3 +456,23 @@ def test_a_closed_pipe_ends_the_command_quietly(monkeypatch, capsys):
     with pytest.raises(SystemExit) as done:
         cli.main(["presets"])
     assert done.value.code == 141 and capsys.readouterr().err == ""
+
+
+# --------------------------------------------------------------------------------------------
+# constraints through the API: a guarantee met, or an error naming the constraint
+
+
+@pytest.mark.parametrize("name", sorted(CONSTRAINTS))
+@pytest.mark.parametrize(
+    ("weight", "words"),
+    [(torch.zeros(0, 4), "has no entries"), (torch.full((8, 4), 1e20), "entries up to 1e+20"),
+     (torch.full((8, 4), float("inf")), "non-finite"), (torch.zeros(3, 4).fill_(float("nan")),
+                                                         "non-finite")],
+)  # fmt: skip
+def test_every_constraint_names_itself_and_the_problem_for_an_impossible_weight(
+    name, weight, words
+):
+    """Before: IndexError on empty weights, torch's private _LinAlgError at 1e20 entries (and
+    stiefel returned a matrix of norm 0 there)."""
+    with pytest.raises(ValueError, match=rf"^{name}: weight of shape .*{re.escape(words)}"):
+        CONSTRAINTS[name](weight, w_max=1.0)
