@@ -14,10 +14,11 @@ ball is a Lipschitz bound there, and each block maps its ball into the next one.
 Rules (``rule="certified"``, the default). MLP: L = ‖W_out‖‖W_in‖·1.1289041/1.1289 (the slope
 of GELU(x)/1.1289 is at most 1.0000037), a_out = ‖W_out‖‖W_in‖·a/1.1289 (|GELU(x)| ≤ |x|).
 Attention: for a head h let σ_Q^h, σ_K^h, σ_V^h be the spectral norms of the head's d_head×d
-row block of W_Q, W_K, W_V, σ_Q = ‖W_Q‖, H heads, s = attn_scale:
+row block of W_Q, W_K, W_V, σ_Q = ‖W_Q‖, H heads, s = attn_scale, c = the output multiplier
+(attn_out_mult; the paper's 1/3 by default):
 
-    a_out = (‖W_O‖/3)·√(Σ_h (σ_V^h)²)·a
-    L_att = (‖W_O‖/3)·[√(Σ_h (σ_V^h)²) + 2·s·H·a²·σ_Q·max_h(σ_K^h·σ_V^h)]
+    a_out = c·‖W_O‖·√(Σ_h (σ_V^h)²)·a
+    L_att = c·‖W_O‖·[√(Σ_h (σ_V^h)²) + 2·s·H·a²·σ_Q·max_h(σ_K^h·σ_V^h)]
 
 With H = 1 this is exactly the paper's L_att = (1/3)‖W_O‖(‖W_V‖ + 2‖W_V‖‖W_Q‖‖W_K‖a²·s). For
 H > 1 the paper's attention formula is not an upper bound, and its MLP term ‖W_out‖‖W_in‖/1.1289
@@ -167,7 +168,8 @@ def _mlp_rule(m: MLP, a: float, walk: _Walk, name: str) -> tuple[float, float]:
 def _attention_rule(
     m: CausalSelfAttention, a: float, walk: _Walk, name: str
 ) -> tuple[float, float]:
-    """See the module docstring; both rules use (1/3)·‖W_O‖ and scale only the a² term by s."""
+    """See the module docstring: c·‖W_O‖ with the module's c (the paper's rule: 1/3), and s
+    scales only the a² term."""
     H, s, c = m.n_head, m.attn_scale, m.out_mult
     if m.q is None:  # content-free attention: no softmax path (s = 0, the a² term is 0)
         hq = hk = [0.0] * H
