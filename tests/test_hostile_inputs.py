@@ -4,6 +4,7 @@ from deep inside, a write outside the requested folder, or a good file overwritt
 import json
 import re
 import struct
+import sys
 
 import numpy as np
 import pytest
@@ -476,3 +477,54 @@ def test_every_constraint_names_itself_and_the_problem_for_an_impossible_weight(
     stiefel returned a matrix of norm 0 there)."""
     with pytest.raises(ValueError, match=rf"^{name}: weight of shape .*{re.escape(words)}"):
         CONSTRAINTS[name](weight, w_max=1.0)
+
+
+# --------------------------------------------------------------------------------------------
+# hand-edited run files
+
+
+@pytest.mark.parametrize("final", ["{}", '{"val_acc": null}', '{"val_loss": 1, "val_acc": "x"}'])
+def test_a_hand_edited_final_json_is_redone_on_resume(tmp_path, final):
+    """Before: KeyError / TypeError tracebacks; now final.json must hold every key it promises
+    as a number, or it counts as damaged and --resume evaluates the run again."""
+    from lipschitz.training import train
+    from lipschitz.training.rundir import RunDir
+
+    cfg = _recall_cfg(2)
+    good = train(cfg, tmp_path / "run")
+    (tmp_path / "run" / "final.json").write_text(final)
+    assert not RunDir(tmp_path / "run").is_finished()
+    again = train(cfg, tmp_path / "run", resume=True)
+    assert again["val_acc"] == good["val_acc"] and again["steps"] == 2
+
+
+@pytest.mark.parametrize("n_outputs", [10**15, -5, 0])
+def test_a_run_json_with_an_impossible_size_names_the_file_and_key(tmp_path, n_outputs):
+    from lipschitz.training import load_run, train
+
+    train(_recall_cfg(2), tmp_path / "run")
+    marker = tmp_path / "run" / "run.json"
+    marker.write_text(json.dumps({**json.loads(marker.read_text()), "n_outputs": n_outputs}))
+    with pytest.raises(ValueError, match=rf"run\.json: n_outputs is {n_outputs}, not a size"):
+        load_run(tmp_path / "run")
+
+
+def test_a_deeply_nested_checkpoint_is_refused_naming_the_file(tmp_path):
+    """Before: RecursionError in the state digest."""
+    from lipschitz.training.rundir import CHECKPOINT_FORMAT, RunDir
+
+    nested: list = []
+    for _ in range(5000):
+        nested = [nested]
+    run = RunDir(tmp_path / "run")
+    (tmp_path / "run").mkdir()
+    (tmp_path / "run" / "config.json").write_text(Config().to_json())
+    limit = sys.getrecursionlimit()
+    sys.setrecursionlimit(50_000)  # pickling 5000 levels needs it; loading them does not
+    try:
+        torch.save({"format": CHECKPOINT_FORMAT, "config_sha256": run.config_sha256(),
+                    "sha256": "", "state": nested}, run / run.CHECKPOINT)  # fmt: skip
+    finally:
+        sys.setrecursionlimit(limit)
+    with pytest.raises(ValueError, match=r"checkpoint\.pt: not a lipschitz checkpoint \(a struct"):
+        run.load_checkpoint()

@@ -63,12 +63,17 @@ def same_config(a: Config, b: Config) -> bool:
     return dataclasses.replace(a, data_dir=None) == dataclasses.replace(b, data_dir=None)
 
 
+MAX_DEPTH = 64  # deepest nesting state_digest follows
+
+
 def state_digest(state) -> str:
     """SHA-256 over a nested structure of tensors, numbers, strings, lists and dicts: every
     tensor's dtype, shape and bytes, every other leaf's repr, in order."""
     h = hashlib.sha256()
 
-    def visit(obj) -> None:
+    def visit(obj, depth: int) -> None:
+        if depth > MAX_DEPTH:  # a crafted file; a training state is a few levels deep
+            raise ValueError(f"a structure nested deeper than {MAX_DEPTH} levels")
         if isinstance(obj, Tensor):
             t = obj.detach().to("cpu").contiguous().reshape(-1)
             h.update(f"T{t.dtype}{tuple(obj.shape)}".encode())
@@ -77,15 +82,15 @@ def state_digest(state) -> str:
             h.update(b"D")
             for key, value in obj.items():
                 h.update(repr(key).encode())
-                visit(value)
+                visit(value, depth + 1)
         elif isinstance(obj, (list, tuple)):
             h.update(b"L" if isinstance(obj, list) else b"U")
             for value in obj:
-                visit(value)
+                visit(value, depth + 1)
         else:
             h.update(repr(obj).encode())
 
-    visit(state)
+    visit(state, 0)
     return h.hexdigest()
 
 
@@ -101,6 +106,11 @@ class MetricsWriter:
 
     def close(self) -> None:
         self.file.close()
+
+
+# final.json's keys every run writes (lipschitz_bound may be null: an unbounded model)
+FINAL_NUMBERS = ("val_loss", "val_acc", "lipschitz_bound", "steps", "tokens_seen", "wall_time_s")
+MAX_WIDTH = 10**8  # no model has more outputs or input features (a vocabulary, an image)
 
 
 class RunDir:
@@ -128,6 +138,12 @@ class RunDir:
         ok = ok and isinstance(marker.get("n_outputs"), int)
         if not ok or not isinstance(marker.get("n_inputs"), (int, type(None))):
             raise ValueError(f"{self / self.MARKER}: not a lipschitz run marker")
+        for key in ("n_outputs", "n_inputs"):
+            value = marker[key]
+            if value is not None and not 1 <= value <= MAX_WIDTH:
+                raise ValueError(
+                    f"{self / self.MARKER}: {key} is {value}, not a size in [1, {MAX_WIDTH:,}]"
+                )
         return marker
 
     def is_finished(self) -> bool:
@@ -221,7 +237,15 @@ class RunDir:
         atomic_write_text(self / self.FINAL, json.dumps(final, indent=2))
 
     def final(self) -> dict:
-        return read_json_object(self / self.FINAL)
+        """final.json, checked: the keys every run writes, as numbers (a bound may be null)."""
+        final = read_json_object(self / self.FINAL)
+        for key in FINAL_NUMBERS:
+            value = final.get(key)
+            if key == "lipschitz_bound" and value is None:
+                continue  # an unconstrained model has no bound
+            if not (isinstance(value, int | float) and not isinstance(value, bool)):
+                raise ValueError(f"{self / self.FINAL}: {key} is {value!r:.40}, not a number")
+        return final
 
     # ------------------------------------------------------------------------------- metrics
 
@@ -290,7 +314,11 @@ class RunDir:
         if saved["config_sha256"] != self.config_sha256():
             raise ValueError(f"{path}: the checkpoint belongs to a different config than "
                              f"{self / self.CONFIG}")  # fmt: skip
-        if state_digest(saved["state"]) != saved["sha256"]:
+        try:
+            digest = state_digest(saved["state"])
+        except ValueError as err:
+            raise ValueError(f"{path}: not a lipschitz checkpoint ({err})") from None
+        if digest != saved["sha256"]:
             raise ValueError(f"{path}: corrupted (its contents do not match their SHA-256)")
         return saved["state"]
 
