@@ -93,9 +93,10 @@ def frontiers(points: list[dict], lower_y: bool = False) -> dict[str, list[dict]
     return {g: frontier([p for p in points if p["group"] == g], lower_y) for g in groups}
 
 
-def frontier_table(fronts: dict[str, list[dict]], x: str, y: str) -> str:
-    """The frontiers as a markdown table, one row per frontier point (first line: MARKER)."""
-    lines = [MARKER, f"| group | {x} | {y} | run |", "|---|---|---|---|"]
+def frontier_table(fronts: dict[str, list[dict]], x: str, y: str, image: str) -> str:
+    """The frontiers as a markdown table, one row per frontier point (first line: MARKER, then
+    the name of the image the table was written with)."""
+    lines = [MARKER, _image_line(image), f"| group | {x} | {y} | run |", "|---|---|---|---|"]
     for group, front in fronts.items():
         for p in front:
             lines.append(f"| {group} | {p['x']:.4g} | {p['y']:.4f} | {Path(p['run']).name} |")
@@ -115,13 +116,20 @@ def output_paths(out: str | Path) -> tuple[Path, Path]:
         raise ValueError(f"plot: --out {out} must end in one of {IMAGE_FORMATS} (or nothing)")
     table = out.with_suffix(".md")
     ours = _starts_with_marker(table)
-    for path in (table, out):
-        if path.is_dir() or (path.exists() and not ours):
+    # the image only if our table was written with this very image (a.md of --out a.svg does
+    # not make a user's a.png ours)
+    ours_image = ours and _image_line(out.name) in table.read_text(errors="replace").splitlines()
+    for path, mine in ((table, ours), (out, ours_image)):
+        if path.is_dir() or (path.exists() and not mine):
             raise FileExistsError(
                 f"plot: {path} exists and was not written by lipschitz plot; move it away or "
                 "choose another --out"
             )
     return out, table
+
+
+def _image_line(name: str) -> str:
+    return f"<!-- image: {name} -->"
 
 
 def _starts_with_marker(path: Path) -> bool:
@@ -169,7 +177,7 @@ def plot(
     fig.tight_layout()
     out.parent.mkdir(parents=True, exist_ok=True)
     try:  # the table first: its marker is what lets a later plot replace the image
-        atomic_write_text(table, frontier_table(fronts, x, y))
+        atomic_write_text(table, frontier_table(fronts, x, y, out.name))
         with atomic_write(out) as f:
             fig.savefig(f, format=out.suffix[1:].lower(), dpi=130)
     finally:

@@ -42,6 +42,8 @@ from lipschitz.training.rundir import RunDir
 
 SPEC_KEYS = {"preset", "out", "parallel", "set", "grid"}
 LOCK = ".lock"  # in the sweep directory: held by the running sweep (fileio.lock)
+SUMMARY_MARKER = "<!-- written by lipschitz sweep -->"
+SUMMARY_HEADER = "| run | status | val acc | val loss | certified bound | wall s |"
 MAX_RUNS = 10_000  # a larger grid is a typo (or a job for a cluster scheduler)
 SUMMARY_KEYS = ("val_acc", "val_loss", "lipschitz_bound", "lipschitz_bound_l2", "wall_time_s")
 
@@ -252,6 +254,7 @@ def run_sweep(
     out.mkdir(parents=True, exist_ok=True)
     with lock(out / LOCK):
         check_not_stale(out, runs)
+        check_summaries_are_ours(out)  # before the runs, not after hours of them
         return _run_all(spec, spec_path, runs, out, data_dir, parallel)
 
 
@@ -326,9 +329,9 @@ def summarize(out: Path, runs: list[Run], failed: dict[str, str] | None = None) 
             row["problem"] = problem
             print(f"sweep: {problem}")
         rows.append(row)
+    check_summaries_are_ours(out)
     atomic_write_text(out / "summary.json", json.dumps(rows, indent=2))
-    lines = ["| run | status | val acc | val loss | certified bound | wall s |",
-             "|---|---|---|---|---|---|"]  # fmt: skip
+    lines = [SUMMARY_MARKER, SUMMARY_HEADER, "|---|---|---|---|---|---|"]
     for row in rows:
         cells = [row["run"], row["status"]]
         for key, fmt in (("val_acc", ".4f"), ("val_loss", ".4f"), ("lipschitz_bound", ".4g"),
@@ -336,10 +339,31 @@ def summarize(out: Path, runs: list[Run], failed: dict[str, str] | None = None) 
             cells.append(_cell(row.get(key), fmt))
         lines.append("| " + " | ".join(cells) + " |")
     atomic_write_text(out / "summary.md", "\n".join(lines) + "\n")
-    print("\n".join(lines))
+    print("\n".join(lines[1:]))  # the table, without its marker
     if failed:
         print(f"{len(failed)} run(s) failed: {', '.join(failed)} (their logs: <run>/train.log)")
     return rows
+
+
+def check_summaries_are_ours(out: Path) -> None:
+    """Refuse to replace a summary.md or summary.json a sweep did not write: ours start with
+    SUMMARY_MARKER or, written before it, with SUMMARY_HEADER (the table), or are a list of
+    {"run", "status", ...} rows (the JSON)."""
+    md, js = out / "summary.md", out / "summary.json"
+    refusal = "exists and was not written by lipschitz sweep; move it away or choose another --out"
+    if md.exists():
+        text = md.read_text(errors="replace") if md.is_file() else ""
+        if not text.startswith((SUMMARY_MARKER, SUMMARY_HEADER)):
+            raise FileExistsError(f"sweep: {md} {refusal}")
+    if js.exists():
+        try:
+            rows = json.loads(js.read_text()) if js.is_file() else None
+        except (ValueError, UnicodeDecodeError):
+            rows = None
+        if not isinstance(rows, list) or not all(
+            isinstance(r, dict) and {"run", "status"} <= r.keys() for r in rows
+        ):
+            raise FileExistsError(f"sweep: {js} {refusal}")
 
 
 def _cell(value: object, fmt: str) -> str:

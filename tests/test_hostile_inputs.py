@@ -178,6 +178,27 @@ def test_a_spec_with_wrong_types_names_the_key(tmp_path, text, key):
         expand(load_spec(_spec(tmp_path, text)))
 
 
+@pytest.mark.parametrize("name", ["summary.md", "summary.json"])
+def test_a_sweep_never_replaces_a_users_summary_file(tmp_path, name):
+    """Into an existing folder holding the user's own summary.md or summary.json: refused
+    before any run starts, the file untouched; ours (and an older version's table) are
+    replaced."""
+    spec = _spec(tmp_path, 'preset = "tiny"\n[[grid]]\nw_max = [1.0]\n')
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / name).write_text("my own notes\n")
+    with pytest.raises(FileExistsError, match=rf"{name} exists and was not written by lipschitz"):
+        run_sweep(spec, out)
+    assert (out / name).read_text() == "my own notes\n" and not (out / "w_max=1.0").exists()
+    (out / name).unlink()
+    (out / "summary.md").write_text(
+        "| run | status | val acc | val loss | certified bound | wall s |\n|---|\n"
+    )  # fmt: skip  (an older version's)
+    (out / "summary.json").write_text('[{"run": "w_max=1.0", "status": "failed"}]')
+    summarize(out, expand(load_spec(spec)))  # both ours: replaced
+    assert (out / "summary.md").read_text().startswith("<!-- written by lipschitz sweep -->")
+
+
 def test_an_absurd_grid_is_refused_before_it_is_expanded(tmp_path):
     """10⁶ runs took minutes of silence to expand (a config check each); refused at once."""
     axis = "[" + ", ".join(str(1 + i / 1000) for i in range(1000)) + "]"
@@ -237,7 +258,8 @@ def test_plot_never_overwrites_files_it_did_not_write(tmp_path):
 
     (tmp_path / "results.md").unlink()
     assert plot(points, "lipschitz_bound", "val_acc", results) == tmp_path / "results.png"
-    assert (tmp_path / "results.md").read_text().startswith(MARKER + "\n| group |")
+    expected = MARKER + "\n<!-- image: results.png -->\n| group |"
+    assert (tmp_path / "results.md").read_text().startswith(expected)
     png = (tmp_path / "results.png").read_bytes()
     assert png.startswith(b"\x89PNG")
     plot(points, "lipschitz_bound", "val_acc", results)  # its own files: replaced
@@ -249,6 +271,18 @@ def test_plot_never_overwrites_files_it_did_not_write(tmp_path):
     assert (tmp_path / "mine.png").read_bytes() == b"a user's picture"
     with pytest.raises(ValueError, match=r"results\.md"):
         plot(points, "lipschitz_bound", "val_acc", tmp_path / "results.md")
+
+
+def test_plot_never_replaces_a_user_image_beside_a_table_of_another_image(tmp_path):
+    """a.md written with --out a.svg does not make the user's a.png ours."""
+    _fake_run(tmp_path / "runs", "r0")
+    points = load_points(find_runs([tmp_path / "runs"]), "lipschitz_bound", "val_acc")
+    plot(points, "lipschitz_bound", "val_acc", tmp_path / "a.svg")
+    (tmp_path / "a.png").write_bytes(b"a user's picture")
+    with pytest.raises(FileExistsError, match=r"a\.png exists and was not written"):
+        plot(points, "lipschitz_bound", "val_acc", tmp_path / "a.png")
+    assert (tmp_path / "a.png").read_bytes() == b"a user's picture"
+    plot(points, "lipschitz_bound", "val_acc", tmp_path / "a.svg")  # its own: replaced
 
 
 def test_plot_names_a_damaged_final_json(tmp_path):
