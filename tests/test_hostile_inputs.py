@@ -347,12 +347,16 @@ def test_robust_accuracy_is_the_renamed_evaluate_and_pgd_takes_zero_steps():
 # certify: what it bounds must be what runs
 
 
+def _recall_cfg_overrides(steps: int) -> list[str]:
+    """A seconds-long run on generated data (no dataset needed)."""
+    return ["dataset=recall", "seq_len=16", "recall_pairs=4", "recall_vocab=8", f"steps={steps}",
+            "eval_every=2", "checkpoint_every=2", "sample_tokens=0"]  # fmt: skip
+
+
 def _recall_cfg(steps: int):
     from lipschitz.presets import preset
 
-    return apply_overrides(preset("tiny"), ["dataset=recall", "seq_len=16", "recall_pairs=4",
-                                            "recall_vocab=8", f"steps={steps}", "eval_every=2",
-                                            "checkpoint_every=2", "sample_tokens=0"])  # fmt: skip
+    return apply_overrides(preset("tiny"), _recall_cfg_overrides(steps))
 
 
 def _small_gpt(**kwargs):
@@ -562,3 +566,24 @@ def test_a_deeply_nested_checkpoint_is_refused_naming_the_file(tmp_path):
         sys.setrecursionlimit(limit)
     with pytest.raises(ValueError, match=r"checkpoint\.pt: not a lipschitz checkpoint \(a struct"):
         run.load_checkpoint()
+
+
+def test_a_full_disk_at_the_first_checkpoint_is_one_line(tmp_path, monkeypatch, capsys):
+    """torch's zip writer reports a full disk as RuntimeError('... unexpected pos ...'): a
+    traceback with exit 1 before; now one line naming the checkpoint, exit 2, nothing left
+    half-written."""
+    from lipschitz.cli import main
+
+    def full(obj, f, *args, **kwargs):
+        f.write(b"PK\x03\x04")
+        raise RuntimeError("[enforce fail at inline_container.cc:603] . unexpected pos 64 vs 0")
+
+    monkeypatch.setattr(torch, "save", full)
+    argv = ["train", "tiny", "--out", str(tmp_path / "run")]
+    argv += [f"--set={a}" for a in _recall_cfg_overrides(2)]
+    with pytest.raises(SystemExit) as done:
+        main(argv)
+    err = capsys.readouterr().err
+    assert done.value.code == 2 and err.count("\n") == 1
+    assert "checkpoint.pt: could not be written" in err and "disk full" in err
+    assert not (tmp_path / "run" / "checkpoint.pt").exists()

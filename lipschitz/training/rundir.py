@@ -289,8 +289,14 @@ class RunDir:
         wrapped = {"format": CHECKPOINT_FORMAT, "version": VERSION,
                    "config_sha256": self.config_sha256(), "sha256": state_digest(state),
                    "state": state}  # fmt: skip
-        with atomic_write(self / self.CHECKPOINT) as f:
-            torch.save(wrapped, f)
+        try:
+            with atomic_write(self / self.CHECKPOINT) as f:
+                torch.save(wrapped, f)
+        except RuntimeError as err:  # torch's zip writer on a full disk: "unexpected pos ..."
+            raise OSError(
+                f"{self / self.CHECKPOINT}: could not be written ({first_line(err)}); is the "
+                "disk full? The previous checkpoint, if any, is unchanged"
+            ) from None
 
     def load_checkpoint(self) -> dict:
         """The saved training state, checked: readable, ours, of this run's config, intact."""
