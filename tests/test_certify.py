@@ -6,6 +6,7 @@ import statistics
 
 import pytest
 import torch
+from test_lookup import _random_lookup_gpt
 from torch import nn
 
 from lipschitz.certify import (
@@ -344,9 +345,12 @@ def test_jacobian_power_iteration_matches_exact_jacobian():
     assert jacobian_power_iteration(model, x, iters=300) == pytest.approx(exact, rel=1e-6)
 
 
-def test_residual_stream_stays_inside_certified_activation_bounds():
+@pytest.mark.parametrize("random_model", [_random_gpt, _random_lookup_gpt])
+def test_residual_stream_stays_inside_certified_activation_bounds(random_model):
+    """Inputs inside and on the boundary of the domain, several radii, and token inputs; the
+    lookup mixer's models (tests/test_lookup.py) as well as the paper's attention."""
     for seed in range(6):
-        model = _random_gpt(seed)
+        model = random_model(seed)
         g = torch.Generator().manual_seed(seed)
         for bound in (0.5, 1.0, 2.0):
             x = torch.randn(32, 5, model.embed.embedding_dim, generator=g, dtype=torch.float64)

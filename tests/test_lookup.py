@@ -12,7 +12,7 @@ from lipschitz.certify import certify, empirical_lipschitz
 from lipschitz.config import Config, apply_overrides
 from lipschitz.data.recall import IGNORE, RecallTask, recall_batch
 from lipschitz.linalg import rms_operator_norm
-from lipschitz.nn import LipschitzGPT, activation_stats
+from lipschitz.nn import LipschitzGPT
 from lipschitz.nn.layers import CausalSelfAttention, RelativePositionBias
 from lipschitz.nn.lookup import LookupAttention, content_off, has_content
 
@@ -80,21 +80,6 @@ def test_empirical_lower_bound_never_exceeds_the_lookup_certificate():
         with torch.no_grad():
             diff = (model(a) - model(b)).pow(2).mean(-1).sqrt().amax(-1)
         assert float(diff.max()) / 2 <= certify(model).lipschitz * (1 + 1e-9), seed
-
-
-def test_lookup_activations_stay_inside_their_certified_bounds():
-    """Inputs inside and on the boundary of the domain, for several domain radii."""
-    for seed in range(8):
-        model = _random_lookup_gpt(seed)
-        g = torch.Generator().manual_seed(seed)
-        for bound in (0.5, 1.0, 2.0):
-            x = torch.randn(32, 5, model.embed.embedding_dim, generator=g, dtype=torch.float64)
-            x = x / x.pow(2).mean(-1, keepdim=True).sqrt() * bound  # every token on the boundary
-            stats = activation_stats(model, inputs_embeds=x)
-            cert = certify(model, inputs="embeds", input_bound=bound)
-            for step in cert.steps:
-                key = "logits" if step["name"] == "head" else step["name"]
-                assert stats[key]["max_rms"] <= step["bound_out"] * (1 + 1e-9), (seed, key)
 
 
 def _head_at(model: LipschitzGPT) -> LookupAttention:
