@@ -112,7 +112,7 @@ PRESETS: dict[str, tuple[str, dict]] = {
     # lookup mixer: one tied, key-shifted content head at scale 8 next to 3 lag heads, every head
     # within its Lipschitz budget (the worst case over the caps stays 1.99).
     "recall-cpu": (
-        "in-context recall (16 key-value pairs, 32 queries, 32 keys and values) by a certified <= 2 transformer with one content head per layer; ~30 s on 2 CPU cores",
+        "in-context recall (16 key-value pairs, 32 queries, 32 keys and values) by a certified <= 2 transformer with one content head per layer; under a minute on 2 CPU cores",
         dict(_LAGS, dataset="recall", recall_pairs=16, recall_vocab=32, seq_len=64, d_model=64, n_layer=2, batch_size=64, steps=600, eval_every=100, checkpoint_every=300, sample_tokens=0, mixer="lookup", content_heads=1, content_scale=8.0, qk_tied=True, key_shift=True, attn_sink=True),
     ),
     "recall-cpu-lags": (
