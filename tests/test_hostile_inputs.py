@@ -587,3 +587,13 @@ def test_a_full_disk_at_the_first_checkpoint_is_one_line(tmp_path, monkeypatch, 
     assert done.value.code == 2 and err.count("\n") == 1
     assert "checkpoint.pt: could not be written" in err and "disk full" in err
     assert not (tmp_path / "run" / "checkpoint.pt").exists()
+
+
+def test_stiefel_on_a_rank_deficient_weight_keeps_its_documented_band():
+    """σ ≥ 1e-3·‖W‖_F land in [0.9999, 1.0001]·w_max, the rest in [0, 1.0001]·w_max (the
+    README and the docstring say so; a rank-1 weight cannot be made orthogonal)."""
+    g = torch.Generator().manual_seed(0)
+    W = torch.outer(torch.randn(8, generator=g), torch.randn(4, generator=g))  # rank 1
+    sigma = torch.linalg.svdvals(CONSTRAINTS["stiefel"](W, w_max=2.0).double()) * (4 / 8) ** 0.5
+    assert 0.9999 * 2 <= float(sigma[0]) <= 1.0001 * 2
+    assert float(sigma[1:].max()) <= 1.0001 * 2
