@@ -24,6 +24,7 @@ DEVICE_PATTERN = re.compile(r"auto|cpu|mps|cuda(:[0-9]+)?")
 # before the model's allocation fails (or swaps the machine to a halt).
 MAX_PARAMETERS = 10**11
 MAX_TOKENS_PER_STEP = 10**9
+MAX_RECALL_VOCAB = 65536  # recall's key alphabet (and value alphabet) at most
 MAX_FLOAT = 1e8  # no float setting means anything beyond this (w_max, lr, scales, ...)
 
 
@@ -251,6 +252,11 @@ def _check_choices(cfg: Config) -> None:
         raise ValueError(
             f"config: dataset 'recall' needs seq_len > 2·recall_pairs (the pairs, then at least "
             f"one query), got seq_len={cfg.seq_len}, recall_pairs={cfg.recall_pairs}"
+        )
+    if cfg.recall_vocab > MAX_RECALL_VOCAB:
+        raise ValueError(
+            f"config: recall_vocab={cfg.recall_vocab} is above {MAX_RECALL_VOCAB} (the model's "
+            "vocabulary is 2·recall_vocab tokens, and every sequence draws its keys from it)"
         )
     if cfg.dataset == "recall" and cfg.recall_pairs > cfg.recall_vocab:
         raise ValueError(

@@ -268,6 +268,8 @@ def test_config_names_the_lookup_and_recall_keys_it_refuses():
         Config(dataset="recall", seq_len=8, recall_pairs=4)
     with pytest.raises(ValueError, match="recall_vocab"):
         Config(dataset="recall", recall_pairs=20, recall_vocab=10)
+    with pytest.raises(ValueError, match="recall_vocab=100000000 is above 65536"):
+        Config(dataset="recall", recall_vocab=10**8)  # a 400 GB allocation before
 
 
 def _directional_slope(mixer: nn.Module, x: torch.Tensor, dx: torch.Tensor) -> float:
