@@ -263,9 +263,11 @@ def _path(text: str) -> str:
 
 
 def _seed(text: str) -> int:
-    """argparse type of --seed: an int that torch's generator takes."""
+    """argparse type of --seed: an int that torch's generator takes (as the config's seed)."""
+    from lipschitz.config import MAX_SEED
+
     seed = int(text)
-    if not 0 <= seed < 2**63:
+    if not 0 <= seed < MAX_SEED:
         raise argparse.ArgumentTypeError(f"must be in [0, 2**63), got {seed}")
     return seed
 

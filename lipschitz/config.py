@@ -25,12 +25,8 @@ DEVICE_PATTERN = re.compile(r"auto|cpu|mps|cuda(:[0-9]+)?")
 MAX_PARAMETERS = 10**11
 MAX_TOKENS_PER_STEP = 10**9
 MAX_RECALL_VOCAB = 65536  # recall's key alphabet (and value alphabet) at most
+MAX_SEED = 2**63  # seeds torch's generator takes: [0, 2**63)
 MAX_FLOAT = 1e8  # no float setting means anything beyond this (w_max, lr, scales, ...)
-
-
-# The keys only mixer="lookup" reads, at their defaults (any other mixer refuses other values).
-LOOKUP_DEFAULTS = {"content_heads": 0, "content_scale": 0.0, "qk_tied": False, "key_shift": False,
-                   "lag_window": 0, "lag_gate": 0.0, "attn_sink": False}  # fmt: skip
 
 
 @dataclass
@@ -155,6 +151,12 @@ class Config:
             raise ValueError(f"{path}: {err}") from None
 
 
+# The keys only mixer="lookup" reads, at Config's defaults (any other mixer refuses other values)
+LOOKUP_DEFAULTS = {f.name: f.default for f in fields(Config)
+                   if f.name in ("content_heads", "content_scale", "qk_tied", "key_shift",
+                                 "lag_window", "lag_gate", "attn_sink")}  # fmt: skip
+
+
 @functools.cache
 def _hints() -> dict[str, object]:
     return typing.get_type_hints(Config)
@@ -188,7 +190,7 @@ def _check_types(cfg: Config) -> None:
 def _check_finite(cfg: Config) -> None:
     """Every float is finite and at most MAX_FLOAT in size. No key gives infinity a meaning (an
     unbounded model is constraint=none), an inf or NaN lr, w_max, ... trains to NaN or certifies
-    nothing, and a w_max of 1e300 overflows float32 weights. The seed fits torch's generator."""
+    nothing, and a w_max of 1e300 overflows float32 weights."""
     for f in fields(cfg):
         value = getattr(cfg, f.name)
         values = value if isinstance(value, tuple) else (value,)
@@ -196,8 +198,6 @@ def _check_finite(cfg: Config) -> None:
             raise ValueError(f"config: {f.name} must be finite, got {value!r}")
         if any(isinstance(v, float) and abs(v) > MAX_FLOAT for v in values):
             raise ValueError(f"config: {f.name}={value!r} is beyond the supported {MAX_FLOAT:g}")
-    if not 0 <= cfg.seed < 2**63:
-        raise ValueError(f"config: seed must be in [0, 2**63), got {cfg.seed}")
 
 
 def _check_choices(cfg: Config) -> None:
@@ -297,6 +297,8 @@ def _check_ranges(cfg: Config) -> None:
         raise ValueError(f"config: vocab_size must be >= 50257 (GPT-2), got {cfg.vocab_size}")
     if cfg.val_tokens is not None and not cfg.val_tokens >= cfg.seq_len:
         raise ValueError(f"config: val_tokens must be >= seq_len, got {cfg.val_tokens}")
+    if not 0 <= cfg.seed < MAX_SEED:
+        raise ValueError(f"config: seed must be in [0, 2**63), got {cfg.seed}")
     if not cfg.lr_floor <= 1:
         raise ValueError(f"config: lr_floor must be in [0, 1], got {cfg.lr_floor}")
     if not 0 < cfg.cooldown_frac <= 1:

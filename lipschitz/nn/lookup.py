@@ -212,21 +212,14 @@ class LookupAttention(nn.Module):
             r = rows.norm(dim=-1).amax(-1)  # (H,) largest row ℓ2 norm of M_h
             walk.norm(f"{name}.lags.weight", self.lags.weight, head_row_norms=r.tolist())
             t += math.sqrt(d) * a * self.lag_gate * r
-        for h in range(self.content_heads):
-            sq = _spectral(self.q[h].weight)
-            walk.norm(f"{name}.q.{h}.weight", self.q[h].weight)
-            sk = sq
+        for h in range(self.content_heads):  # Q_h, K_h are d × d: RMS→RMS norm = σ
+            sq = sk = walk.norm(f"{name}.q.{h}.weight", self.q[h].weight)
             if self.k is not None:
-                sk = _spectral(self.k[h].weight)
-                walk.norm(f"{name}.k.{h}.weight", self.k[h].weight)
+                sk = walk.norm(f"{name}.k.{h}.weight", self.k[h].weight)
             t[h] += 2 * a * a * self.content_scale * sq * sk
         v = self.head_scales() * hv  # (H,) n_h·σ_V,h
         c = self.out_mult
         return c * n_out * float((v * (1 + t)).norm()), c * n_out * float(v.norm()) * a
-
-
-def _spectral(W: Tensor) -> float:
-    return float(torch.linalg.matrix_norm(W.detach().to("cpu", torch.float64), ord=2))
 
 
 def content_off(model: nn.Module) -> contextlib.AbstractContextManager:
