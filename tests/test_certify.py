@@ -281,13 +281,16 @@ def test_certificate_never_decreases_when_a_weight_grows():
 
 
 def test_empirical_lower_bound_never_exceeds_gpt_certificate(capsys):
-    ratios = []
+    ratios, families = [], {}
     for seed in range(50):
         model = _random_gpt(seed)
         cert = certify(model, inputs="embeds", input_bound=1.0)
         lower = empirical_lipschitz(model, input_bound=1.0, n_pairs=8, steps=50, seed=seed)
         assert 0 < lower <= cert.lipschitz * (1 + 1e-9), (seed, lower, cert.lipschitz)
         ratios.append(lower / cert.lipschitz)
+        for family in (f"{len(model.blocks)} layer", f"{model.blocks[0].attn.n_head} head",
+                       "orthogonal" if seed % 2 else "Gaussian"):  # fmt: skip
+            families.setdefault(family, []).append(ratios[-1])
         # token inputs: two sequences differing in some tokens are ∞ℓ1 distance 2 apart
         tok = certify(model).lipschitz
         a = torch.randint(0, 7, (16, 5), generator=torch.Generator().manual_seed(seed))
@@ -299,7 +302,8 @@ def test_empirical_lower_bound_never_exceeds_gpt_certificate(capsys):
     with capsys.disabled():
         print(
             f"\nGPT tightness lower/upper over 50 models: median {statistics.median(ratios):.4f},"
-            f" max {max(ratios):.4f}"
+            f" max {max(ratios):.4f}; medians by family: "
+            + ", ".join(f"{k} {statistics.median(v):.3f}" for k, v in sorted(families.items()))
         )
     assert statistics.median(ratios) > 0.003  # the search finds something
 
@@ -421,8 +425,8 @@ def test_paper_rule_is_not_a_bound_for_several_heads():
     for lin in (*(getattr(wide.blocks[0].attn, p) for p in "qkvo"), wide.head):
         _set(lin, torch.eye(16))
     _set(wide.blocks[0].mlp.fc_out, torch.zeros(16, 64))
-    lower = empirical_lipschitz(wide, n_pairs=16, steps=300)
-    assert lower > 1.1 * certify(wide, inputs="embeds", rule="paper").lipschitz
+    lower = empirical_lipschitz(wide)  # the defaults: 1.018 (an independent audit's search: 1.019)
+    assert lower > 2 * certify(wide, inputs="embeds", rule="paper").lipschitz  # 2 × 0.5
     assert lower <= certify(wide, inputs="embeds").lipschitz
 
 

@@ -597,3 +597,74 @@ def test_stiefel_on_a_rank_deficient_weight_keeps_its_documented_band():
     sigma = torch.linalg.svdvals(CONSTRAINTS["stiefel"](W, w_max=2.0).double()) * (4 / 8) ** 0.5
     assert 0.9999 * 2 <= float(sigma[0]) <= 1.0001 * 2
     assert float(sigma[1:].max()) <= 1.0001 * 2
+
+
+# --------------------------------------------------------------------------------------------
+# the README's promises, each tried by at least one test
+
+PROMISE_TESTS = {
+    "Resume": ["test_train.py::test_tiny_interrupt_resume_certify_sample",
+               "test_resume.py::test_image_run_resumes_bit_identically",
+               "test_distributed.py::test_two_gloo_processes_resume_bit_identically",
+               "test_rundir.py::test_resume_drops_a_partial_metrics_line_and_later_lines",
+               "test_rundir.py::test_resuming_a_finished_run_reports_it_and_rewrites_nothing",
+               "test_hostile_inputs.py::test_a_full_disk_at_the_first_checkpoint_is_one_line"],
+    "Atomic files": [
+        "test_rundir.py::test_writes_replace_a_planted_symlink_instead_of_following_it",
+        "test_rundir.py::test_temporaries_of_killed_writes_are_cleaned_up"],
+    "One writer": ["test_rundir.py::test_a_second_writer_is_told_who_holds_the_run",
+                   "test_rundir.py::test_the_lock_dies_with_its_process",
+                   "test_hostile_inputs.py::test_a_second_sweep_on_the_same_directory_is_refused"],
+    "No silent overwrite": [
+        "test_rundir.py::test_train_refuses_a_directory_that_is_not_a_run",
+        "test_rundir.py::test_a_finished_run_is_never_rewritten",
+        "test_hostile_inputs.py::test_plot_never_overwrites_files_it_did_not_write",
+        "test_hostile_inputs.py::test_plot_never_replaces_a_user_image_beside_a_table_of_another_image",
+        "test_hostile_inputs.py::test_a_sweep_never_replaces_a_users_summary_file"],
+    "Integrity": ["test_rundir.py::test_a_pickled_checkpoint_runs_no_code",
+                  "test_rundir.py::test_truncated_foreign_and_corrupted_checkpoints_name_the_file",
+                  "test_hostile_inputs.py::test_a_crafted_checkpoint_is_refused_in_one_line_naming_the_field"],
+    "Certificates of what runs": [
+        "test_hostile_inputs.py::test_certify_refuses_a_forward_hook_on_any_module",
+        "test_hostile_inputs.py::test_certify_revalidates_constants_set_after_construction",
+        "test_hostile_inputs.py::test_certify_refuses_non_finite_parameters"],
+    "Honest results": [
+        "test_rundir.py::test_a_broken_constraint_stops_the_run_naming_matrix_and_step",
+        "test_rundir.py::test_methods_without_a_guarantee_record_their_violations",
+        "test_train.py::test_nan_loss_names_the_step",
+        "test_rundir.py::test_certify_warns_about_a_matrix_above_its_cap"],
+}  # fmt: skip
+
+
+def test_every_readme_guarantee_has_tests_that_try_to_break_it():
+    """The README's run-directory guarantees (its bold bullets) each name tests that exist."""
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parent
+    readme = (root.parent / "README.md").read_text()
+    promised = set(re.findall(r"^- \*\*([^*]+?)\.\*\*", readme, flags=re.M))
+    assert promised == set(PROMISE_TESTS), "a README guarantee without tests, or tests without one"
+    for ids in PROMISE_TESTS.values():
+        for test_id in ids:
+            file, name = test_id.split("::")
+            assert re.search(rf"^def {name}\(", (root / file).read_text(), flags=re.M), test_id
+
+
+@pytest.mark.parametrize("name", sorted(CONSTRAINTS))
+def test_every_constraint_and_optimizer_step_keeps_a_zero_weight_finite(name):
+    """A zero-initialised matrix (a head, a residual branch's output) has no direction: every
+    constraint and a Muon step from it must still give finite weights within the cap."""
+    from lipschitz.constraints import METHODS
+    from lipschitz.linalg import rms_operator_norm
+    from lipschitz.optim.muon import Muon
+
+    for shape in [(65, 128), (128, 128), (4, 16)]:
+        out = CONSTRAINTS[name](torch.zeros(shape), w_max=1.0)
+        assert torch.isfinite(out).all(), (name, shape)
+        if METHODS[name].tolerance is not None:
+            assert float(rms_operator_norm(out)) <= 1.0 + METHODS[name].tolerance, (name, shape)
+        for grad in (torch.zeros(shape), torch.randn(shape)):
+            W = torch.nn.Parameter(torch.zeros(shape))
+            W.grad = grad
+            Muon([W], lr=0.1, constraint=name, w_max=1.0).step()
+            assert torch.isfinite(W).all(), (name, shape)
