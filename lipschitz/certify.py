@@ -380,7 +380,28 @@ def empirical_lipschitz(
 
     x = project(torch.randn(shape, generator=gen, dtype=torch.float64) * scale)
     y = project(x + 0.1 * scale * torch.randn(shape, generator=gen, dtype=torch.float64))
-    x, y = x.requires_grad_(), y.requires_grad_()
+    best, x = _pair_ascent(run, x, y, norm, project, scale, steps, lr)
+    # random starts of 3× the ball's radius, projected: on the boundary, where slopes are largest
+    noise = torch.randn((n_starts, *shape[1:]), generator=gen, dtype=torch.float64)
+    boundary = project(3 * scale * noise)
+    starts = torch.cat([x, boundary])
+    slope = _slope_ascent(run, starts, norm, unit, partial(project, radius=0.999 * scale), scale,
+                          gen, steps, lr)  # fmt: skip
+    return max(best, slope)
+
+
+def _pair_ascent(
+    run: Callable[[Tensor], Tensor],
+    x: Tensor,
+    y: Tensor,
+    norm: Callable[[Tensor], Tensor],
+    project: Callable[[Tensor], Tensor],
+    scale: float,
+    steps: int,
+    lr: float,
+) -> tuple[float, Tensor]:
+    """Adam on pairs (x, y) to maximise ‖f(x) − f(y)‖ / ‖x − y‖; returns (best ratio, final x)."""
+    x, y = x.clone().requires_grad_(), y.clone().requires_grad_()
     opt = torch.optim.Adam([x, y], lr=lr * scale)
     best = 0.0
     for i in range(steps + 1):
@@ -395,13 +416,7 @@ def empirical_lipschitz(
         with torch.no_grad():
             x.copy_(project(x))
             y.copy_(project(y))
-    # random starts of 3× the ball's radius, projected: on the boundary, where slopes are largest
-    noise = torch.randn((n_starts, *shape[1:]), generator=gen, dtype=torch.float64)
-    boundary = project(3 * scale * noise)
-    starts = torch.cat([x.detach(), boundary])
-    slope = _slope_ascent(run, starts, norm, unit, partial(project, radius=0.999 * scale), scale,
-                          gen, steps, lr)  # fmt: skip
-    return max(best, slope)
+    return best, x.detach()
 
 
 def _slope_ascent(

@@ -27,6 +27,7 @@ MAX_TOKENS_PER_STEP = 10**9
 MAX_RECALL_VOCAB = 65536  # recall's key alphabet (and value alphabet) at most
 MAX_SEED = 2**63  # seeds torch's generator takes: [0, 2**63)
 MAX_FLOAT = 1e8  # no float setting means anything beyond this (w_max, lr, scales, ...)
+MAX_COUNT = 10**9  # steps, intervals and sample length: 10**9 steps is weeks at 1 ms a step
 
 
 @dataclass
@@ -275,7 +276,7 @@ def _check_ranges(cfg: Config) -> None:
     positive = ("steps", "batch_size", "seq_len", "d_model", "n_layer", "n_head", "grad_accum",
                 "eval_every", "checkpoint_every", "log_every", "w_max", "embed_w_max",
                 "attn_out_mult", "train_temperature", "head_w_max", "blocks_mass",
-                "residual_alpha", "recall_pairs", "recall_vocab")  # fmt: skip
+                "residual_alpha", "recall_pairs", "recall_vocab", "final_scale")  # fmt: skip
     for key in positive:
         value = getattr(cfg, key)
         if value is not None and not value > 0:
@@ -283,11 +284,15 @@ def _check_ranges(cfg: Config) -> None:
     non_negative = ("lr", "weight_decay", "spectral_decay", "warmup_steps", "lr_floor",
                     "momentum_warmup_steps", "sample_tokens", "head_lr", "embed_lr",
                     "vector_lr", "lag_window", "lag_gate", "content_heads",
-                    "content_scale")  # fmt: skip
+                    "content_scale", "attn_scale")  # fmt: skip
     for key in non_negative:
         value = getattr(cfg, key)
         if value is not None and not value >= 0:
             raise ValueError(f"config: {key} must be >= 0, got {value!r}")
+    for key in ("steps", "eval_every", "checkpoint_every", "log_every", "warmup_steps",
+                "momentum_warmup_steps", "sample_tokens", "grad_accum"):  # fmt: skip
+        if (value := getattr(cfg, key)) > MAX_COUNT:
+            raise ValueError(f"config: {key}={value} is beyond the supported {MAX_COUNT:g}")
     unit = {"momentum": cfg.momentum, "momentum_start": cfg.momentum_start,
             "adam_betas": cfg.adam_betas}  # fmt: skip
     for key, value in unit.items():

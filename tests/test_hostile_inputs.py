@@ -45,15 +45,55 @@ def test_config_rejects_non_finite_floats_naming_the_key(assignment):
         apply_overrides(Config(), [assignment])
 
 
+BIG = str(10**30)
+
+
 @pytest.mark.parametrize(
     "assignment",
     ["w_max=1e300", "lr=-1e300", "head_w_max=1e9", "content_scale=1e20", "train_temperature=1e40",
-     "seed=1180591620717411303424", "seed=-1"],
+     "seed=1180591620717411303424", "seed=-1", "steps=" + BIG,
+     "sample_tokens=" + BIG, "eval_every=" + BIG, "warmup_steps=" + BIG, "final_scale=0",
+     "attn_scale=-1"],
 )  # fmt: skip
 def test_config_rejects_extreme_numbers_naming_the_key(assignment):
     key = assignment.split("=")[0]
     with pytest.raises(ValueError, match=rf"config: {key}"):
         apply_overrides(Config(mixer="lookup"), [assignment])
+
+
+# numeric keys whose extreme values the config accepts: checked against the model or the data
+# when the run starts (one line naming the key), or harmless (val_tokens: the whole split)
+CHECKED_WHEN_THE_RUN_STARTS = {"n_head", "recall_pairs", "val_tokens"}
+
+
+@pytest.mark.parametrize(
+    ("assignments", "words"),
+    [(["n_head=" + BIG], "n_head"), (["recall_pairs=" + BIG], "recall_pairs")],
+)  # fmt: skip
+def test_extreme_values_checked_at_the_start_are_one_line(assignments, words, tmp_path, capsys):
+    from lipschitz.cli import main
+
+    sets = [arg for a in assignments for arg in ("--set", a)]
+    with pytest.raises(SystemExit) as done:
+        main(["train", "recall-cpu", "--out", str(tmp_path / "run"), *sets])  # no dataset to read
+    err = capsys.readouterr().err
+    assert done.value.code == 2 and words in err and len(err.strip().splitlines()) == 1, err
+
+
+def test_every_numeric_option_refuses_extreme_values_or_is_checked_at_the_start():
+    from dataclasses import fields
+
+    numeric = [f.name for f in fields(Config) if any(t in str(f.type) for t in ("int", "float"))]
+    assert len(numeric) > 40  # the probe reaches every numeric key
+    for key in numeric:
+        for value in ("1e300", "-1e300", str(10**30), str(-(10**30))):
+            try:
+                apply_overrides(Config(mixer="lookup"), [f"{key}={value}"])
+            except ValueError as err:
+                assert key in str(err), (key, value, str(err))
+            else:
+                assert key in CHECKED_WHEN_THE_RUN_STARTS, (key, value)
+                assert not value.startswith("-"), (key, value)
 
 
 @pytest.mark.parametrize(
