@@ -1,29 +1,24 @@
 """Certified Lipschitz upper bounds, empirical lower bounds, and the paper's σ table.
 
-A certificate is compositional: every block type has a *rule* that maps a bound ``a`` on the
-∞RMS norm of its input (largest per-token RMS) to ``(L, a_out)``, its Lipschitz constant on that
-ball and a bound on its output; a model multiplies the L's of its blocks in forward order while
+A certificate is compositional: every block has a *rule* that maps a bound ``a`` on the ∞RMS
+norm of its input (largest per-token RMS) to ``(L, a_out)``, its Lipschitz constant on that ball
+and a bound on its output; a model multiplies the L's of its blocks in forward order while
 threading ``a`` through them (the paper's two stages, App. B, done in one walk). Bounds are
-computed in float64 from the exact spectral norms of the weights as they are now. A new block
-type brings its own rule via :func:`register_rule`; a block without one is an error.
+computed in float64 from the exact spectral norms of the weights as they are now.
+
+The rules live with the blocks: each module of lipschitz.nn defines ``certificate(a, walk,
+name)`` (lipschitz.nn.layers explains the protocol, docs/certificates.md derives every rule). A
+module type we do not own gets one with :func:`register_rule`; a module with neither is an
+error, and so is a subclass that does not define its own (it may compute something else).
 
 Why the activation bound matters: attention is not globally Lipschitz; its Lipschitz constant on
 the ball {‖x‖_∞RMS ≤ a} grows like a². Every ball is convex, so a bound on the Jacobian over the
 ball is a Lipschitz bound there, and each block maps its ball into the next one.
 
-Rules (``rule="certified"``, the default). MLP: L = ‖W_out‖‖W_in‖·1.1289041/1.1289 (the slope
-of GELU(x)/1.1289 is at most 1.0000037), a_out = ‖W_out‖‖W_in‖·a/1.1289 (|GELU(x)| ≤ |x|).
-Attention: for a head h let σ_Q^h, σ_K^h, σ_V^h be the spectral norms of the head's d_head×d
-row block of W_Q, W_K, W_V, σ_Q = ‖W_Q‖, H heads, s = attn_scale, c = the output multiplier
-(attn_out_mult; the paper's 1/3 by default):
-
-    a_out = c·‖W_O‖·√(Σ_h (σ_V^h)²)·a
-    L_att = c·‖W_O‖·[√(Σ_h (σ_V^h)²) + 2·s·H·a²·σ_Q·max_h(σ_K^h·σ_V^h)]
-
-With H = 1 this is exactly the paper's L_att = (1/3)‖W_O‖(‖W_V‖ + 2‖W_V‖‖W_Q‖‖W_K‖a²·s). For
-H > 1 the paper's attention formula is not an upper bound, and its MLP term ‖W_out‖‖W_in‖/1.1289
-is 1.1289× too small; ``docs/certificates.md`` derives both and the tests show counterexamples.
-``rule="paper"`` reproduces the paper's formulas (App. B) to compare with published numbers.
+``rule="paper"`` evaluates the paper's formulas (App. B) instead, to compare with published
+numbers: its attention term ‖W_O‖/3·(‖W_V‖ + 2‖W_V‖‖W_Q‖‖W_K‖a²·s) is not an upper bound for
+H > 1 heads and its MLP term ‖W_out‖‖W_in‖/1.1289 is 1.1289× too small (docs/certificates.md
+derives both; the tests show counterexamples). Those formulas are the only rules kept here.
 """
 
 from __future__ import annotations
@@ -38,16 +33,8 @@ from functools import partial
 import torch
 from torch import Tensor, nn
 
-from lipschitz.linalg import head_spectral_norms, rms_operator_norm, row_rms
-from lipschitz.nn.layers import (
-    GELU_MAX_SLOPE,
-    GELU_SCALE,
-    MLP,
-    RESIDUALS,
-    Block,
-    CausalSelfAttention,
-    Linear,
-)
+from lipschitz.linalg import rms_operator_norm, row_rms
+from lipschitz.nn.layers import GELU_SCALE, MLP, RESIDUALS, Block, CausalSelfAttention, Linear
 from lipschitz.nn.models import BaselineMLP, LipschitzGPT, LipschitzMLP
 
 __all__ = [
@@ -108,6 +95,10 @@ class _Walk:
             {"name": name, "lipschitz": lipschitz, "bound_in": bound_in, "bound_out": bound_out}
         )
 
+    def certify(self, module: nn.Module, a: float, name: str) -> tuple[float, float]:
+        """(L, a_out) of ``module`` on inputs of token RMS ≤ a, by its rule in this rule set."""
+        return _rule_for(module, self.rule)(module, a, self, name)
+
 
 # A rule maps (module, input bound a, walk, name) to (Lipschitz bound on the a-ball, output bound).
 Rule = Callable[[nn.Module, float, _Walk, str], tuple[float, float]]
@@ -129,83 +120,59 @@ def _own_rule(module: nn.Module, a: float, walk: _Walk, name: str) -> tuple[floa
     return module.certificate(a, walk, name)
 
 
-def _rule_for(module: nn.Module) -> Rule:
-    """The module's registered rule, or its own ``certificate(a, walk, name)`` method (a block
-    that owns its facts: lipschitz.nn.lookup.LookupAttention)."""
-    rule = RULES.get(type(module))
-    if rule is None and callable(getattr(module, "certificate", None)):
+def _rule_for(module: nn.Module, rule: str = "certified") -> Rule:
+    """The paper's formula (``rule="paper"``), a registered rule, or the module's own
+    ``certificate(a, walk, name)``, defined by its own class (a subclass may compute something
+    else, e.g. BaselineAttention's 1/√d logits)."""
+    own = RULES.get(type(module))
+    if rule == "paper":
+        own = PAPER_RULES.get(type(module), own)
+    if own is None and "certificate" in vars(type(module)):
         return _own_rule
-    if rule is None:
+    if own is None:
         raise TypeError(
-            f"no certificate rule for {type(module).__name__}; register one with "
-            f"lipschitz.certify.register_rule({type(module).__name__}) mapping an input "
+            f"no certificate rule for {type(module).__name__}; give it a method "
+            "certificate(a, walk, name) or register one with "
+            f"lipschitz.certify.register_rule({type(module).__name__}), mapping an input "
             "activation bound to (Lipschitz bound, output activation bound)"
         )
-    return rule
+    return own
 
 
-@register_rule(Linear, nn.Linear)
-def _linear_rule(m: nn.Linear, a: float, walk: _Walk, name: str) -> tuple[float, float]:
-    """x ↦ Wx (+ b): L = ‖W‖, output RMS ≤ ‖W‖·a (+ RMS of b)."""
-    n = walk.norm(f"{name}.weight", m.weight)
-    bias = 0.0 if m.bias is None else float(m.bias.detach().double().pow(2).mean().sqrt())
-    return n, n * a + bias
+register_rule(nn.Linear)(Linear.certificate)  # torch's own layer: the same rule as ours
 
 
-@register_rule(MLP)
-def _mlp_rule(m: MLP, a: float, walk: _Walk, name: str) -> tuple[float, float]:
-    """fc_out(GELU(fc_in x)/1.1289): |GELU(z)| ≤ |z| bounds activations, its slope bounds L.
-    fc_out(MaxMin(fc_in x)): MaxMin permutes pairs, so it keeps norms and is 1-Lipschitz."""
+# The paper's formulas (App. B), ``rule="paper"``: not upper bounds, kept to compare with its
+# published numbers. Each records the same matrix norms as the module's own rule.
+def _paper_mlp_rule(m: MLP, a: float, walk: _Walk, name: str) -> tuple[float, float]:
+    """‖W_out‖‖W_in‖/1.1289 counts GELU itself as 1-Lipschitz; its slope is 1.1289."""
     n_in = walk.norm(f"{name}.fc_in.weight", m.fc_in.weight)
     n_out = walk.norm(f"{name}.fc_out.weight", m.fc_out.weight)
     if m.activation == "maxmin":
         return n_out * n_in, n_out * n_in * a
-    # The paper's rule ‖W_out‖‖W_in‖/1.1289 counts GELU itself as 1-Lipschitz; its slope is 1.1289.
-    slope = 1.0 if walk.rule == "paper" else GELU_MAX_SLOPE
-    return n_out * n_in * slope / GELU_SCALE, n_out * n_in * a / GELU_SCALE
+    return n_out * n_in / GELU_SCALE, n_out * n_in * a / GELU_SCALE
 
 
-@register_rule(CausalSelfAttention)
-def _attention_rule(
+def _paper_attention_rule(
     m: CausalSelfAttention, a: float, walk: _Walk, name: str
 ) -> tuple[float, float]:
-    """See the module docstring: c·‖W_O‖ with the module's c (the paper's rule: 1/3), and s
-    scales only the a² term."""
-    H, s, c = m.n_head, m.attn_scale, m.out_mult
-    if m.q is None:  # content-free attention: no softmax path (s = 0, the a² term is 0)
-        hq = hk = [0.0] * H
-        nq = nk = 0.0
-    else:
-        hq, hk = head_spectral_norms(m.q.weight, H), head_spectral_norms(m.k.weight, H)
-        nq = walk.norm(f"{name}.q.weight", m.q.weight, head_spectral_norms=hq)
-        nk = walk.norm(f"{name}.k.weight", m.k.weight, head_spectral_norms=hk)
-    hv = head_spectral_norms(m.v.weight, H)
-    nv = walk.norm(f"{name}.v.weight", m.v.weight, head_spectral_norms=hv)
-    no = walk.norm(f"{name}.o.weight", m.o.weight)
-    if walk.rule == "paper":  # paper App. B with its ×1/3, whatever the model's; valid for H = 1
-        c = 1 / 3
-        return c * no * (nv + 2 * s * nv * nq * nk * a * a), c * no * nv * a
-    v_path = math.sqrt(sum(x * x for x in hv))  # heads may average different tokens
-    kv = max(x * y for x, y in zip(hk, hv, strict=True))
-    return c * no * (v_path + 2 * s * H * a * a * nq * kv), c * no * v_path * a
+    """(1/3)‖W_O‖(‖W_V‖ + 2‖W_V‖‖W_Q‖‖W_K‖a²·s) with its ×1/3 whatever the model's: valid for
+    one head."""
+    n, s, c = m.weight_norms(walk, name), m.attn_scale, 1 / 3
+    return c * n["o"] * (n["v"] + 2 * s * n["v"] * n["q"] * n["k"] * a * a), c * n["o"] * n["v"] * a
 
 
-@register_rule(Block)
-def _block_rule(m: Block, a: float, walk: _Walk, name: str) -> tuple[float, float]:
-    """Residual x ↦ β·x + γ·f(x): L ≤ β + γ·L_f, bound ≤ β·a + γ·a_f.
+def _paper_block_rule(m: Block, a: float, walk: _Walk, name: str) -> tuple[float, float]:
+    """The paper's convex weights β = 1−α, γ = α, even for a ``residual="sum"`` block: what its
+    May-2025 code reported for such a model."""
+    return m.certificate(a, walk, name, weights=(1 - m.alpha, m.alpha))
 
-    The paper's rule always uses its convex weights β = 1−α, γ = α (App. B), even for a
-    ``residual="sum"`` block, which is what its May-2025 code reported for such a model.
-    """
-    beta, gamma = (1 - m.alpha, m.alpha) if walk.rule == "paper" else m.weights
-    lipschitz = 1.0
-    for part in ("attn", "mlp"):
-        sub = getattr(m, part)
-        L_f, a_f = _rule_for(sub)(sub, a, walk, f"{name}.{part}")
-        L, a_next = beta + gamma * L_f, beta * a + gamma * a_f
-        walk.step(f"{name}.{part}", L, a, a_next)
-        lipschitz, a = lipschitz * L, a_next
-    return lipschitz, a
+
+PAPER_RULES: dict[type, Rule] = {
+    MLP: _paper_mlp_rule,
+    CausalSelfAttention: _paper_attention_rule,
+    Block: _paper_block_rule,
+}
 
 
 def _certify_gpt(
@@ -220,7 +187,7 @@ def _certify_gpt(
     else:
         lipschitz, a, norm_in = 1.0, input_bound, "inf-RMS"
     for i, block in enumerate(model.blocks):  # true forward order
-        L, a = _rule_for(block)(block, a, walk, f"blocks.{i}")
+        L, a = walk.certify(block, a, f"blocks.{i}")
         lipschitz *= L
     name = "head.weight (tied to embed.weight)" if model.tie_head else "head.weight"
     head = walk.norm(name, model.head.weight) * model.final_scale
@@ -264,7 +231,7 @@ def certify(
             raise ValueError("an MLP certificate is global: pass neither inputs nor input_bound")
         L, a = 1.0, 1.0  # a: output RMS for an input of RMS 1 (ReLU keeps |x| entrywise)
         for i, layer in enumerate(model.layers):
-            n, a_next = _rule_for(layer)(layer, a, walk, f"layers.{i}")
+            n, a_next = walk.certify(layer, a, f"layers.{i}")
             walk.step(f"layers.{i}", n, a, a_next)
             L, a = L * n, a_next
         d_in, d_out = model.layers[0].in_features, model.layers[-1].out_features

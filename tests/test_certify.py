@@ -211,7 +211,7 @@ def test_position_bias_shift_attention_certificate_is_exact(residual):
     with torch.no_grad():
         attn.pos_bias.bias.fill_(-1e4)
         attn.pos_bias.bias[0, 1] = 0.0  # every query t ≥ 1 attends to t − 1 only
-    beta, gamma = model.blocks[0].weights
+    beta, gamma = model.blocks[0].residual_weights
     exact = beta * (beta + gamma * 0.5 * 3.0)  # token 0 attends to itself: same bound
     cert = certify(model, inputs="embeds", input_bound=1.0)
     assert cert.lipschitz == pytest.approx(exact, rel=1e-12)
@@ -590,3 +590,47 @@ def test_presets_certified_below_two_for_every_weight_their_constraints_allow(na
         E.mul_(cfg.embed_w_max / E.pow(2).mean(-1, keepdim=True).sqrt())
     worst = certify(model).lipschitz
     assert 1.9 < worst <= 2.0, (name, worst)
+
+
+class _ShiftBlock(nn.Module):
+    """A residual block written outside the package, in one place: x ← β·x + γ·W·shift(x), where
+    shift moves every token one position later (the first gets 0). Shift keeps every token's
+    RMS, so the branch is ‖W‖-Lipschitz in ∞RMS and the residual β + γ·‖W‖."""
+
+    def __init__(self, d: int, alpha: float = 0.5) -> None:
+        super().__init__()
+        self.alpha, self.w = alpha, Linear(d, d)
+
+    def forward(self, x, stats=None, prefix=""):  # (B, T, d) -> (B, T, d)
+        shifted = torch.cat([torch.zeros_like(x[:, :1]), x[:, :-1]], dim=1)
+        return (1 - self.alpha) * x + self.alpha * self.w(shifted)
+
+    def certificate(self, a, walk, name):
+        L_w, a_w = walk.certify(self.w, a, f"{name}.w")
+        L, a_out = (1 - self.alpha) + self.alpha * L_w, (1 - self.alpha) * a + self.alpha * a_w
+        walk.step(name, L, a, a_out)
+        return L, a_out
+
+    def target_factors(self, after, unit_scalars=False):  # one matrix, sensitivity β + γ·1 = 1
+        return {id(self.w.weight): 1.0 / (self.alpha * after)}, after
+
+
+def test_a_block_written_in_one_place_is_certified_and_routed_without_edits():
+    from lipschitz.optim.routing import residual_target_factors
+
+    g = torch.Generator().manual_seed(0)
+    model = LipschitzGPT(vocab_size=7, d_model=8, n_layer=2, n_head=2, seq_len=6,
+                         zero_init_out=False, zero_init_head=False)  # fmt: skip
+    model.blocks.insert(1, _ShiftBlock(8))
+    _rescale_randomly(model, g)
+    cert = certify(model, inputs="embeds")
+    shift = model.blocks[1].w.weight
+    assert "blocks.1.w.weight" in [e["name"] for e in cert.layers]
+    steps = {s["name"]: s["lipschitz"] for s in cert.steps}
+    assert steps["blocks.1"] == pytest.approx(0.5 + 0.5 * float(rms_operator_norm(shift)))
+    assert list(steps)[2:5] == ["blocks.1", "blocks.2.attn", "blocks.2.mlp"]  # forward order
+    assert cert.lipschitz == pytest.approx(math.prod(steps.values()), rel=1e-12)
+    assert empirical_lipschitz(model, n_pairs=4, steps=30, n_starts=16) <= cert.lipschitz
+    factors, embed = residual_target_factors(model)
+    assert factors[id(shift)] == pytest.approx(2.0, rel=1e-12)  # 1/α; convex blocks after: 1
+    assert embed == pytest.approx(1.0, rel=1e-12)

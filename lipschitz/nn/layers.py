@@ -7,6 +7,14 @@ RMS→RMS norm ``sqrt(in/out)·σ_max(W)``; activations ``(B, T, d)`` by their l
 
 No layer norm anywhere: activations stay bounded because every weight is norm-bounded, the
 GELU is rescaled to slope ≤ 1, attention averages values, and residuals are convex.
+
+Every block owns its Lipschitz facts (docs/architecture.md, "Adding a block"):
+``certificate(a, walk, name)`` maps a bound ``a`` on the ∞RMS norm of its input to (Lipschitz
+bound on that ball, bound on its output), from the weights as they are, recording each matrix's
+norm with ``walk.norm(name, W)`` and certifying its children with ``walk.certify(child, a,
+name)`` (lipschitz.certify walks the model; docs/certificates.md derives every rule). A residual
+block also declares ``target_factors``, the sensitivity split that sets its matrices' target
+norms (lipschitz.optim.routing).
 """
 
 from __future__ import annotations
@@ -17,7 +25,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from lipschitz.linalg import row_rms
+from lipschitz.linalg import head_spectral_norms, row_rms
 
 __all__ = [
     "ACTIVATIONS",
@@ -63,6 +71,12 @@ class Linear(nn.Linear):
             else:
                 nn.init.orthogonal_(self.weight)  # all singular values 1
                 self.weight.mul_(math.sqrt(self.out_features / self.in_features))
+
+    def certificate(self, a: float, walk, name: str) -> tuple[float, float]:
+        """x ↦ Wx (+ b): L = ‖W‖, output RMS ≤ ‖W‖·a (+ RMS of b)."""
+        n = walk.norm(f"{name}.weight", self.weight)
+        bias = 0.0 if self.bias is None else float(self.bias.detach().double().pow(2).mean().sqrt())
+        return n, n * a + bias
 
 
 class Embedding(nn.Embedding):
@@ -180,6 +194,36 @@ class CausalSelfAttention(nn.Module):
         paths of the attention's sensitivity, for the target-norm rule (paper App. D)."""
         return [lin for lin in (self.q, self.k, self.v) if lin is not None]
 
+    def weight_norms(self, walk, name: str) -> dict:
+        """Every matrix's RMS→RMS norm (recorded by ``walk``) and per-head spectral norms:
+        keys q, k, v, o and heads_q, heads_k, heads_v (lists of H; 0 for absent q, k)."""
+        H = self.n_head
+        norms = {"q": 0.0, "k": 0.0, "heads_q": [0.0] * H, "heads_k": [0.0] * H}
+        for key, lin in (("q", self.q), ("k", self.k), ("v", self.v)):
+            if lin is not None:
+                heads = head_spectral_norms(lin.weight, H)
+                norms[f"heads_{key}"] = heads
+                norms[key] = walk.norm(
+                    f"{name}.{key}.weight", lin.weight, head_spectral_norms=heads
+                )
+        norms["o"] = walk.norm(f"{name}.o.weight", self.o.weight)
+        return norms
+
+    def certificate(self, a: float, walk, name: str) -> tuple[float, float]:
+        """For a head h let σ_Q^h, σ_K^h, σ_V^h be the spectral norms of its d_head×d row block
+        of W_Q, W_K, W_V, σ_Q = ‖W_Q‖, H heads, s = attn_scale, c = out_mult:
+
+            a_out = c·‖W_O‖·√(Σ_h (σ_V^h)²)·a
+            L     = c·‖W_O‖·[√(Σ_h (σ_V^h)²) + 2·s·H·a²·σ_Q·max_h(σ_K^h·σ_V^h)]
+
+        (docs/certificates.md, "Attention"). Heads may average different tokens, hence the root
+        sum of squares; content-free attention (no q, k) has no softmax term."""
+        n = self.weight_norms(walk, name)
+        H, s, c = self.n_head, self.attn_scale, self.out_mult
+        v_path = math.sqrt(sum(x * x for x in n["heads_v"]))
+        kv = max(x * y for x, y in zip(n["heads_k"], n["heads_v"], strict=True))
+        return c * n["o"] * (v_path + 2 * s * H * a * a * n["q"] * kv), c * n["o"] * v_path * a
+
     def _mix_by_position(self, v: Tensor, bias: Tensor | None) -> Tensor:
         """Content-free heads: y = softmax(bias) @ v per head, the same weights for every
         sequence, so one (T × T)·(T × B·d_head) product per head with the batch in the columns
@@ -254,6 +298,16 @@ class MLP(nn.Module):
         """Its two layers, input first (sensitivity 1 with the 1-Lipschitz activation)."""
         return [self.fc_in, self.fc_out]
 
+    def certificate(self, a: float, walk, name: str) -> tuple[float, float]:
+        """fc_out(GELU(fc_in x)/1.1289): |GELU(z)| ≤ |z| bounds the output, its largest slope
+        1.1289041 bounds L. fc_out(MaxMin(fc_in x)): MaxMin permutes pairs, so it keeps norms
+        and is 1-Lipschitz."""
+        n_in = walk.norm(f"{name}.fc_in.weight", self.fc_in.weight)
+        n_out = walk.norm(f"{name}.fc_out.weight", self.fc_out.weight)
+        if self.activation == "maxmin":
+            return n_out * n_in, n_out * n_in * a
+        return n_out * n_in * GELU_MAX_SLOPE / GELU_SCALE, n_out * n_in * a / GELU_SCALE
+
     def forward(self, x: Tensor) -> Tensor:  # (B, T, d) -> (B, T, d)
         h = self.fc_in(x)  # (B, T, 4d)
         h = maxmin(h) if self.activation == "maxmin" else F.gelu(h) / GELU_SCALE
@@ -304,12 +358,52 @@ class Block(nn.Module):
         self.mlp = MLP(d_model, zero_init_out, activation)
 
     @property
-    def weights(self) -> tuple[float, float]:
+    def residual_weights(self) -> tuple[float, float]:
         """(β, γ) of x ← β·x + γ·f(x)."""
         return (1 - self.alpha, self.alpha) if self.residual == "convex" else (1.0, 1.0)
 
+    def certificate(
+        self, a: float, walk, name: str, weights: tuple[float, float] | None = None
+    ) -> tuple[float, float]:
+        """Each residual x ↦ β·x + γ·f(x): L ≤ β + γ·L_f, output bound ≤ β·a + γ·a_f.
+        ``weights``: (β, γ) to use instead of the block's own (the paper's rule, App. B, always
+        takes its convex weights)."""
+        beta, gamma = weights or self.residual_weights
+        lipschitz = 1.0
+        for part in ("attn", "mlp"):
+            L_f, a_f = walk.certify(getattr(self, part), a, f"{name}.{part}")
+            L, a_next = beta + gamma * L_f, beta * a + gamma * a_f
+            walk.step(f"{name}.{part}", L, a, a_next)
+            lipschitz, a = lipschitz * L, a_next
+        return lipschitz, a
+
+    def target_factors(self, after: float, unit_scalars: bool = False) -> tuple[dict, float]:
+        """Modula's sensitivity split of this block's matrices (paper App. D; lipschitz.optim.
+        routing): ``after`` is the product of the sensitivities of the residuals after this
+        block; returns ({id(weight): factor of the equal share}, ``after`` times this block's
+        two sensitivities).
+
+        The block's 6 shares (q, k, v, o, fc_in, fc_out) split as attention 4/6 and MLP 2/6;
+        inside attention W_O gets 1/4 and each of the c-scaled paths (value, query, key) 1/(4c)
+        (Modula gives the pair (V, scores) 3/4 and divides by c), inside the MLP each matrix
+        1/2. A residual's sensitivity is β + γ·s_f: with convex weights (γ = α, c = 1/3) it is
+        1 and the factors are 1/α and 1/(α·c), the released code's multipliers; with
+        ``residual="sum"`` the attention's is 4 and the MLP's 2, so each layer divides
+        everything before it by 8. ``unit_scalars``: as if β, γ and c were 1, whatever the
+        forward pass uses (the paper's App. D trick, Modula's ``Mul`` of sensitivity 1)."""
+        beta, gamma = (1.0, 1.0) if unit_scalars else self.residual_weights
+        c = 1.0 if unit_scalars else self.attn.out_mult
+        scaled = self.attn.scaled_linears()  # value path (+ query and key paths)
+        s_attn, s_mlp = beta + gamma * len(scaled) * c, beta + gamma * 1.0
+        factors = {id(lin.weight): 1.0 / (gamma * after) for lin in self.mlp.linears()}
+        after *= s_mlp
+        factors[id(self.attn.o.weight)] = 1.0 / (gamma * after)
+        for lin in scaled:
+            factors[id(lin.weight)] = 1.0 / (gamma * c * after)
+        return factors, after * s_attn
+
     def forward(self, x: Tensor, stats: dict | None = None, prefix: str = "") -> Tensor:
-        beta, gamma = self.weights
+        beta, gamma = self.residual_weights
         attn_stats = {} if stats is not None else None
         x = beta * x + gamma * self.attn(x, attn_stats)  # (B, T, d)
         if stats is not None:

@@ -117,37 +117,19 @@ def _roles(
 def residual_target_factors(
     model: nn.Module, unit_scalars: bool = False
 ) -> tuple[dict[int, float], float]:
-    """Modula's sensitivity factors for the residual Blocks of ``model`` (see route_parameters).
+    """Modula's sensitivity factors for the residual blocks of ``model`` (see route_parameters).
 
-    Returns ({id(weight): factor} for every matrix inside a Block, factor of the embedding). The
-    factor multiplies the equal share M of a hidden matrix; a Block of 6 matrices (q, k, v, o,
-    fc_in, fc_out) splits its 6·M as attention 4/6 and MLP 2/6, then inside attention W_O gets
-    1/4 and Q/K/V 1/(4c) (Modula gives the pair (V, scores) 3/4 and divides by c), inside the
-    MLP each matrix 1/2. With convex residuals (γ = α, c = 1/3) every residual has sensitivity
-    β + γ·s_f = 1, so the factors are 1/α for W_O and the MLP and 1/(α·c) for Q/K/V in every
-    layer: the released code's multipliers. With ``residual="sum"`` (β = γ = 1, c = 1) the
-    attention residual has sensitivity 4 and the MLP's 2, so each layer divides everything
-    before it by 8: the per-layer learning-rate decay of the paper's App. D.
-    ``unit_scalars=True`` computes the factors as if every scalar multiplier (β, γ, c) were 1,
-    whatever the forward pass uses: the paper's App. D trick (Modula's ``Mul`` with
-    sensitivity 1) on a convex model.
+    Returns ({id(weight): factor} for every matrix inside a residual block, factor of the
+    embedding). Every module that declares ``target_factors(after, unit_scalars)`` (e.g.
+    lipschitz.nn.layers.Block, which explains the split) is a residual block; walked from the
+    output back to the input, each one's factors divide by the sensitivities after it, and the
+    embedding's by all of them. ``unit_scalars=True``: as if every scalar multiplier were 1
+    (the paper's App. D trick).
     """
-    from lipschitz.nn.layers import Block  # routing reads the blocks' own constants
-
-    blocks = [m for m in model.modules() if isinstance(m, Block)]
+    blocks = [m for m in model.modules() if callable(getattr(m, "target_factors", None))]
     factors: dict[int, float] = {}
     after = 1.0  # product of the sensitivities of the residuals after the current one
     for block in reversed(blocks):  # from the output back to the input
-        beta, gamma = (1.0, 1.0) if unit_scalars else block.weights
-        c = 1.0 if unit_scalars else block.attn.out_mult
-        scaled = block.attn.scaled_linears()  # value path (+ query and key paths)
-        paths = len(scaled)
-        s_attn, s_mlp = beta + gamma * paths * c, beta + gamma * 1.0
-        for lin in block.mlp.linears():  # 6·(2/6)·(1/2)/γ
-            factors[id(lin.weight)] = 1.0 / (gamma * after)
-        after *= s_mlp
-        factors[id(block.attn.o.weight)] = 1.0 / (gamma * after)  # 6·(4/6)·(1/4)/γ
-        for lin in scaled:
-            factors[id(lin.weight)] = 1.0 / (gamma * c * after)
-        after *= s_attn
+        own, after = block.target_factors(after, unit_scalars)
+        factors.update(own)
     return factors, 1.0 / after
