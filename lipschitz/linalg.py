@@ -24,6 +24,7 @@ from torch import Tensor
 __all__ = [
     "NS_COEFFICIENTS",
     "NS_MAX_OUTPUT",
+    "NS_OUTPUT_RANGE",
     "PowerIteration",
     "gram_polynomial",
     "head_spectral_norms",
@@ -232,12 +233,11 @@ _JORDAN_5 = ((3.4445, -4.7750, 2.0315),) * 5
 _CLASSIC = (15 / 8, -10 / 8, 3 / 8)
 
 # Named coefficient sets. Each step is x ↦ a·x + b·x³ + c·x⁵, applied after dividing W by its
-# Frobenius norm (so every singular value starts in [0, 1]). Range of the composed scalar map on
-# x ∈ [1e-3, 1] (float64, 2M-point grid; ``tests/test_linalg.py::test_ns_output_ranges``):
-#   you6       [0.8663, 0.99934]     the paper's JAX set (You Jiacheng): never exceeds 1
-#   nanogpt5   [0.4749, 1.14503]     the paper's NanoGPT set: max 1.14502, its "inflation factor"
-#   jordan5    [0.4705, 1.20237]     Keller Jordan's Muon set
-#   accurate8  [0.99994, 1.0000001]  ours: jordan5, then three classical steps; 8 steps in all
+# Frobenius norm (so every singular value starts in [0, 1]).
+#   you6       the paper's JAX set (You Jiacheng): never exceeds 1
+#   nanogpt5   the paper's NanoGPT set: its largest output 1.14502 is the paper's "inflation factor"
+#   jordan5    Keller Jordan's Muon set
+#   accurate8  ours: jordan5, then three classical steps; 8 steps in all
 NS_COEFFICIENTS: dict[str, tuple[tuple[float, float, float], ...]] = {
     "you6": _YOU_6,
     "nanogpt5": _NANOGPT_5,
@@ -245,14 +245,18 @@ NS_COEFFICIENTS: dict[str, tuple[tuple[float, float, float], ...]] = {
     "accurate8": _JORDAN_5 + (_CLASSIC,) * 3,
 }
 
+# Range of each set's composed scalar map on x ∈ [1e-3, 1], rounded outwards to the digits shown
+# (float64, 2M-point grid; tests/test_linalg.py::test_ns_output_ranges checks it is tight to 1e-4).
+NS_OUTPUT_RANGE: dict[str, tuple[float, float]] = {
+    "you6": (0.8663, 0.99934),
+    "nanogpt5": (0.4749, 1.14503),
+    "jordan5": (0.4705, 1.20237),
+    "accurate8": (0.99994, 1.0000001),
+}
+
 # Upper bound of each set's scalar map on [0, 1]: how far one orthogonalized update can inflate a
 # singular value. Muon multiplies its step size by this to know its update norm.
-NS_MAX_OUTPUT: dict[str, float] = {
-    "you6": 0.99934,
-    "nanogpt5": 1.14503,
-    "jordan5": 1.20237,
-    "accurate8": 1.0000001,
-}
+NS_MAX_OUTPUT: dict[str, float] = {name: hi for name, (lo, hi) in NS_OUTPUT_RANGE.items()}
 
 
 def msign(W: Tensor, coefficients: str = "accurate8", dtype: torch.dtype | None = None) -> Tensor:

@@ -60,3 +60,14 @@ def test_constraint_names_are_spelled_in_one_place():
     }
     found = [f for f in found if f.split()[1] not in allowed.get(f.split(":")[0], set())]
     assert not found, found
+
+
+def test_no_module_imports_another_modules_private_names():
+    """Modules meet at public, documented seams: no ``from lipschitz.x import _name``."""
+    found = []
+    for path in sorted(PACKAGE.rglob("*.py")):
+        for node in ast.walk(ast.parse(path.read_text())):
+            if isinstance(node, ast.ImportFrom) and (node.module or "").startswith("lipschitz"):
+                private = [a.name for a in node.names if a.name.startswith("_")]
+                found += [f"{path.relative_to(ROOT)}:{node.lineno} {n}" for n in private]
+    assert not found, found

@@ -11,6 +11,7 @@ from matrices import matrix_cases, matrix_with_spectrum, rms_singular_values
 from lipschitz.linalg import (
     NS_COEFFICIENTS,
     NS_MAX_OUTPUT,
+    NS_OUTPUT_RANGE,
     gram_polynomial,
     msign,
     odd_polynomial,
@@ -188,14 +189,6 @@ def test_ns_coefficients_are_the_published_ones(name):
 # Output range of each set's scalar map on [1e-3, 1] as documented in linalg.py: regression values
 # measured on this grid (commit 75f2fc4), not an independent check. The independent checks are the
 # published coefficients above, the numpy evaluation and the paper's constants below.
-NS_RANGES = {
-    "you6": (0.8663, 0.99934),
-    "nanogpt5": (0.4749, 1.14503),
-    "jordan5": (0.4705, 1.20237),
-    "accurate8": (0.99994, 1.0000001),
-}
-
-
 @pytest.mark.parametrize("name", sorted(NS_COEFFICIENTS))
 def test_ns_output_ranges(name):
     x = torch.linspace(0, 1, 2_000_001, dtype=torch.float64)
@@ -204,7 +197,7 @@ def test_ns_output_ranges(name):
         y = scalar_odd_polynomial(y, step)
     # Horner in torch vs monomials in numpy: roundings amplified by a slope ≤ ~3300 near 0
     np.testing.assert_allclose(y.numpy(), _published_ns_map(name, x.numpy()), rtol=0, atol=1e-13)
-    lo, hi = NS_RANGES[name]
+    lo, hi = NS_OUTPUT_RANGE[name]  # the library's one table of them
     inside = y[x >= 1e-3]
     assert lo <= inside.min().item() and inside.max().item() <= hi
     # the documented range is tight (to 1e-4)

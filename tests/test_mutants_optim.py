@@ -30,7 +30,7 @@ from lipschitz.optim import (
     work_counts,
 )
 from lipschitz.optim.muon import UPDATE_NORM_MARGIN
-from lipschitz.optim.projection import _stages
+from lipschitz.optim.projection import post_step_of
 
 # ----------------------------------------------------------------------------- assign_ranks
 
@@ -206,7 +206,7 @@ def test_distribute_splits_constrained_groups_of_other_optimizers(monkeypatch):
         )
     )
     distribute(opt)
-    assert [id(p) for p in _stages(opt).shard.params] == [id(a), id(d)]
+    assert [id(p) for p in post_step_of(opt).shard.params] == [id(a), id(d)]
     with pytest.raises(ValueError, match=r"^distribute: this optimizer is already distributed$"):
         distribute(opt)
     with pytest.raises(ValueError, match=r"^distribute: call constrain\(optimizer\) first \(Muon"):

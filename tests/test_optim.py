@@ -24,7 +24,7 @@ from lipschitz.optim import (
     start_inside_constraints,
     work_counts,
 )
-from lipschitz.optim.projection import _stages
+from lipschitz.optim.projection import post_step_of
 from lipschitz.schedules import schedule
 
 # --------------------------------------------------------------------------------------------
@@ -438,7 +438,7 @@ def test_one_hook_projects_then_gathers():
         def gather(self) -> None:
             seen.append(rms_operator_norm(w).item())
 
-    _stages(opt).shard = Shard()
+    post_step_of(opt).shard = Shard()
     w.grad = torch.randn(16, 8)
     opt.step()
     assert len(opt._optimizer_step_post_hooks) == 1

@@ -41,6 +41,7 @@ __all__ = [
     "apply_rope",
     "maxmin",
     "rope_tables",
+    "token_stats",
 ]
 
 # Exact GELU x·Φ(x) has its largest slope at x = √2: Φ(√2) + √2·φ(√2) = 1.1289041...
@@ -135,7 +136,7 @@ class RelativePositionBias(nn.Module):
         return out.masked_fill(lag < 0, -math.inf)
 
 
-def _token_stats(x: Tensor) -> dict[str, Tensor]:
+def token_stats(x: Tensor) -> dict[str, Tensor]:
     """Largest |entry| and largest per-token (last-dim) RMS of x, detached."""
     x = x.detach()
     return {"max_abs": x.abs().amax(), "max_rms": row_rms(x).amax()}
@@ -407,8 +408,8 @@ class Block(nn.Module):
         attn_stats = {} if stats is not None else None
         x = beta * x + gamma * self.attn(x, attn_stats)  # (B, T, d)
         if stats is not None:
-            stats[f"{prefix}attn"] = {**_token_stats(x), **attn_stats}
+            stats[f"{prefix}attn"] = {**token_stats(x), **attn_stats}
         x = beta * x + gamma * self.mlp(x)
         if stats is not None:
-            stats[f"{prefix}mlp"] = _token_stats(x)
+            stats[f"{prefix}mlp"] = token_stats(x)
         return x

@@ -16,7 +16,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from lipschitz.nn.layers import Block, CausalSelfAttention, Embedding, Linear, _token_stats
+from lipschitz.nn.layers import Block, CausalSelfAttention, Embedding, Linear, token_stats
 
 __all__ = [
     "BaselineBlock",
@@ -59,13 +59,13 @@ def _gpt_forward(
 ) -> Tensor | tuple[Tensor, dict]:
     """embed → blocks → final_norm → head × final_scale, shared by both GPTs."""
     x = _embed_input(model.embed, idx, inputs_embeds)  # (B, T, d)
-    stats = {"embed": _token_stats(x)} if return_stats else None
+    stats = {"embed": token_stats(x)} if return_stats else None
     for i, block in enumerate(model.blocks):
         x = block(x, stats, prefix=f"blocks.{i}.")
     logits = model.head(final_norm(x)) * model.final_scale  # (B, T, V)
     if stats is None:
         return logits
-    stats["logits"] = _token_stats(logits)
+    stats["logits"] = token_stats(logits)
     return logits, stats
 
 
@@ -167,10 +167,10 @@ class BaselineBlock(nn.Module):
         attn_stats = {} if stats is not None else None
         x = x + self.attn(self.ln_1(x), attn_stats)  # (B, T, d)
         if stats is not None:
-            stats[f"{prefix}attn"] = {**_token_stats(x), **attn_stats}
+            stats[f"{prefix}attn"] = {**token_stats(x), **attn_stats}
         x = x + self.fc_out(F.gelu(self.fc_in(self.ln_2(x))))
         if stats is not None:
-            stats[f"{prefix}mlp"] = _token_stats(x)
+            stats[f"{prefix}mlp"] = token_stats(x)
         return x
 
 
@@ -241,7 +241,7 @@ def _mlp_forward(
     for i, layer in enumerate(model.layers):
         x = layer(x if i == 0 else F.relu(x))  # (B, width)
         if stats is not None:
-            stats[f"layers.{i}"] = _token_stats(x)
+            stats[f"layers.{i}"] = token_stats(x)
     return x if stats is None else (x, stats)
 
 

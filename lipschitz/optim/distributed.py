@@ -14,12 +14,12 @@ from torch import Tensor
 from torch.optim.optimizer import Optimizer
 
 from lipschitz.constraints import METHODS
-from lipschitz.optim.projection import _stages
+from lipschitz.optim.projection import post_step_of
 
 __all__ = ["assign_ranks", "distribute", "matrix_cost", "sync_constraint_state"]
 
 
-class _Shard:
+class RankShard:
     """Which rank computes which weight, and the all-gather that shares the results."""
 
     def __init__(self, rank: int, world_size: int, params: list[Tensor], group=None) -> None:
@@ -115,7 +115,7 @@ def distribute(optimizer: Optimizer, process_group=None) -> Optimizer:
     """
     import torch.distributed as dist
 
-    stages = _stages(optimizer)
+    stages = post_step_of(optimizer)
     if stages is None:
         raise ValueError("distribute: call constrain(optimizer) first (Muon is constrained)")
     if stages.shard is not None:
@@ -125,7 +125,7 @@ def distribute(optimizer: Optimizer, process_group=None) -> Optimizer:
     for group in optimizer.param_groups:
         if _has_matrix_work(optimizer, group):
             params += group["params"]
-    stages.shard = _Shard(rank, world_size, params, process_group)
+    stages.shard = RankShard(rank, world_size, params, process_group)
     return optimizer
 
 
@@ -138,7 +138,7 @@ def sync_constraint_state(optimizer: Optimizer) -> None:
     """
     import torch.distributed as dist
 
-    stages = _stages(optimizer)
+    stages = post_step_of(optimizer)
     shard = None if stages is None else stages.shard
     if shard is None:
         return

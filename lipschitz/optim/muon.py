@@ -21,12 +21,12 @@ from torch.optim.optimizer import Optimizer, ParamsT
 
 from lipschitz.linalg import NS_COEFFICIENTS, NS_MAX_OUTPUT, msign, rms_scale, row_rms
 from lipschitz.optim.projection import (
-    _check_constraint_group,
-    _n_matrices,
-    _named,
-    _same_shape,
-    _stages,
+    batches_by_shape,
+    check_constraint_group,
     constrain,
+    n_matrices,
+    named_params,
+    post_step_of,
 )
 
 __all__ = ["RULES", "UPDATE_NORM_MARGIN", "Muon"]
@@ -123,7 +123,7 @@ class Muon(Optimizer):
         super().add_param_group(param_group)
         group = self.param_groups[-1]
         _check_muon_group(group)
-        _check_constraint_group(self, group)
+        check_constraint_group(self, group)
 
     def momentum_at(self, group: dict, step: int) -> float:
         """μ at a parameter's ``step`` (0-based): linear warm-up, then ``momentum``."""
@@ -160,7 +160,7 @@ class Muon(Optimizer):
         if closure is not None:
             with torch.enable_grad():
                 loss = closure()
-        stages = _stages(self)  # installed by constrain in __init__
+        stages = post_step_of(self)  # installed by constrain in __init__
         for group in self.param_groups:
             eta = group["lr"] * group["target_norm"]
             todo: list[tuple[Tensor, Tensor]] = []  # (weight, momentum direction u)
@@ -184,11 +184,11 @@ class Muon(Optimizer):
                                          eta)  # fmt: skip
                 elif stages.computes(p):
                     todo.append((p, u))
-            for batch in _same_shape(todo):
+            for batch in batches_by_shape(todo):
                 U = batch[0][1] if len(batch) == 1 else torch.stack([u for _, u in batch])
                 with record_function("msign"):  # a label for `lipschitz bench profile`
                     O = msign(U, group["coefficients"], dtype=group["ns_dtype"])
-                stages.work["msign"] += _n_matrices(U)
+                stages.count("msign", n_matrices(U))
                 for i, (p, _) in enumerate(batch):
                     self._decay_and_step(p, group, O if len(batch) == 1 else O[i],
                                          eta * rms_scale(p))  # fmt: skip
@@ -233,7 +233,7 @@ def _check_muon_group(group: dict) -> None:
         raise bad(f"rule must be one of {RULES}, got {group['rule']!r}")
     if not group["max_inflation"] >= 1:
         raise bad(f"max_inflation must be >= 1, got {group['max_inflation']!r}")
-    for name, p in _named(group):
+    for name, p in named_params(group):
         if p.ndim < 2:
             raise bad(
                 f"parameter {name} of shape {tuple(p.shape)} has fewer than 2 dimensions; "

@@ -7,13 +7,19 @@ param groups: ``constraint`` (a name from :data:`lipschitz.constraints.METHODS`)
 does it keep state, is it coupled to the step) is read from its
 :class:`~lipschitz.constraints.Constraint`. :func:`constraint_violations` checks afterwards that
 every constrained weight is finite and inside its ball.
+
+The seams the rest of ``lipschitz.optim`` uses: :class:`PostStep` (what runs after every step,
+found with :func:`post_step_of`; Muon asks it which matrices this rank computes and counts its
+work through it; :func:`~lipschitz.optim.distribute` hands it a :class:`Shard`), and the group
+helpers :func:`check_constraint_group`, :func:`named_params`, :func:`batches_by_shape`,
+:func:`n_matrices`.
 """
 
 from __future__ import annotations
 
 import math
 import warnings
-from typing import TYPE_CHECKING
+from typing import Protocol
 
 import torch
 from torch import Tensor
@@ -23,13 +29,31 @@ from torch.optim.optimizer import Optimizer
 from lipschitz.constraints import METHODS, SOFT_CAP_MAX_K
 from lipschitz.linalg import rms_operator_norm, row_rms
 
-if TYPE_CHECKING:
-    from lipschitz.optim.distributed import _Shard
+__all__ = [
+    "PostStep",
+    "Shard",
+    "batches_by_shape",
+    "check_constraint_group",
+    "constrain",
+    "constraint_violations",
+    "is_constrained",
+    "n_matrices",
+    "named_params",
+    "post_step_of",
+    "work_counts",
+]
 
-__all__ = ["constrain", "constraint_violations", "is_constrained", "work_counts"]
+
+class Shard(Protocol):
+    """Which weights this rank computes, and the exchange afterwards
+    (lipschitz.optim.distributed.RankShard)."""
+
+    def owns(self, p: Tensor) -> bool: ...
+
+    def gather(self) -> None: ...
 
 
-class _Stages:
+class PostStep:
     """What a constrained optimizer runs after every ``step()``, in this fixed order:
 
     1. project: every constrained parameter that had a gradient and that this rank computes
@@ -43,13 +67,17 @@ class _Stages:
     """
 
     def __init__(self) -> None:
-        self.shard: _Shard | None = None  # set by distribute
+        self.shard: Shard | None = None  # set by distribute
         self.work = {"msign": 0, "projections": 0}
         self.warned = False  # a soft-cap step went beyond the cap's guarantee (warned once)
 
     def computes(self, p: Tensor) -> bool:
         """Whether this rank computes p's matrix work (always, unless distributed)."""
         return self.shard is None or self.shard.owns(p)
+
+    def count(self, kind: str, n: int) -> None:
+        """Add n matrices of work: ``"msign"`` (orthogonalized) or ``"projections"``."""
+        self.work[kind] += n
 
     @torch.no_grad()
     def __call__(self, opt: Optimizer, args: tuple, kwargs: dict) -> None:
@@ -74,12 +102,12 @@ class _Stages:
             self._check_step(name, group, update_norm, decay)
         params = [p for p in group["params"] if p.grad is not None and self.computes(p)]
         if not c.per_row:
-            self.work["projections"] += sum(_n_matrices(p) for p in params)
+            self.count("projections", sum(n_matrices(p) for p in params))
         if c.stateful:
             for p in params:  # power-iteration warm start, saved with the optimizer's state
                 p.copy_(c.fn(p, **kw, state=opt.state[p].setdefault("constraint", {})))
         elif c.stackable:
-            for batch in _same_shape([(p, None) for p in params]):
+            for batch in batches_by_shape([(p, None) for p in params]):
                 if len(batch) == 1:
                     batch[0][0].copy_(c.fn(batch[0][0], **kw))
                     continue
@@ -103,28 +131,29 @@ class _Stages:
             )
 
 
-def _stages(optimizer: Optimizer) -> _Stages | None:
+def post_step_of(optimizer: Optimizer) -> PostStep | None:
     """The stages :func:`constrain` installed on the optimizer, or None."""
     return getattr(optimizer, "_lipschitz_stages", None)
 
 
 def is_constrained(optimizer: Optimizer) -> bool:
     """Whether :func:`constrain` has been called on the optimizer (Muon: always)."""
-    return _stages(optimizer) is not None
+    return post_step_of(optimizer) is not None
 
 
 def work_counts(optimizer: Optimizer) -> dict[str, int]:
     """Matrices this rank orthogonalized (``msign``) and projected by a matrix constraint
     (``projections``) since the optimizer was made; zeros for an unconstrained optimizer."""
-    stages = _stages(optimizer)
+    stages = post_step_of(optimizer)
     return dict(stages.work) if stages is not None else {"msign": 0, "projections": 0}
 
 
-def _n_matrices(p: Tensor) -> int:
+def n_matrices(p: Tensor) -> int:
+    """How many matrices a (..., out, in) weight holds."""
     return math.prod(p.shape[:-2])
 
 
-def _same_shape(items: list[tuple[Tensor, object]]) -> list[list[tuple[Tensor, object]]]:
+def batches_by_shape(items: list[tuple[Tensor, object]]) -> list[list[tuple[Tensor, object]]]:
     """(weight, x) pairs grouped by weight shape, in order of first appearance."""
     groups: dict[tuple, list] = {}
     for item in items:
@@ -132,13 +161,13 @@ def _same_shape(items: list[tuple[Tensor, object]]) -> list[list[tuple[Tensor, o
     return list(groups.values())
 
 
-def _named(group: dict) -> list[tuple[str, Tensor]]:
+def named_params(group: dict) -> list[tuple[str, Tensor]]:
     """(name, parameter) pairs of a group; unnamed parameters are called by their shape."""
     names = group.get("param_names") or [f"<{tuple(p.shape)}>" for p in group["params"]]
     return list(zip(names, group["params"], strict=True))
 
 
-def _check_constraint_group(optimizer: Optimizer, group: dict) -> None:
+def check_constraint_group(optimizer: Optimizer, group: dict) -> None:
     """Raise ValueError naming the problem if a group's constraint options are invalid."""
     name = group.get("constraint", "none")
     if name not in METHODS:
@@ -170,7 +199,7 @@ def _check_constraint_group(optimizer: Optimizer, group: dict) -> None:
             f"constrain: an embedding-rule group is measured per row; use "
             f"{' or '.join(map(repr, per_row))}, not the spectral constraint {name!r}"
         )
-    for pname, p in _named(group):
+    for pname, p in named_params(group):
         if p.ndim < 2:
             raise ValueError(
                 f"constrain: constraint {name!r} needs a weight matrix (..., out, in), but "
@@ -195,15 +224,15 @@ def constrain(optimizer: Optimizer) -> Optimizer:
     estimate per step; use svd_cap, spectral_hard_cap or spectral_normalize instead. Soft-cap steps
     beyond the cap's guarantee (k > (81/62)·w_max) trigger one warning per optimizer.
 
-    Installs one step post-hook running the stages of :class:`_Stages` in their fixed order.
+    Installs one step post-hook running the stages of :class:`PostStep` in their fixed order.
     :func:`work_counts` reads the matrices it orthogonalized and projected.
     Muon calls this itself; call it once on other optimizers (a second call is an error).
     """
     if is_constrained(optimizer):
         raise ValueError("constrain: this optimizer already has its constraints installed")
     for group in optimizer.param_groups:
-        _check_constraint_group(optimizer, group)
-    stages = _Stages()
+        check_constraint_group(optimizer, group)
+    stages = PostStep()
     optimizer.register_step_post_hook(stages)
     optimizer._lipschitz_stages = stages
     return optimizer
@@ -272,7 +301,7 @@ def _norms(params: list[Tensor], per_row: bool, known: list[float | None]) -> li
     norms = [k if f and k is not None else math.nan for f, k in zip(finite, known, strict=True)]
     todo = [j for j, p in enumerate(params) if finite[j] and known[j] is None]
     order, values = [], []
-    for batch in _same_shape([(params[j], j) for j in todo]):
+    for batch in batches_by_shape([(params[j], j) for j in todo]):
         ps = [p.detach() for p, _ in batch]
         W = ps[0].unsqueeze(0) if len(ps) == 1 else torch.stack(ps)  # (k, ..., out, in)
         value = row_rms(W.float()) if per_row else rms_operator_norm(W)  # (k, ...)
