@@ -27,6 +27,7 @@ MAX_TOKENS_PER_STEP = 10**9
 MAX_RECALL_VOCAB = 65536  # recall's key alphabet (and value alphabet) at most
 MAX_SEED = 2**63  # seeds torch's generator takes: [0, 2**63)
 MAX_FLOAT = 1e8  # no float setting means anything beyond this (w_max, lr, scales, ...)
+MAX_MLP_RATIO = 64  # the MLP's hidden width is at most 64·d_model
 MAX_COUNT = 10**9  # steps, intervals and sample length: 10**9 steps is weeks at 1 ms a step
 
 
@@ -67,6 +68,7 @@ class Config:
     attn_out_mult: float = 1 / 3
     pos_bias: bool = False  # a learned relative-position bias on the attention logits
     activation: str = "gelu"  # the MLP's: gelu (GELU/1.1289, the paper) | maxmin (GroupSort-2)
+    mlp_ratio: int = 4  # the Lipschitz GPT's MLP: d → mlp_ratio·d → d
     # Token mixer of the Lipschitz GPT: attention (the paper's, with attn_scale and pos_bias) |
     # lookup (lipschitz.nn.lookup: a lag bias on every head, dynamic lags, q·k content heads, an
     # optional value-0 sink; with mixer_budget each head's values are scaled so that it costs
@@ -276,7 +278,8 @@ def _check_ranges(cfg: Config) -> None:
     positive = ("steps", "batch_size", "seq_len", "d_model", "n_layer", "n_head", "grad_accum",
                 "eval_every", "checkpoint_every", "log_every", "w_max", "embed_w_max",
                 "attn_out_mult", "train_temperature", "head_w_max", "blocks_mass",
-                "residual_alpha", "recall_pairs", "recall_vocab", "final_scale")  # fmt: skip
+                "residual_alpha", "recall_pairs", "recall_vocab", "final_scale",
+                "mlp_ratio")  # fmt: skip
     for key in positive:
         value = getattr(cfg, key)
         if value is not None and not value > 0:
@@ -310,16 +313,20 @@ def _check_ranges(cfg: Config) -> None:
         raise ValueError(f"config: cooldown_frac must be in (0, 1], got {cfg.cooldown_frac}")
     if cfg.schedule == "constant" and cfg.lr_floor != 0:
         raise ValueError("config: schedule 'constant' has no lr_floor")
+    if cfg.mlp_ratio > MAX_MLP_RATIO:
+        raise ValueError(f"config: mlp_ratio={cfg.mlp_ratio} is above {MAX_MLP_RATIO}")
+    if cfg.mlp_ratio != 4 and cfg.model != "lipschitz_gpt":
+        raise ValueError(f"config: mlp_ratio belongs to model 'lipschitz_gpt', got {cfg.model!r}")
     if cfg.residual_alpha is not None and not cfg.residual_alpha <= 1:
         raise ValueError(f"config: residual_alpha must be in (0, 1], got {cfg.residual_alpha}")
 
 
 def parameter_estimate(cfg: Config) -> int:
     """A generous estimate of the model's parameter count, to catch impossible sizes early:
-    12·d² per transformer block (4·d² attention, 8·d² MLP) or d² per MLP layer, plus an input
+    (4 + 2·mlp_ratio)·d² per transformer block (attention, MLP) or d² per MLP layer, plus an input
     and an output layer at least as wide as GPT-2's padded vocabulary or a CIFAR image."""
     d = cfg.d_model
-    per_layer = 12 * d * d if cfg.model.endswith("_gpt") else d * d
+    per_layer = (4 + 2 * cfg.mlp_ratio) * d * d if cfg.model.endswith("_gpt") else d * d
     return cfg.n_layer * per_layer + 2 * max(cfg.vocab_size or 50304, 3072) * d
 
 

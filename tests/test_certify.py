@@ -634,3 +634,37 @@ def test_a_block_written_in_one_place_is_certified_and_routed_without_edits():
     factors, embed = residual_target_factors(model)
     assert factors[id(shift)] == pytest.approx(2.0, rel=1e-12)  # 1/α; convex blocks after: 1
     assert embed == pytest.approx(1.0, rel=1e-12)
+
+
+def test_a_square_maxmin_mlp_with_orthogonal_weights_keeps_every_norm():
+    """mlp_ratio 1: W_in, W_out square and orthogonal, MaxMin permutes pairs, so the MLP is an
+    isometry of every token and its certificate (‖W_out‖‖W_in‖ = 1) is attained."""
+    from lipschitz.nn.layers import MLP
+
+    mlp = MLP(16, zero_init_out=False, activation="maxmin", ratio=1).double()
+    assert mlp.fc_in.weight.shape == (16, 16) and mlp.fc_out.weight.shape == (16, 16)
+    x = torch.randn(64, 3, 16, dtype=torch.float64)
+    assert torch.allclose(mlp(x).norm(dim=-1), x.norm(dim=-1), rtol=1e-6, atol=0)  # float32 init
+    model = LipschitzGPT(vocab_size=5, d_model=16, n_layer=1, n_head=2, seq_len=4,
+                         activation="maxmin", mlp_ratio=1)  # fmt: skip
+    model.blocks[0].mlp = mlp.float()
+    step = {s["name"]: s for s in certify(model).steps}["blocks.0.mlp"]
+    alpha = model.blocks[0].alpha
+    assert step["lipschitz"] == pytest.approx((1 - alpha) + alpha * 1.0, rel=1e-6)
+    with pytest.raises(ValueError, match="hidden width"):
+        MLP(5, activation="maxmin", ratio=1)  # MaxMin needs pairs
+
+
+@pytest.mark.parametrize("ratio", [1, 2])
+def test_empirical_lower_bound_never_exceeds_the_certificate_of_narrow_mlps(ratio):
+    for seed in range(10):
+        g = torch.Generator().manual_seed(seed)
+        model = LipschitzGPT(vocab_size=7, d_model=8, n_layer=2, n_head=2, seq_len=5,
+                             zero_init_out=False, zero_init_head=False, pos_bias=True,
+                             activation=("gelu", "maxmin")[seed % 2], mlp_ratio=ratio)  # fmt: skip
+        _rescale_randomly(model, g, orthogonal=seed % 2 == 1)
+        model = model.double()
+        assert model.blocks[0].mlp.fc_in.weight.shape == (ratio * 8, 8)
+        cert = certify(model, inputs="embeds").lipschitz
+        lower = empirical_lipschitz(model, n_pairs=4, steps=30, n_starts=32, seed=seed)
+        assert 0 < lower <= cert * (1 + 1e-9), (seed, lower, cert)

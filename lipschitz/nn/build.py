@@ -75,6 +75,7 @@ def build_model(cfg: Config, n_outputs: int, n_inputs: int | None = None) -> nn.
         kwargs["pos_bias"] = cfg.pos_bias
         kwargs["alpha"] = cfg.residual_alpha
         kwargs["activation"] = cfg.activation
+        kwargs["mlp_ratio"] = cfg.mlp_ratio
         make_mixer = MIXERS[cfg.mixer]
         kwargs["mixer"] = make_mixer(cfg) if make_mixer else None
     return MODELS[cfg.model](**kwargs)

@@ -284,16 +284,25 @@ ACTIVATIONS = ("gelu", "maxmin")
 
 
 class MLP(nn.Module):
-    """d → 4d → d with a 1-Lipschitz activation: exact GELU divided by 1.1289 (its max slope;
-    the paper), or MaxMin (norm-preserving, the certificate's slope is exactly 1)."""
+    """d → ratio·d → d (the paper: 4) with a 1-Lipschitz activation: exact GELU divided by
+    1.1289 (its max slope; the paper), or MaxMin (norm-preserving, the certificate's slope is
+    exactly 1). With both matrices at RMS→RMS norm 1, ratio 1 can keep every token's norm
+    (square, orthogonal W_in and W_out); a wider MLP returns only the part of its hidden vector
+    in W_out's d-dimensional row space."""
 
-    def __init__(self, d_model: int, zero_init_out: bool = True, activation: str = "gelu") -> None:
+    def __init__(
+        self, d_model: int, zero_init_out: bool = True, activation: str = "gelu", ratio: int = 4
+    ) -> None:
         super().__init__()
         if activation not in ACTIVATIONS:
             raise ValueError(f"activation must be one of {ACTIVATIONS}, got {activation!r}")
+        if ratio < 1 or (activation == "maxmin" and ratio * d_model % 2):
+            raise ValueError(
+                f"the MLP's hidden width {ratio}·{d_model} must be >= 1 (even for maxmin)"
+            )
         self.activation = activation
-        self.fc_in = Linear(d_model, 4 * d_model)
-        self.fc_out = Linear(4 * d_model, d_model, zero_init=zero_init_out)
+        self.fc_in = Linear(d_model, ratio * d_model)  # (ratio·d, d)
+        self.fc_out = Linear(ratio * d_model, d_model, zero_init=zero_init_out)
 
     def linears(self) -> list[Linear]:
         """Its two layers, input first (sensitivity 1 with the 1-Lipschitz activation)."""
@@ -343,6 +352,7 @@ class Block(nn.Module):
         pos_bias: bool = False,
         activation: str = "gelu",
         mixer: nn.Module | None = None,
+        mlp_ratio: int = 4,
     ) -> None:
         super().__init__()
         if not 0 < alpha <= 1:
@@ -356,7 +366,7 @@ class Block(nn.Module):
         self.attn = mixer or CausalSelfAttention(
             d_model, n_head, seq_len, attn_scale, zero_init_out, attn_out_mult, pos_bias
         )
-        self.mlp = MLP(d_model, zero_init_out, activation)
+        self.mlp = MLP(d_model, zero_init_out, activation, mlp_ratio)
 
     @property
     def residual_weights(self) -> tuple[float, float]:

@@ -75,7 +75,8 @@ class LipschitzGPT(nn.Module):
     embed (rows RMS 1) → n_layer Blocks (convex residuals, α = 1/(2·n_layer) unless given) → head
     → ×final_scale.
     ``activation`` is the MLPs' 1-Lipschitz activation: ``"gelu"`` (GELU/1.1289, the paper) or
-    ``"maxmin"`` (norm-preserving MaxMin; docs/certificates.md).
+    ``"maxmin"`` (norm-preserving MaxMin; docs/certificates.md); ``mlp_ratio`` its hidden width
+    in multiples of d_model.
     ``mixer``: a function returning each block's token mixer (e.g.
     ``functools.partial(LookupAttention, d_model, n_head, seq_len, ...)``) instead of the
     attention that ``attn_scale``, ``attn_out_mult`` and ``pos_bias`` describe.
@@ -103,6 +104,7 @@ class LipschitzGPT(nn.Module):
         alpha: float | None = None,
         activation: str = "gelu",
         mixer: Callable[[], nn.Module] | None = None,
+        mlp_ratio: int = 4,
     ) -> None:
         super().__init__()
         _check_sizes(vocab_size=vocab_size, d_model=d_model, n_layer=n_layer, n_head=n_head)
@@ -126,7 +128,8 @@ class LipschitzGPT(nn.Module):
         )
         self.embed = Embedding(vocab_size, d_model)
         self.blocks = nn.ModuleList(
-            Block(*block_args, mixer=mixer() if mixer else None) for _ in range(n_layer)
+            Block(*block_args, mixer=mixer() if mixer else None, mlp_ratio=mlp_ratio)
+            for _ in range(n_layer)
         )
         self.head = Linear(d_model, vocab_size, zero_init=zero_init_head and not tie_head)
         if tie_head:
