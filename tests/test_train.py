@@ -213,3 +213,14 @@ def test_optimizer_keys_reach_the_param_groups():
     assert (big.d_model, big.n_layer, big.n_head, big.seq_len, big.batch_size) == (
         768, 12, 6, 1024, 384)  # fmt: skip
     assert big.ns_dtype == "bfloat16" and big.compile and big.token_dir == "fineweb10B"
+
+
+def test_the_logged_learning_rate_is_the_hidden_matrices_not_the_embeddings(tmp_path):
+    """metrics.jsonl's lr is the scheduled lr of the hidden matrices (it was the first param
+    group's, the embedding's under Muon: 0.123 here)."""
+    cfg = apply_overrides(preset("recall-cpu"), [
+        "steps=3", "eval_every=3", "checkpoint_every=3", "log_every=1", "schedule=constant",
+        "embed_lr=0.123", "sample_tokens=0", "d_model=32", "val_tokens=256"])  # fmt: skip
+    train(cfg, tmp_path / "run")
+    rows = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").open()]
+    assert [r["lr"] for r in rows if "lr" in r] == [cfg.lr] * 3

@@ -290,7 +290,7 @@ class Trainer:
                 f"training loss became {train_loss} at step {state.step + 1}; the last good "
                 f"checkpoint is {ckpt if ckpt.exists() else 'none'}"
             )
-        lr = self.optimizers[0].param_groups[0]["lr"]
+        lr = self.base_lr()
         for opt in self.optimizers:
             opt.step()
             opt.zero_grad(set_to_none=True)
@@ -302,6 +302,12 @@ class Trainer:
         state.train_time_s += time.time() - t0
         tokens = state.step * cfg.batch_size * self.task.tokens_per_example
         return {"step": state.step, "train_loss": train_loss, "lr": lr, "tokens_seen": tokens}
+
+    def base_lr(self) -> float:
+        """The learning rate of the hidden matrices (``lr`` scheduled), the one ``metrics.jsonl``
+        logs; the first group's where no group is hidden (an MLP under AdamW)."""
+        groups = [g for opt in self.optimizers for g in opt.param_groups]
+        return next((g["lr"] for g in groups if g.get("role") == "hidden"), groups[0]["lr"])
 
     def evaluate(self) -> dict:
         """Validation metrics (every rank scores its share), and on rank 0 the certificate,
