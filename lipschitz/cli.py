@@ -35,6 +35,7 @@ def _expected(err: Exception) -> bool:
 
 def cmd_train(args: argparse.Namespace) -> None:
     from lipschitz.config import apply_overrides
+    from lipschitz.data.tasks import TASKS
     from lipschitz.presets import preset
     from lipschitz.training import RunDir, sample_text, train
     from lipschitz.training.runtime import env_int
@@ -58,8 +59,8 @@ def cmd_train(args: argparse.Namespace) -> None:
     for v in final.get("constraint_violations") or []:
         print(f"warning: {v['param']} ends at norm {v['norm']:.4g} > w_max {v['w_max']:g} "
               f"({v['constraint']} does not guarantee its cap)", file=sys.stderr)  # fmt: skip
-    if cfg.sample_tokens > 0 and cfg.dataset in ("shakespeare", "tokens"):
-        prompt = "\n" if cfg.dataset == "shakespeare" else "<|endoftext|>"
+    prompt = TASKS[cfg.dataset].prompt
+    if cfg.sample_tokens > 0 and prompt is not None:
         print("sample:")
         print(sample_text(args.out, prompt, cfg.sample_tokens, temperature=0.8, seed=0))
 

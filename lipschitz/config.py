@@ -203,15 +203,19 @@ def _check_finite(cfg: Config) -> None:
             raise ValueError(f"config: {f.name}={value!r} is beyond the supported {MAX_FLOAT:g}")
 
 
-def _check_choices(cfg: Config) -> None:
-    """Names (model, dataset, optimizer, ...) are known ones and fit together."""
+def known_choices() -> dict[str, tuple]:
+    """The names each choice key accepts. The registries of the modules that implement them
+    are read where config can (constraints, mixers, activations, schedules, Newton–Schulz
+    sets); the model, dataset and protocol names are listed here, and
+    tests/test_architecture.py checks them against nn.build.MODELS, data.tasks.TASKS and
+    data.tasks.EVAL_PROTOCOLS."""
     from lipschitz.constraints import CONSTRAINTS
     from lipschitz.linalg import NS_COEFFICIENTS
     from lipschitz.nn.build import MIXERS
     from lipschitz.nn.layers import ACTIVATIONS, RESIDUALS
     from lipschitz.schedules import SCHEDULES
 
-    choices = {
+    return {
         "model": ("lipschitz_gpt", "baseline_gpt", "lipschitz_mlp", "baseline_mlp"),
         "dataset": ("shakespeare", "tokens", "recall", "cifar10", "mnist"),
         "mixer": tuple(MIXERS),
@@ -226,6 +230,11 @@ def _check_choices(cfg: Config) -> None:
         "schedule": tuple(SCHEDULES),
         "coefficients": tuple(NS_COEFFICIENTS),
     }
+
+
+def _check_choices(cfg: Config) -> None:
+    """Names (model, dataset, optimizer, ...) are known ones and fit together."""
+    choices = known_choices()
     for key, allowed in choices.items():
         if getattr(cfg, key) not in allowed:
             raise ValueError(f"config: {key} must be one of {allowed}, got {getattr(cfg, key)!r}")

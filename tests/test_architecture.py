@@ -71,3 +71,14 @@ def test_no_module_imports_another_modules_private_names():
                 private = [a.name for a in node.names if a.name.startswith("_")]
                 found += [f"{path.relative_to(ROOT)}:{node.lineno} {n}" for n in private]
     assert not found, found
+
+
+def test_every_name_the_config_accepts_is_implemented_and_vice_versa():
+    from lipschitz.config import known_choices
+    from lipschitz.data.tasks import EVAL_PROTOCOLS, TASKS
+    from lipschitz.nn.build import MODELS
+
+    choices = known_choices()
+    assert set(choices["model"]) == set(MODELS)
+    assert set(choices["dataset"]) == set(TASKS)
+    assert set(choices["eval_protocol"]) == set(EVAL_PROTOCOLS)

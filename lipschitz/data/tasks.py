@@ -16,7 +16,8 @@ The model never sees a task; the loop moves batches to the device.
 from __future__ import annotations
 
 import math
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
 from functools import partial
 
 import numpy as np
@@ -170,43 +171,74 @@ class TokenTask:
 
 
 Task = TextTask | TokenTask | ImageTask | RecallTask
+Codec = tuple[Callable[[str], list[int]], Callable[[list[int]], str]]
+
+
+def _chars(cfg: Config, vocab: list[str] | None, data_dir: str | None) -> Codec:
+    if vocab is None:
+        raise ValueError("a character-level run needs its vocab.json to encode text")
+    return partial(shakespeare.encode_chars, vocab), partial(shakespeare.decode_chars, vocab)
+
+
+def _gpt2(cfg: Config, vocab: list[str] | None, data_dir: str | None) -> Codec:
+    enc = gpt2_tokenizer(data_dir or cfg.data_dir)
+
+    def decode(ids: list[int]) -> str:
+        return enc.decode([i for i in ids if i < enc.n_vocab])  # padded vocabularies
+
+    return partial(enc.encode, allowed_special="all"), decode
+
+
+def _char_sizes(cfg: Config, vocab: list[str] | None) -> tuple[int, int | None]:
+    if vocab is None:
+        raise ValueError("a character-level run needs its vocab.json")
+    return len(vocab), None
+
+
+@dataclass(frozen=True)
+class TaskKind:
+    """What a ``dataset`` name means: how to make its task, the model's sizes without loading
+    the data (for run directories written before run.json recorded them), and its text codec
+    and sampling prompt (None: no text to sample)."""
+
+    make: Callable[[Config], Task]
+    sizes: Callable[[Config, list[str] | None], tuple[int, int | None]]
+    codec: Callable[[Config, list[str] | None, str | None], Codec] | None = None
+    prompt: str | None = None
+
+
+def _recall(cfg: Config) -> RecallTask:
+    return RecallTask(cfg.seq_len, cfg.recall_pairs, cfg.recall_vocab)
+
+
+def _image_sizes(cfg: Config, vocab: list[str] | None) -> tuple[int, int | None]:
+    return N_CLASSES, math.prod(IMAGE_SHAPES[cfg.dataset])
+
+
+TASKS: dict[str, TaskKind] = {
+    "shakespeare": TaskKind(TextTask, _char_sizes, _chars, prompt="\n"),
+    "tokens": TaskKind(TokenTask, lambda cfg, vocab: (cfg.vocab_size or GPT2_VOCAB, None), _gpt2,
+                       prompt="<|endoftext|>"),
+    "recall": TaskKind(_recall, lambda cfg, vocab: (2 * cfg.recall_vocab, None)),
+    "cifar10": TaskKind(ImageTask, _image_sizes),
+    "mnist": TaskKind(ImageTask, _image_sizes),
+}  # fmt: skip
 
 
 def model_sizes(cfg: Config, vocab: list[str] | None) -> tuple[int, int | None]:
-    """(n_outputs, n_inputs) of a run's model without loading its data: for run directories
-    written before their run.json recorded them."""
-    if cfg.dataset == "shakespeare":
-        if vocab is None:
-            raise ValueError("a character-level run needs its vocab.json")
-        return len(vocab), None
-    if cfg.dataset == "tokens":
-        return cfg.vocab_size or GPT2_VOCAB, None
-    if cfg.dataset == "recall":
-        return 2 * cfg.recall_vocab, None
-    return N_CLASSES, math.prod(IMAGE_SHAPES[cfg.dataset])
+    """(n_outputs, n_inputs) of a run's model without loading its data."""
+    return TASKS[cfg.dataset].sizes(cfg, vocab)
 
 
 def make_task(cfg: Config) -> Task:
     """The task of ``cfg.dataset``."""
-    if cfg.dataset == "shakespeare":
-        return TextTask(cfg)
-    if cfg.dataset == "recall":
-        return RecallTask(cfg.seq_len, cfg.recall_pairs, cfg.recall_vocab)
-    return TokenTask(cfg) if cfg.dataset == "tokens" else ImageTask(cfg)
+    return TASKS[cfg.dataset].make(cfg)
 
 
-def text_codec(cfg: Config, vocab: list[str] | None, data_dir: str | None = None):
+def text_codec(cfg: Config, vocab: list[str] | None, data_dir: str | None = None) -> Codec:
     """(encode, decode) between text and the token ids of a text run: its characters
     (``vocab``, from the run directory) or GPT-2 tokens (the BPE files in the data dir)."""
-    if cfg.dataset == "shakespeare":
-        if vocab is None:
-            raise ValueError("a character-level run needs its vocab.json to encode text")
-        return partial(shakespeare.encode_chars, vocab), partial(shakespeare.decode_chars, vocab)
-    if cfg.dataset == "tokens":
-        enc = gpt2_tokenizer(data_dir or cfg.data_dir)
-
-        def decode(ids: list[int]) -> str:
-            return enc.decode([i for i in ids if i < enc.n_vocab])  # padded vocabularies
-
-        return partial(enc.encode, allowed_special="all"), decode
-    raise ValueError(f"a {cfg.dataset} run has no text to sample")
+    codec = TASKS[cfg.dataset].codec
+    if codec is None:
+        raise ValueError(f"a {cfg.dataset} run has no text to sample")
+    return codec(cfg, vocab, data_dir)
