@@ -247,6 +247,8 @@ def _check_choices(cfg: Config) -> None:
             f"config: model {cfg.model!r} cannot train on dataset {cfg.dataset!r} "
             "(GPT models: shakespeare, tokens, recall; MLP models: cifar10, mnist)"
         )
+    if cfg.mlp_ratio != Config.mlp_ratio and cfg.model != "lipschitz_gpt":
+        raise ValueError(f"config: mlp_ratio belongs to model 'lipschitz_gpt', got {cfg.model!r}")
     if cfg.mixer != "lookup" or cfg.model != "lipschitz_gpt":
         for key, default in LOOKUP_DEFAULTS.items():
             if getattr(cfg, key) != default:
@@ -324,8 +326,6 @@ def _check_ranges(cfg: Config) -> None:
         raise ValueError("config: schedule 'constant' has no lr_floor")
     if cfg.mlp_ratio > MAX_MLP_RATIO:
         raise ValueError(f"config: mlp_ratio={cfg.mlp_ratio} is above {MAX_MLP_RATIO}")
-    if cfg.mlp_ratio != 4 and cfg.model != "lipschitz_gpt":
-        raise ValueError(f"config: mlp_ratio belongs to model 'lipschitz_gpt', got {cfg.model!r}")
     if cfg.residual_alpha is not None and not cfg.residual_alpha <= 1:
         raise ValueError(f"config: residual_alpha must be in (0, 1], got {cfg.residual_alpha}")
 

@@ -308,15 +308,18 @@ class MLP(nn.Module):
         """Its two layers, input first (sensitivity 1 with the 1-Lipschitz activation)."""
         return [self.fc_in, self.fc_out]
 
-    def certificate(self, a: float, walk, name: str) -> tuple[float, float]:
+    def certificate(
+        self, a: float, walk, name: str, gelu_slope: float = GELU_MAX_SLOPE
+    ) -> tuple[float, float]:
         """fc_out(GELU(fc_in x)/1.1289): |GELU(z)| ≤ |z| bounds the output, its largest slope
         1.1289041 bounds L. fc_out(MaxMin(fc_in x)): MaxMin permutes pairs, so it keeps norms
-        and is 1-Lipschitz."""
+        and is 1-Lipschitz. ``gelu_slope``: the slope to count for GELU instead (the paper's
+        rule, App. B, counts 1)."""
         n_in = walk.norm(f"{name}.fc_in.weight", self.fc_in.weight)
         n_out = walk.norm(f"{name}.fc_out.weight", self.fc_out.weight)
         if self.activation == "maxmin":
             return n_out * n_in, n_out * n_in * a
-        return n_out * n_in * GELU_MAX_SLOPE / GELU_SCALE, n_out * n_in * a / GELU_SCALE
+        return n_out * n_in * gelu_slope / GELU_SCALE, n_out * n_in * a / GELU_SCALE
 
     def forward(self, x: Tensor) -> Tensor:  # (B, T, d) -> (B, T, d)
         h = self.fc_in(x)  # (B, T, 4d)
