@@ -36,6 +36,7 @@ from torch import Tensor, nn
 from lipschitz.linalg import rms_operator_norm, row_rms
 from lipschitz.nn.layers import MLP, RESIDUALS, Block, CausalSelfAttention, Linear
 from lipschitz.nn.models import BaselineMLP, LipschitzGPT, LipschitzMLP
+from lipschitz.nn.vit import LipschitzViT
 
 __all__ = [
     "RULES",
@@ -57,7 +58,10 @@ class Certificate:
     ``lipschitz`` bounds ‖f(x) − f(y)‖_out ≤ L·‖x − y‖_in for all x, y in the input domain.
     For LipschitzGPT both norms are ∞RMS (largest per-token RMS) on logits; token inputs are
     measured per token in ℓ1 of the one-hot vector (two different tokens are at distance 2).
-    For MLPs ``lipschitz`` is RMS→RMS (the paper's unit) and ``lipschitz_l2`` is ℓ2→ℓ2.
+    For MLPs and the image transformer ``lipschitz`` is RMS→RMS (the paper's unit) and
+    ``lipschitz_l2`` is ℓ2→ℓ2 over the whole input; ``pairwise_l2[i][j]`` then bounds the ℓ2→ℓ2
+    constant of the logit difference z_i − z_j by ‖w_i − w_j‖·(bound of the head's input), with
+    w_i the head's rows: tighter than √2·``lipschitz_l2`` (lipschitz.robustness uses it).
     ``layers`` has one entry per weight matrix (parameter names); ``steps`` one entry per
     composed step in forward order with its Lipschitz factor and activation bounds in and out.
     """
@@ -70,16 +74,22 @@ class Certificate:
     steps: list[dict] = field(default_factory=list)
     lipschitz_l2: float | None = None
     rule: str | None = None
+    pairwise_l2: list[list[float]] | None = None
 
     def to_dict(self) -> dict:
         return asdict(self)
 
 
 class _Walk:
-    """What a rule writes to: the per-matrix norms and the per-step bounds, in forward order."""
+    """What a rule writes to: the per-matrix norms and the per-step bounds, in forward order.
 
-    def __init__(self, rule: str) -> None:
-        self.rule = rule
+    ``tokens``: the norm over the token axis the rules bound, ``"max"`` (the largest token's
+    RMS: the language models) or ``"all"`` (the RMS over all entries, i.e. ℓ2 over the whole
+    input: the image transformer). A per-token map has the same constant in both; a module is
+    certified in the walk over all tokens only if its class says ``certifies_all_tokens``."""
+
+    def __init__(self, rule: str, tokens: str = "max") -> None:
+        self.rule, self.tokens = rule, tokens
         self.layers: list[dict] = []
         self.steps: list[dict] = []
 
@@ -97,6 +107,11 @@ class _Walk:
 
     def certify(self, module: nn.Module, a: float, name: str) -> tuple[float, float]:
         """(L, a_out) of ``module`` on inputs of token RMS ≤ a, by its rule in this rule set."""
+        if self.tokens == "all" and not vars(type(module)).get("certifies_all_tokens", False):
+            raise TypeError(
+                f"{name}: {type(module).__name__} has no rule for ℓ2 over all tokens (set "
+                "certifies_all_tokens = True on a class whose rule holds there)"
+            )
         return _rule_for(module, self.rule)(module, a, self, name)
 
 
@@ -232,11 +247,33 @@ def certify(
             L, a = L * n, a_next
         d_in, d_out = model.layers[0].in_features, model.layers[-1].out_features
         l2 = L * math.sqrt(d_out / d_in)  # ‖y‖₂ = √d_out·RMS(y), ‖x‖₂ = √d_in·RMS(x)
-        return Certificate(L, "RMS", "RMS", None, walk.layers, walk.steps, l2, None)
+        L_features = math.prod(_spectral_norm(layer.weight) for layer in model.layers[:-1])
+        pairwise = _pairwise_l2(model.layers[-1].weight, L_features)
+        return Certificate(L, "RMS", "RMS", None, walk.layers, walk.steps, l2, None, pairwise)
+    if type(model) is LipschitzViT:
+        if inputs not in (None, "features") or input_bound is not None:
+            raise ValueError("an image certificate is global: pass neither inputs nor input_bound")
+        walk.tokens = "all"
+        L_features, l2 = model.certificate(walk)
+        d_in, d_out = math.prod(model.image_shape), model.head.out_features
+        pairwise = _pairwise_l2(model.head.weight, L_features)
+        L = l2 * math.sqrt(d_in / d_out)
+        return Certificate(L, "RMS", "RMS", None, walk.layers, walk.steps, l2, rule, pairwise)
     raise TypeError(
         f"no certificate for {type(model).__name__}: supported models are LipschitzGPT, "
-        "LipschitzMLP and BaselineMLP (a LayerNorm model has no useful global bound)"
+        "LipschitzMLP, BaselineMLP and LipschitzViT (a LayerNorm model has no useful global bound)"
     )
+
+
+def _spectral_norm(W: Tensor) -> float:
+    return float(torch.linalg.matrix_norm(W.detach().double(), ord=2))
+
+
+def _pairwise_l2(head: Tensor, L_features: float) -> list[list[float]]:
+    """‖w_i − w_j‖₂·L_features for every pair of the head's rows (K, d): the ℓ2 constant of
+    z_i − z_j when the head's input is L_features-Lipschitz in ℓ2."""
+    W = head.detach().double()
+    return (torch.cdist(W, W) * L_features).tolist()
 
 
 def _check_certifiable(model: nn.Module) -> None:
@@ -275,7 +312,7 @@ def _check_certifiable(model: nn.Module) -> None:
 
 
 def _is_sequence_model(model: nn.Module) -> bool:
-    return hasattr(model, "blocks") and hasattr(model, "embed")
+    return hasattr(model, "blocks") and isinstance(getattr(model, "embed", None), nn.Embedding)
 
 
 def _token_rms(x: Tensor) -> Tensor:
@@ -298,7 +335,8 @@ def empirical_lipschitz(
     Sequence models (GPT): x, y are ``inputs_embeds`` (n_pairs, seq_len, d) kept inside the
     certificate's domain (every token's RMS ≤ ``input_bound``, projected back after each step),
     both norms ∞RMS; compare with ``certify(model, inputs="embeds", input_bound=...)``.
-    MLPs: x, y ∈ R^in unconstrained, RMS norms; compare with ``certify(model).lipschitz``.
+    MLPs and the image transformer: x, y ∈ R^in unconstrained, RMS norms; compare with
+    ``certify(model).lipschitz``.
     Two searches, ``steps`` Adam steps each: ``n_pairs`` free pairs (x, y), then the local slope
     (``_slope_ascent``) from the pairs' first points and ``n_starts`` random points on the
     domain's boundary. Runs on a float64 copy of the model; every ratio is measured between
@@ -329,7 +367,8 @@ def empirical_lipschitz(
         def project(z: Tensor, radius: float = input_bound) -> Tensor:  # every token RMS ≤ radius
             return z * (radius / _token_rms(z).clamp_min(radius)).unsqueeze(-1)
     else:
-        shape, scale = (n_pairs, f.layers[0].in_features), 1.0
+        n_in = math.prod(f.image_shape) if hasattr(f, "image_shape") else f.layers[0].in_features
+        shape, scale = (n_pairs, n_in), 1.0
         run = f
 
         def norm(z: Tensor) -> Tensor:  # RMS per sample

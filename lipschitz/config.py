@@ -34,8 +34,10 @@ MAX_COUNT = 10**9  # steps, intervals and sample length: 10**9 steps is weeks at
 @dataclass
 class Config:
     # What to train
-    model: str = "lipschitz_gpt"  # lipschitz_gpt | baseline_gpt | lipschitz_mlp | baseline_mlp
-    dataset: str = "shakespeare"  # shakespeare | tokens (GPT models) | cifar10 | mnist (MLPs)
+    # lipschitz_gpt | baseline_gpt | lipschitz_mlp | baseline_mlp | lipschitz_vit
+    model: str = "lipschitz_gpt"
+    # shakespeare | tokens | recall (GPT models) | cifar10 | mnist (MLPs, lipschitz_vit)
+    dataset: str = "shakespeare"
     data_dir: str | None = None  # else $LIPSCHITZ_DATA_DIR, else cache/download
     # dataset "tokens": a folder of *_train_*.bin / *_val_*.bin GPT-2 token shards (`lipschitz
     # prepare`, or modded-nanogpt's FineWeb ones); a relative path is looked up in the data dir,
@@ -68,7 +70,8 @@ class Config:
     attn_out_mult: float = 1 / 3
     pos_bias: bool = False  # a learned relative-position bias on the attention logits
     activation: str = "gelu"  # the MLP's: gelu (GELU/1.1289, the paper) | maxmin (GroupSort-2)
-    mlp_ratio: int = 4  # the Lipschitz GPT's MLP: d → mlp_ratio·d → d
+    mlp_ratio: int = 4  # the Lipschitz GPT's and ViT's MLP: d → mlp_ratio·d → d
+    patch_size: int = 4  # lipschitz_vit: p×p pixel patches, one token each
     # Token mixer of the Lipschitz GPT: attention (the paper's, with attn_scale and pos_bias) |
     # lookup (lipschitz.nn.lookup: a lag bias on every head, dynamic lags, q·k content heads, an
     # optional value-0 sink; with mixer_budget each head's values are scaled so that it costs
@@ -109,6 +112,10 @@ class Config:
     cooldown_frac: float = 0.4  # constant_cooldown: the final fraction of steps that decays
     # training loss: cross-entropy of train_temperature × logits (1: plain cross-entropy)
     train_temperature: float = 1.0
+    # image classifiers: the cross-entropy adds margin_eps·(certified ℓ2 constant of z_y − z_j)
+    # to every wrong logit z_j (a margin that certifies radius margin_eps; Tsuzuku et al. 2018)
+    margin_eps: float = 0.0
+    augment: bool = False  # image classifiers: random crop (4-pixel zero padding) and flip
     # Loop
     grad_accum: int = 1
     eval_every: int = 250
@@ -216,7 +223,13 @@ def known_choices() -> dict[str, tuple]:
     from lipschitz.schedules import SCHEDULES
 
     return {
-        "model": ("lipschitz_gpt", "baseline_gpt", "lipschitz_mlp", "baseline_mlp"),
+        "model": (
+            "lipschitz_gpt",
+            "baseline_gpt",
+            "lipschitz_mlp",
+            "baseline_mlp",
+            "lipschitz_vit",
+        ),
         "dataset": ("shakespeare", "tokens", "recall", "cifar10", "mnist"),
         "mixer": tuple(MIXERS),
         "optimizer": ("muon", "adamw"),
@@ -245,10 +258,18 @@ def _check_choices(cfg: Config) -> None:
     if cfg.model.endswith("_gpt") != (cfg.dataset in ("shakespeare", "tokens", "recall")):
         raise ValueError(
             f"config: model {cfg.model!r} cannot train on dataset {cfg.dataset!r} "
-            "(GPT models: shakespeare, tokens, recall; MLP models: cifar10, mnist)"
+            "(GPT models: shakespeare, tokens, recall; image models: cifar10, mnist)"
         )
-    if cfg.mlp_ratio != Config.mlp_ratio and cfg.model != "lipschitz_gpt":
-        raise ValueError(f"config: mlp_ratio belongs to model 'lipschitz_gpt', got {cfg.model!r}")
+    if cfg.mlp_ratio != Config.mlp_ratio and cfg.model not in ("lipschitz_gpt", "lipschitz_vit"):
+        raise ValueError(
+            f"config: mlp_ratio belongs to 'lipschitz_gpt' and 'lipschitz_vit', got {cfg.model!r}"
+        )
+    if cfg.patch_size != Config.patch_size and cfg.model != "lipschitz_vit":
+        raise ValueError(f"config: patch_size belongs to model 'lipschitz_vit', got {cfg.model!r}")
+    if (cfg.margin_eps or cfg.augment) and cfg.dataset not in ("cifar10", "mnist"):
+        raise ValueError(
+            f"config: margin_eps and augment belong to image datasets, got {cfg.dataset!r}"
+        )
     if cfg.mixer != "lookup" or cfg.model != "lipschitz_gpt":
         for key, default in LOOKUP_DEFAULTS.items():
             if getattr(cfg, key) != default:
@@ -290,7 +311,7 @@ def _check_ranges(cfg: Config) -> None:
                 "eval_every", "checkpoint_every", "log_every", "w_max", "embed_w_max",
                 "attn_out_mult", "train_temperature", "head_w_max", "blocks_mass",
                 "residual_alpha", "recall_pairs", "recall_vocab", "final_scale",
-                "mlp_ratio")  # fmt: skip
+                "mlp_ratio", "patch_size")  # fmt: skip
     for key in positive:
         value = getattr(cfg, key)
         if value is not None and not value > 0:
@@ -298,7 +319,7 @@ def _check_ranges(cfg: Config) -> None:
     non_negative = ("lr", "weight_decay", "spectral_decay", "warmup_steps", "lr_floor",
                     "momentum_warmup_steps", "sample_tokens", "head_lr", "embed_lr",
                     "vector_lr", "lag_window", "lag_gate", "content_heads",
-                    "content_scale", "attn_scale")  # fmt: skip
+                    "content_scale", "attn_scale", "margin_eps")  # fmt: skip
     for key in non_negative:
         value = getattr(cfg, key)
         if value is not None and not value >= 0:

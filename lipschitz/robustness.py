@@ -31,12 +31,23 @@ def margins(logits: Tensor, labels: Tensor) -> Tensor:
     return true - others.amax(dim=1)
 
 
-def certified_radii(logits: Tensor, labels: Tensor, lipschitz_l2: float) -> Tensor:
+def certified_radii(
+    logits: Tensor, labels: Tensor, lipschitz_l2: float, pairwise_l2: Tensor | None = None
+) -> Tensor:
     """ℓ2 radius around each input within which its prediction provably stays correct (0 if
-    it is misclassified)."""
+    it is misclassified): min over j ≠ y of (z_y − z_j) / M[y, j], where M[y, j] bounds the ℓ2
+    Lipschitz constant of z_y − z_j: ``pairwise_l2`` (K, K) when given (certify's, from the
+    head's rows), else √2·``lipschitz_l2`` for every pair."""
     if not lipschitz_l2 > 0:
         raise ValueError(f"lipschitz_l2 must be > 0, got {lipschitz_l2!r}")
-    return (margins(logits, labels) / (math.sqrt(2) * lipschitz_l2)).clamp_min(0.0)
+    if pairwise_l2 is None:
+        return (margins(logits, labels) / (math.sqrt(2) * lipschitz_l2)).clamp_min(0.0)
+    diffs = logits.gather(1, labels[:, None]) - logits  # (B, K): z_y − z_j
+    M = pairwise_l2.to(logits)[labels]  # (B, K)
+    # M = 0: z_y − z_j is constant, so the pair never limits a correct prediction
+    ratio = torch.where(M > 0, diffs / M.clamp_min(1e-300), torch.where(diffs > 0, math.inf, 0.0))
+    ratio = ratio.scatter(1, labels[:, None], math.inf)  # j = y is no constraint
+    return ratio.amin(dim=1).clamp_min(0.0)
 
 
 def pgd_l2(
@@ -132,15 +143,17 @@ def robust_accuracy(
     eps_list: tuple[float, ...] = (36 / 255, 72 / 255, 108 / 255),
     pgd_steps: int = 50,
     image_shape: tuple[int, int, int] | None = None,
+    pairwise_l2: Tensor | None = None,
 ) -> dict:
     """Clean accuracy, and verified and PGD robust accuracy at each ε (and AutoAttack's, when
     ``image_shape`` (H, W, C) is given); raises RuntimeError if an attack ever beats a
-    certificate (a wrong certificate or a wrong attack)."""
+    certificate (a wrong certificate or a wrong attack). ``pairwise_l2``: see
+    :func:`certified_radii`."""
     check_attack(eps_list, pgd_steps, n=len(labels))
     model.eval()
     with torch.no_grad():
         logits = model(x)
-    radii = certified_radii(logits, labels, lipschitz_l2)
+    radii = certified_radii(logits, labels, lipschitz_l2, pairwise_l2)
     clean = _accuracy(model, x, labels)
     result = {"clean_acc": clean.float().mean().item(), "lipschitz_l2": lipschitz_l2, "eps": []}
     for eps in eps_list:
@@ -188,10 +201,13 @@ def report(
     data = LOADERS[cfg.dataset](data_dir or cfg.data_dir)
     x, y = data.x_test[:n], data.y_test[:n]
     cert = certify(model)
+    pairwise = None if cert.pairwise_l2 is None else torch.tensor(cert.pairwise_l2)
     image_shape = IMAGE_SHAPES[cfg.dataset] if autoattack else None
-    result = robust_accuracy(model, x, y, cert.lipschitz_l2, eps_list, pgd_steps, image_shape)
+    result = robust_accuracy(
+        model, x, y, cert.lipschitz_l2, eps_list, pgd_steps, image_shape, pairwise
+    )
     with torch.no_grad():
-        radii = certified_radii(model(x), y, cert.lipschitz_l2)
+        radii = certified_radii(model(x), y, cert.lipschitz_l2, pairwise)
     grid = torch.linspace(0, 2 * max(eps_list), 41)
     result.update(
         run=str(run_dir),

@@ -23,6 +23,8 @@ from pathlib import Path
 
 import numpy as np
 import torch
+import torch.nn.functional as F
+from torch import Tensor
 
 from lipschitz.data.files import DatasetUnavailable, cache_dir, fetch, md5_of
 from lipschitz.fileio import atomic_write
@@ -150,6 +152,22 @@ def load_cifar10(data_dir: str | Path | None = None) -> ImageSplits:
         raise ValueError(f"{path}: not the canonical CIFAR-10 arrays; delete it to convert again")
     return ImageSplits(_pixels(arrays["x_train"]), _labels(arrays["y_train"]),
                        _pixels(arrays["x_test"]), _labels(arrays["y_test"]))  # fmt: skip
+
+
+def augment(
+    x: Tensor, shape: tuple[int, int, int], generator: torch.Generator, pad: int = 4
+) -> Tensor:
+    """Random crop of each image padded with ``pad`` zeros on every side, and a random
+    horizontal flip (the standard CIFAR augmentation). x: (N, H·W·C) → (N, H·W·C)."""
+    (H, W, C), n = shape, len(x)
+    images = F.pad(x.view(n, H, W, C), (0, 0, pad, pad, pad, pad))  # (N, H+2p, W+2p, C)
+    dy, dx = torch.randint(2 * pad + 1, (2, n), generator=generator)  # (N,) each
+    flip = torch.rand(n, generator=generator) < 0.5
+    rows = dy[:, None] + torch.arange(H)  # (N, H)
+    cols = dx[:, None] + torch.arange(W)  # (N, W)
+    cols = torch.where(flip[:, None], cols.flip(1), cols)
+    out = images[torch.arange(n)[:, None, None], rows[:, :, None], cols[:, None, :]]  # (N,H,W,C)
+    return out.reshape(n, -1)
 
 
 def read_idx(path: Path) -> np.ndarray:

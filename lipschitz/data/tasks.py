@@ -26,7 +26,7 @@ from torch import Tensor
 
 from lipschitz.config import Config
 from lipschitz.data import shakespeare
-from lipschitz.data.images import IMAGE_SHAPES, N_CLASSES
+from lipschitz.data.images import IMAGE_SHAPES, N_CLASSES, augment
 from lipschitz.data.images import LOADERS as IMAGE_LOADERS
 from lipschitz.data.recall import RecallTask
 from lipschitz.data.tokens import GPT2_VOCAB, TokenShards, gpt2_tokenizer, resolve_token_dir
@@ -101,10 +101,14 @@ class ImageTask:
         self.n_outputs, self.n_inputs = self.data.n_classes, self.data.n_features
         self.tokens_per_example = 1
         self.source = cfg.dataset
+        self.shape = IMAGE_SHAPES[cfg.dataset]
+        self.augment = cfg.augment
 
     def batch(self, n: int, generator: torch.Generator) -> Batch:
+        """n random training images (randomly cropped and flipped with ``augment``)."""
         idx = torch.randint(len(self.data.y_train), (n,), generator=generator)
-        return self.data.x_train[idx], self.data.y_train[idx]
+        x = self.data.x_train[idx]
+        return (augment(x, self.shape, generator) if self.augment else x), self.data.y_train[idx]
 
     def val_batches(self, rank: int = 0, world: int = 1, protocol: str | None = None) -> Iterator:
         """The whole test split in batches of 1000; this rank takes every world-th batch."""

@@ -9,6 +9,7 @@ from torch import nn
 
 from lipschitz.nn.lookup import LookupAttention
 from lipschitz.nn.models import BaselineGPT, BaselineMLP, LipschitzGPT, LipschitzMLP
+from lipschitz.nn.vit import LipschitzViT, image_shape_of
 
 if TYPE_CHECKING:
     from lipschitz.config import Config
@@ -20,6 +21,7 @@ MODELS = {
     "baseline_gpt": BaselineGPT,
     "lipschitz_mlp": LipschitzMLP,
     "baseline_mlp": BaselineMLP,
+    "lipschitz_vit": LipschitzViT,
 }
 
 
@@ -56,6 +58,12 @@ def build_model(cfg: Config, n_outputs: int, n_inputs: int | None = None) -> nn.
     """
     if cfg.model not in MODELS:
         raise ValueError(f"model must be one of {sorted(MODELS)}, got {cfg.model!r}")
+    if cfg.model == "lipschitz_vit":
+        return LipschitzViT(
+            image_shape=image_shape_of(n_inputs), n_classes=n_outputs, patch=cfg.patch_size,
+            d_model=cfg.d_model, n_layer=cfg.n_layer, n_head=cfg.n_head, alpha=cfg.residual_alpha,
+            mlp_ratio=cfg.mlp_ratio, activation=cfg.activation,
+        )  # fmt: skip
     if cfg.model.endswith("_mlp"):
         return MODELS[cfg.model](
             in_features=n_inputs, hidden=cfg.d_model, out_features=n_outputs, n_layers=cfg.n_layer

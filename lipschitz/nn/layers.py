@@ -57,6 +57,8 @@ class Linear(nn.Linear):
     Every singular value starts equal, so the weight starts on the sphere of its norm ball.
     """
 
+    certifies_all_tokens = True  # per token: the same rule in ℓ2 over all tokens
+
     def __init__(
         self, in_features: int, out_features: int, *, zero_init: bool = False, **factory
     ) -> None:
@@ -290,6 +292,8 @@ class MLP(nn.Module):
     (square, orthogonal W_in and W_out); a wider MLP returns only the part of its hidden vector
     in W_out's d-dimensional row space."""
 
+    certifies_all_tokens = True  # per token: the same rule in ℓ2 over all tokens
+
     def __init__(
         self, d_model: int, zero_init_out: bool = True, activation: str = "gelu", ratio: int = 4
     ) -> None:
@@ -341,6 +345,8 @@ class Block(nn.Module):
     its ``Mul`` module ignored its scalar (docs/results.md, "Where the paper's Shakespeare rows
     come from"); kept to reproduce those rows, its certificate grows by 1 + L_f per residual.
     """
+
+    certifies_all_tokens = True  # a convex combination: the rule holds in any norm
 
     def __init__(
         self,

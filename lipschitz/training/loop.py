@@ -36,6 +36,7 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 import torch.nn.functional as F
+from torch import Tensor
 
 from lipschitz.certify import certify
 from lipschitz.config import Config
@@ -270,6 +271,7 @@ class Trainer:
         local = micro_batch // self.world  # this rank's slice of each micro-batch
         mine = slice(self.rank * local, (self.rank + 1) * local)
         loss_sum = 0.0
+        margins = self.margin_offsets() if cfg.margin_eps else None
         for _ in range(cfg.grad_accum):
             x, y = self.task.batch(micro_batch, self.batch_gen)  # the global micro-batch ...
             x, y = x[mine].to(self.device), y[mine].to(self.device)  # ... this rank's slice
@@ -277,7 +279,10 @@ class Trainer:
                 logits = self.forward(x)
             # train_temperature τ: the loss sees τ·logits (a margin-seeking loss, as in
             # Lipschitz classifiers); the model, its bound and the evaluation do not
-            logits = logits.float().flatten(0, -2) * cfg.train_temperature
+            logits = logits.float().flatten(0, -2)
+            if margins is not None:  # z_j + ε·M[y, j]: a win certifies radius ε
+                logits = logits + cfg.margin_eps * margins[y.flatten()]
+            logits = logits * cfg.train_temperature
             loss = F.cross_entropy(logits, y.flatten())
             (loss / cfg.grad_accum).backward()
             loss_sum += loss.item()
@@ -302,6 +307,14 @@ class Trainer:
         state.train_time_s += time.time() - t0
         tokens = state.step * cfg.batch_size * self.task.tokens_per_example
         return {"step": state.step, "train_loss": train_loss, "lr": lr, "tokens_seen": tokens}
+
+    def margin_offsets(self) -> Tensor:
+        """M (K, K): the certified ℓ2 constant of each logit difference z_i − z_j for the
+        weights as they are now (certify's pairwise_l2; detached: the caps bound it)."""
+        cert = certify(self.model)
+        if cert.pairwise_l2 is None:
+            raise ValueError(f"margin_eps needs an image classifier, not {self.cfg.model!r}")
+        return torch.tensor(cert.pairwise_l2, dtype=torch.float32, device=self.device)
 
     def base_lr(self) -> float:
         """The learning rate of the hidden matrices (``lr`` scheduled), the one ``metrics.jsonl``

@@ -1,0 +1,208 @@
+"""A Lipschitz vision transformer certified in ℓ2 over the whole image (for certified
+robustness: a margin m and an ℓ2→ℓ2 bound L certify every input within m/(√2·L)).
+
+    image (B, H·W·C) in [0, 1] → −½ → disjoint p×p patches (B, T, p·p·C) → Linear → d
+    → n_layer Blocks: x ← β·x + γ·mix(x), x ← β·x + γ·MLP(x)   (convex residuals, MaxMin)
+    → mean over the T tokens → Linear → logits
+
+The certificate is taken in the RMS over *all* entries of the token matrix, i.e. the
+Frobenius norm up to a constant (the walk's ``tokens="all"``), not in the largest token RMS of
+the language models, because the threat model is ℓ2 over the image:
+
+- disjoint patches split the image into orthogonal pieces, so patchify is an isometry in ℓ2;
+- a per-token map (Linear, MLP) applied to every token has the same constant in ℓ2 over all
+  tokens as on one token (‖f(X) − f(Y)‖_F² = Σ_t ‖f(x_t) − f(y_t)‖²), so Linear, MLP and Block
+  keep their rules;
+- :class:`PatchMixing` mixes tokens with an input-independent matrix A_h per head; its
+  Frobenius constant is max_h σ_max(A_h)·‖W_V‖·‖W_O‖, with σ_max(A_h) computed exactly;
+- the mean over T tokens has ℓ2 norm 1/√T; the constant shift −½ costs nothing.
+
+``certify`` turns this into ``lipschitz_l2`` (image ℓ2 → logits ℓ2) and the tighter pairwise
+bounds ‖w_i − w_j‖·L_features of each logit difference (docs/certificates.md, "Image
+transformer").
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+from torch import Tensor, nn
+
+from lipschitz.nn.layers import Block, Linear, token_stats
+
+__all__ = ["LipschitzViT", "PatchMixing", "image_shape_of"]
+
+
+def image_shape_of(n_inputs: int) -> tuple[int, int, int]:
+    """(H, W, C) of a square image with 3 channels (else 1) flattened to ``n_inputs`` values."""
+    for channels in (3, 1):
+        side = math.isqrt(n_inputs // channels)
+        if n_inputs % channels == 0 and side * side * channels == n_inputs:
+            return side, side, channels
+    raise ValueError(f"{n_inputs} input values are not a square image with 1 or 3 channels")
+
+
+def _shift_matrices(grid_h: int, grid_w: int) -> Tensor:
+    """S[k] (K, T, T) for every offset k = (dy, dx) of the grid, K = (2·grid_h−1)(2·grid_w−1):
+    S[k][t, u] = 1 if token u sits at offset (dy, dx) from token t, else 0. Each row and column
+    holds at most one 1, so ‖S[k]‖ ≤ 1."""
+    T = grid_h * grid_w
+    ys, xs = torch.arange(T) // grid_w, torch.arange(T) % grid_w  # (T,) each
+    offsets = [(dy, dx) for dy in range(1 - grid_h, grid_h) for dx in range(1 - grid_w, grid_w)]
+    S = torch.zeros(len(offsets), T, T)
+    for k, (dy, dx) in enumerate(offsets):
+        same = (ys[None, :] == ys[:, None] + dy) & (xs[None, :] == xs[:, None] + dx)  # (T, T)
+        S[k][same] = 1.0
+    return S
+
+
+class PatchMixing(nn.Module):
+    """Token mixing over a grid of patches by learned relative position, the same for every
+    image: head h reads A_h = Σ_k p_h[k]·S_k, a softmax p_h over all offsets of the grid, so
+    token t gets the average of the tokens around it with weights that depend only on where
+    they are (a depthwise convolution over the grid with a softmax kernel as wide as the grid;
+    zero padding at the border).
+
+        mix(X) = W_O · [A_1 X W_V,1ᵀ | … | A_H X W_V,Hᵀ]        X: (T, d)
+
+    Each A_h is a convex combination of partial permutations, so σ_max(A_h) ≤ 1; the
+    certificate uses the exact value. ℓ2 over all tokens: ‖mix(X) − mix(Y)‖_F ≤
+    ‖W_O‖·max_h σ_max(A_h)·‖W_V‖·‖X − Y‖_F (the heads' outputs are orthogonal blocks).
+    The kernel logits start at −‖offset‖²·(h + 1)/H: head 0 reads a wide neighbourhood, the
+    last one mostly the token itself.
+    """
+
+    out_mult = 1.0  # no multiplier before W_O (Block's target-norm split reads it)
+    certifies_all_tokens = True  # its rule is for the walk over all tokens (Frobenius)
+
+    def __init__(self, d_model: int, n_head: int, grid: tuple[int, int]) -> None:
+        super().__init__()
+        if n_head < 1 or d_model % n_head != 0:
+            raise ValueError(f"d_model={d_model} must be a positive multiple of n_head={n_head}")
+        self.n_head, self.grid = n_head, tuple(grid)
+        S = _shift_matrices(*self.grid)  # (K, T, T)
+        self.register_buffer("shifts", S, persistent=False)
+        gh, gw = self.grid
+        dist2 = torch.tensor(
+            [float(dy * dy + dx * dx) for dy in range(1 - gh, gh) for dx in range(1 - gw, gw)]
+        )  # (K,)
+        scale = torch.arange(1, n_head + 1, dtype=torch.float32)[:, None] / n_head  # (H, 1)
+        # one flat vector (an AdamW-trained parameter like any bias), viewed as (H, K)
+        self.kernel_logits = nn.Parameter((-dist2[None, :] * scale).flatten())
+        self.v = Linear(d_model, d_model)
+        self.o = Linear(d_model, d_model, zero_init=True)
+
+    def scaled_linears(self) -> list[Linear]:
+        """The layers behind ×out_mult (the value path), for Block's target-norm split."""
+        return [self.v]
+
+    def mixing(self) -> Tensor:
+        """A (H, T, T): A_h = Σ_k softmax(logits_h)[k]·S_k."""
+        p = torch.softmax(self.kernel_logits.view(self.n_head, -1), dim=-1)  # (H, K)
+        return torch.einsum("hk,ktu->htu", p, self.shifts.to(p.dtype))
+
+    def certificate(self, a: float, walk, name: str) -> tuple[float, float]:
+        """‖W_O‖·max_h σ_max(A_h)·‖W_V‖ over all tokens (module docs); refused by the walk over
+        the largest token (the language models'), where it is not derived."""
+        if walk.tokens != "all":
+            raise TypeError(f"{name}: PatchMixing is certified in ℓ2 over all tokens only")
+        n_v = walk.norm(f"{name}.v.weight", self.v.weight)
+        n_o = walk.norm(f"{name}.o.weight", self.o.weight)
+        with torch.no_grad():
+            sigma = torch.linalg.matrix_norm(self.mixing().double(), ord=2)  # (H,)
+        s = float(sigma.max())
+        walk.step(f"{name}.mixing", s, a, s * a)
+        return n_o * s * n_v, n_o * s * n_v * a
+
+    def forward(self, x: Tensor, stats: dict | None = None) -> Tensor:
+        B, T, C = x.shape  # (batch, tokens, d_model)
+        H = self.n_head
+        v = self.v(x).view(B, T, H, C // H).permute(2, 1, 0, 3).reshape(H, T, -1)  # (H, T, B·dh)
+        y = self.mixing().to(v.dtype) @ v  # (H, T, B·dh): one T×T product per head
+        y = y.view(H, T, B, C // H).permute(2, 1, 0, 3).reshape(B, T, C)
+        return self.o(y)
+
+
+class LipschitzViT(nn.Module):
+    """Image → patches → Linear → Blocks (PatchMixing, MaxMin MLP, convex residuals) → mean →
+    Linear (module docs). ``alpha`` None: 1/(2·n_layer), as the GPT."""
+
+    def __init__(
+        self,
+        *,
+        image_shape: tuple[int, int, int],
+        n_classes: int,
+        patch: int = 4,
+        d_model: int = 128,
+        n_layer: int = 4,
+        n_head: int = 4,
+        alpha: float | None = None,
+        mlp_ratio: int = 2,
+        activation: str = "maxmin",
+    ) -> None:
+        super().__init__()
+        H, W, C = image_shape
+        if patch < 1 or H % patch or W % patch:
+            raise ValueError(f"patch={patch} must divide the image's {H}×{W} pixels")
+        self.image_shape, self.patch = (H, W, C), patch
+        grid = (H // patch, W // patch)
+        self.n_tokens = grid[0] * grid[1]
+        alpha = 1.0 / (2 * n_layer) if alpha is None else alpha
+        self.embed = Linear(patch * patch * C, d_model)  # (d, p·p·C)
+        mixers = [PatchMixing(d_model, n_head, grid) for _ in range(n_layer)]
+        self.blocks = nn.ModuleList(
+            Block(
+                d_model,
+                n_head,
+                self.n_tokens,
+                alpha,
+                activation=activation,
+                mixer=mixer,
+                mlp_ratio=mlp_ratio,
+            )
+            for mixer in mixers
+        )
+        self.head = Linear(d_model, n_classes, zero_init=True)
+
+    def patches(self, x: Tensor) -> Tensor:
+        """(B, H·W·C) pixels in H, W, C order → (B, T, p·p·C) disjoint patches, row by row."""
+        (H, W, C), p = self.image_shape, self.patch
+        if x.dim() != 2 or x.shape[1] != H * W * C:
+            raise ValueError(f"expected images of shape (B, {H * W * C}), got {tuple(x.shape)}")
+        x = x.view(-1, H // p, p, W // p, p, C).transpose(2, 3)  # (B, H/p, W/p, p, p, C)
+        return x.reshape(len(x), self.n_tokens, p * p * C)
+
+    def forward(self, x: Tensor, *, return_stats: bool = False) -> Tensor | tuple[Tensor, dict]:
+        """(B, H·W·C) pixels → (B, n_classes) logits (and activation stats: ``embed``,
+        ``blocks.{i}.attn`` / ``.mlp``, ``logits``)."""
+        stats = {} if return_stats else None
+        h = self.embed(self.patches(x - 0.5))  # (B, T, d)
+        if stats is not None:
+            stats["embed"] = token_stats(h)
+        for i, block in enumerate(self.blocks):
+            h = block(h, stats, f"blocks.{i}.")
+        logits = self.head(h.mean(dim=1))  # (B, n_classes)
+        if stats is not None:
+            stats["logits"] = token_stats(logits)
+        return logits if stats is None else (logits, stats)
+
+    def certificate(self, walk) -> tuple[float, float]:
+        """(ℓ2→ℓ2 bound of the image → features map, of the image → logits map) from the weights
+        as they are; the walk runs over all tokens, in RMS units (a d_in→d_out Linear of RMS
+        norm n has ℓ2 norm n·√(d_out/d_in))."""
+        n_embed = walk.norm("embed.weight", self.embed.weight)
+        d_patch, d = self.embed.in_features, self.embed.out_features
+        # ℓ2 over the image = ℓ2 over the patches (disjoint) → ℓ2 over all tokens of the embeds
+        L = n_embed * math.sqrt(d / d_patch)
+        walk.step("embed", L, None, None)
+        a = 1.0  # activation bounds are not needed for these rules (all are global)
+        for i, block in enumerate(self.blocks):
+            L_block, a = walk.certify(block, a, f"blocks.{i}")
+            L *= L_block
+        L_features = L / math.sqrt(self.n_tokens)  # the mean over T tokens: 1/√T in ℓ2
+        walk.step("mean", 1 / math.sqrt(self.n_tokens), None, None)
+        n_head = walk.norm("head.weight", self.head.weight)
+        sigma_head = n_head * math.sqrt(self.head.out_features / d)
+        walk.step("head", sigma_head, None, None)
+        return L_features, L_features * sigma_head

@@ -1,0 +1,182 @@
+"""The image transformer (lipschitz.nn.vit): its ℓ2 certificate over the whole image against
+exact and empirical lower bounds, the pairwise head radius, augmentation and the margin loss."""
+
+import math
+
+import pytest
+import torch
+
+from lipschitz.certify import _Walk, certify, empirical_lipschitz
+from lipschitz.config import Config
+from lipschitz.data.images import augment
+from lipschitz.nn import LipschitzGPT, LipschitzMLP
+from lipschitz.nn.vit import LipschitzViT, PatchMixing, _shift_matrices, image_shape_of
+from lipschitz.robustness import certified_radii
+
+
+def _random_vit(seed: int) -> LipschitzViT:
+    """A small ViT with random sizes and every weight random (no zero branch), some matrices
+    scaled beyond norm 1, random mixing kernels and residual weights."""
+    gen = torch.Generator().manual_seed(seed)
+
+    def pick(options):
+        return options[int(torch.randint(len(options), (1,), generator=gen))]
+
+    torch.manual_seed(seed)
+    shape = pick([(8, 8, 3), (8, 8, 1), (12, 12, 3), (4, 8, 3)])
+    n_head = pick([1, 2, 4])
+    model = LipschitzViT(
+        image_shape=shape, n_classes=pick([2, 5, 10]), patch=pick([2, 4]), d_model=8 * n_head,
+        n_layer=pick([1, 2, 3]), n_head=n_head, alpha=pick([None, 0.3, 1.0]),
+        mlp_ratio=pick([1, 2]), activation=pick(["maxmin", "gelu"]),
+    )  # fmt: skip
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if name.endswith("kernel_logits"):
+                p.copy_(3 * torch.randn(p.shape, generator=gen))
+            else:
+                p.copy_(torch.randn(p.shape, generator=gen) / math.sqrt(p.shape[1]))
+                p.mul_(float(torch.empty(1).uniform_(0.5, 2.0, generator=gen)))
+    return model
+
+
+def _jacobian_l2(model, x: torch.Tensor) -> float:
+    """σ_max of the logits' Jacobian at x (float64): the exact local ℓ2 slope there."""
+    J = torch.autograd.functional.jacobian(lambda z: model(z[None])[0], x)  # (K, n)
+    return float(torch.linalg.matrix_norm(J, ord=2))
+
+
+def _patch_direction(model: LipschitzViT, gen, single: bool) -> torch.Tensor:
+    """A unit ℓ2 perturbation of the image: noise in one p×p patch, or spread over all."""
+    H, W, C = model.image_shape
+    p = model.patch
+    d = torch.randn(H, W, C, generator=gen, dtype=torch.float64)
+    if single:
+        mask = torch.zeros(H, W, 1, dtype=torch.float64)
+        mask[p : 2 * p, 0:p] = 1.0 if H >= 2 * p else 0.0
+        mask[:p, :p] = 1.0 if H < 2 * p else 0.0
+        d = d * mask
+    return (d / d.norm()).flatten()
+
+
+@pytest.mark.parametrize("seed", range(50))
+def test_the_l2_certificate_bounds_every_slope_of_a_random_vit(seed):
+    model = _random_vit(seed).double()
+    cert = certify(model)
+    n = math.prod(model.image_shape)
+    gen = torch.Generator().manual_seed(seed)
+    xs = torch.rand(4, n, generator=gen, dtype=torch.float64)
+    slopes = [_jacobian_l2(model, x) for x in xs]
+    # structured worst cases: one perturbation spread over every patch, one in a single patch
+    for single in (False, True):
+        d = _patch_direction(model, gen, single)
+        for x in xs:
+            dz = (model((x + 1e-4 * d)[None]) - model((x - 1e-4 * d)[None])) / 2e-4
+            slopes.append(float(dz.detach().norm()))
+    assert max(slopes) <= cert.lipschitz_l2 * (1 + 1e-9)
+    # the same in RMS units against the repository's gradient-ascent lower bound
+    lower = empirical_lipschitz(model, n_pairs=4, steps=20, n_starts=8, seed=seed)
+    assert lower <= cert.lipschitz * (1 + 1e-9)
+    # each logit difference: ‖∇(z_i − z_j)‖ ≤ pairwise_l2[i][j] ≤ √2·lipschitz_l2
+    M = torch.tensor(cert.pairwise_l2, dtype=torch.float64)
+    assert (M <= math.sqrt(2) * cert.lipschitz_l2 * (1 + 1e-9)).all()
+    for x in xs[:2]:
+        J = torch.autograd.functional.jacobian(lambda z: model(z[None])[0], x)  # (K, n)
+        slope = torch.cdist(J, J)  # (K, K): ‖∇z_i − ∇z_j‖
+        assert (slope <= M * (1 + 1e-9) + 1e-12).all()
+
+
+def test_a_linear_vit_is_certified_exactly_up_to_the_mixing_bound():
+    """With attention-free MLP branches at zero, the ViT is linear: its exact ℓ2 norm is the
+    σ_max of its matrix, which the certificate must bound and, with one head and square
+    kernels, match within the slack of the per-factor product."""
+    torch.manual_seed(0)
+    model = LipschitzViT(image_shape=(8, 8, 3), n_classes=4, patch=4, d_model=8, n_layer=2,
+                         n_head=1).double()  # fmt: skip
+    with torch.no_grad():
+        for block in model.blocks:
+            block.attn.o.weight.copy_(torch.eye(8))  # mixing on, MLPs stay zero
+        model.head.weight.normal_()
+    A = torch.autograd.functional.jacobian(lambda z: model(z[None])[0], torch.zeros(192).double())
+    exact = float(torch.linalg.matrix_norm(A, ord=2))
+    bound = certify(model).lipschitz_l2
+    assert exact <= bound * (1 + 1e-9)
+    assert exact >= 0.3 * bound  # not vacuous
+
+
+def test_patch_mixing_is_a_convex_combination_of_shifts_with_norm_at_most_one():
+    S = _shift_matrices(3, 4)  # (K, T, T)
+    assert S.shape == (5 * 7, 12, 12)
+    assert (S.sum(dim=1) <= 1).all() and (S.sum(dim=2) <= 1).all()  # partial permutations
+    mixer = PatchMixing(8, 2, (3, 4))
+    with torch.no_grad():
+        mixer.kernel_logits.normal_(0, 3)
+    A = mixer.mixing()  # (H, T, T)
+    assert (A >= 0).all() and (A.sum(-1) <= 1 + 1e-6).all()
+    assert (torch.linalg.matrix_norm(A.double(), ord=2) <= 1 + 1e-6).all()
+    # the offset (0, 0) reads the token itself: a kernel all on it is the identity
+    with torch.no_grad():
+        mixer.kernel_logits.fill_(-1e4).view(2, -1)[:, 2 * 7 + 3] = 0.0  # offset (0, 0)
+    torch.testing.assert_close(mixer.mixing()[0], torch.eye(12))
+
+
+def test_each_walk_refuses_the_rules_it_has_no_derivation_for():
+    mixer = PatchMixing(8, 2, (2, 2))
+    with pytest.raises(TypeError, match="all tokens only"):
+        mixer.certificate(1.0, _Walk("certified"), "mix")
+    gpt = LipschitzGPT(vocab_size=5, d_model=8, n_layer=1, n_head=2, seq_len=4)
+    walk = _Walk("certified", tokens="all")
+    with pytest.raises(TypeError, match="CausalSelfAttention has no rule for ℓ2 over all tokens"):
+        walk.certify(gpt.blocks[0], 1.0, "blocks.0")
+
+
+def test_pairwise_radius_is_exact_for_a_linear_classifier():
+    """One Linear layer: the distance from x to the boundary with class j is exactly
+    (z_y − z_j)/‖w_y − w_j‖; the certified radius is their minimum, and a step just beyond it
+    towards the nearest boundary flips the prediction."""
+    torch.manual_seed(0)
+    model = LipschitzMLP(in_features=6, hidden=6, out_features=3, n_layers=1).double()
+    x = torch.randn(32, 6, dtype=torch.float64)
+    with torch.no_grad():
+        logits = model(x)
+    y = logits.argmax(1)
+    cert = certify(model)
+    M = torch.tensor(cert.pairwise_l2, dtype=torch.float64)
+    radii = certified_radii(logits, y, cert.lipschitz_l2, M)
+    assert (radii >= certified_radii(logits, y, cert.lipschitz_l2) - 1e-12).all()
+    W = model.layers[0].weight
+    for i in range(len(x)):
+        gaps = [((logits[i, y[i]] - logits[i, j]) / (W[y[i]] - W[j]).norm(), j)
+                for j in range(3) if j != y[i]]  # fmt: skip
+        r, j = min(gaps)
+        assert float(radii[i]) == pytest.approx(float(r), rel=1e-9)
+        step = (W[j] - W[y[i]]) / (W[j] - W[y[i]]).norm()
+        assert model((x[i] + r * 1.001 * step)[None]).argmax() != y[i]
+
+
+def test_augment_crops_and_flips_inside_the_padded_image():
+    gen = torch.Generator().manual_seed(0)
+    x = torch.rand(64, 6 * 5 * 3)
+    out = augment(x, (6, 5, 3), gen, pad=2).view(64, 6, 5, 3)
+    padded = torch.nn.functional.pad(x.view(64, 6, 5, 3), (0, 0, 2, 2, 2, 2))
+    flips = 0
+    for img, src in zip(out, padded, strict=True):
+        crops = [(src[dy : dy + 6, dx : dx + 5], f) for dy in range(5) for dx in range(5)
+                 for f in (False, True)]  # fmt: skip
+        matches = [f for c, f in crops if torch.equal(c.flip(1) if f else c, img)]
+        assert matches, "an augmented image is not a crop of the padded image"
+        flips += matches[0]
+    assert 16 < flips < 48
+
+
+def test_image_shapes_and_config_checks():
+    assert image_shape_of(3072) == (32, 32, 3) and image_shape_of(784) == (28, 28, 1)
+    with pytest.raises(ValueError, match="not a square image"):
+        image_shape_of(3000)
+    with pytest.raises(ValueError, match="patch=3 must divide"):
+        LipschitzViT(image_shape=(8, 8, 3), n_classes=2, patch=3)
+    with pytest.raises(ValueError, match="margin_eps and augment belong to image datasets"):
+        Config(margin_eps=0.1)
+    with pytest.raises(ValueError, match="patch_size belongs to model 'lipschitz_vit'"):
+        Config(model="lipschitz_mlp", dataset="cifar10", patch_size=2)
+    Config(model="lipschitz_vit", dataset="cifar10", patch_size=2, margin_eps=0.1, augment=True)
