@@ -42,9 +42,11 @@ __all__ = [
     "RULES",
     "Certificate",
     "certificate_table",
+    "certified_radii",
     "certify",
     "empirical_lipschitz",
     "jacobian_power_iteration",
+    "margins",
     "register_rule",
 ]
 
@@ -263,6 +265,32 @@ def certify(
         f"no certificate for {type(model).__name__}: supported models are LipschitzGPT, "
         "LipschitzMLP, BaselineMLP and LipschitzViT (a LayerNorm model has no useful global bound)"
     )
+
+
+def margins(logits: Tensor, labels: Tensor) -> Tensor:
+    """True-class logit minus the largest other logit, per example (B,); < 0 if misclassified."""
+    true = logits.gather(1, labels[:, None]).squeeze(1)
+    others = logits.scatter(1, labels[:, None], -math.inf)
+    return true - others.amax(dim=1)
+
+
+def certified_radii(
+    logits: Tensor, labels: Tensor, lipschitz_l2: float, pairwise_l2: Tensor | None = None
+) -> Tensor:
+    """ℓ2 radius around each input within which its prediction provably stays correct (0 if
+    it is misclassified): min over j ≠ y of (z_y − z_j) / M[y, j], where M[y, j] bounds the ℓ2
+    Lipschitz constant of z_y − z_j: ``pairwise_l2`` (K, K) when given (certify's, from the
+    head's rows), else √2·``lipschitz_l2`` for every pair."""
+    if not lipschitz_l2 > 0:
+        raise ValueError(f"lipschitz_l2 must be > 0, got {lipschitz_l2!r}")
+    if pairwise_l2 is None:
+        return (margins(logits, labels) / (math.sqrt(2) * lipschitz_l2)).clamp_min(0.0)
+    diffs = logits.gather(1, labels[:, None]) - logits  # (B, K): z_y − z_j
+    M = pairwise_l2.to(logits)[labels]  # (B, K)
+    # M = 0: z_y − z_j is constant, so the pair never limits a correct prediction
+    ratio = torch.where(M > 0, diffs / M.clamp_min(1e-300), torch.where(diffs > 0, math.inf, 0.0))
+    ratio = ratio.scatter(1, labels[:, None], math.inf)  # j = y is no constraint
+    return ratio.amin(dim=1).clamp_min(0.0)
 
 
 def _spectral_norm(W: Tensor) -> float:

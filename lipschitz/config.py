@@ -72,6 +72,7 @@ class Config:
     activation: str = "gelu"  # the MLP's: gelu (GELU/1.1289, the paper) | maxmin (GroupSort-2)
     mlp_ratio: int = 4  # the Lipschitz GPT's and ViT's MLP: d → mlp_ratio·d → d
     patch_size: int = 4  # lipschitz_vit: p×p pixel patches, one token each
+    pool: str = "flatten"  # lipschitz_vit: the head reads all tokens (flatten) or their mean
     # Token mixer of the Lipschitz GPT: attention (the paper's, with attn_scale and pos_bias) |
     # lookup (lipschitz.nn.lookup: a lag bias on every head, dynamic lags, q·k content heads, an
     # optional value-0 sink; with mixer_budget each head's values are scaled so that it costs
@@ -220,6 +221,7 @@ def known_choices() -> dict[str, tuple]:
     from lipschitz.linalg import NS_COEFFICIENTS
     from lipschitz.nn.build import MIXERS
     from lipschitz.nn.layers import ACTIVATIONS, RESIDUALS
+    from lipschitz.nn.vit import POOLS
     from lipschitz.schedules import SCHEDULES
 
     return {
@@ -240,6 +242,7 @@ def known_choices() -> dict[str, tuple]:
         "target_norm_scalars": ("model", "unit"),
         "embed_optimizer": ("muon", "adamw"),
         "ns_dtype": ("float32", "bfloat16"),
+        "pool": POOLS,
         "schedule": tuple(SCHEDULES),
         "coefficients": tuple(NS_COEFFICIENTS),
     }
@@ -264,8 +267,9 @@ def _check_choices(cfg: Config) -> None:
         raise ValueError(
             f"config: mlp_ratio belongs to 'lipschitz_gpt' and 'lipschitz_vit', got {cfg.model!r}"
         )
-    if cfg.patch_size != Config.patch_size and cfg.model != "lipschitz_vit":
-        raise ValueError(f"config: patch_size belongs to model 'lipschitz_vit', got {cfg.model!r}")
+    for key in ("patch_size", "pool"):
+        if getattr(cfg, key) != getattr(Config, key) and cfg.model != "lipschitz_vit":
+            raise ValueError(f"config: {key} belongs to model 'lipschitz_vit', got {cfg.model!r}")
     if (cfg.margin_eps or cfg.augment) and cfg.dataset not in ("cifar10", "mnist"):
         raise ValueError(
             f"config: margin_eps and augment belong to image datasets, got {cfg.dataset!r}"

@@ -103,6 +103,31 @@ def test_cifar_mlp_trains_then_robustness_report(tmp_path, capsys):
         assert row["pgd_acc"] >= row["verified_acc"]
 
 
+@pytest.mark.skipif(
+    not os.environ.get("LIPSCHITZ_DATA_DIR")
+    or not Path(os.environ["LIPSCHITZ_DATA_DIR"], "cifar10/cifar10.npz").exists(),
+    reason="needs LIPSCHITZ_DATA_DIR with cifar10/cifar10.npz",
+)
+def test_cifar_vit_trains_with_margin_and_augmentation_then_robustness(tmp_path, capsys):
+    """cifar-vit at tiny sizes: the margin loss and augmentation train, final.json's verified
+    accuracy is the one `lipschitz robustness` recomputes with the pairwise radii on the whole
+    test split, and PGD never beats a certificate."""
+    run = tmp_path / "run"
+    cli_main(["train", "cifar-vit", "--out", str(run), "--set", "steps=30", "--set",
+              "eval_every=30", "--set", "d_model=16", "--set", "n_layer=1", "--set",
+              "batch_size=64"])  # fmt: skip
+    final = json.loads((run / "final.json").read_text())
+    assert final["val_acc"] > 0.15 and final["val_verified_acc"] > 0.05
+    capsys.readouterr()
+    cli_main(["robustness", str(run), "--n", "10000", "--eps", str(36 / 255), "--pgd-steps",
+              "0", "--json"])  # fmt: skip
+    result = json.loads(capsys.readouterr().out)
+    assert result["eps"][0]["verified_acc"] == pytest.approx(final["val_verified_acc"], abs=1e-4)
+    cli_main(["robustness", str(run), "--n", "64", "--pgd-steps", "10", "--json"])
+    for row in json.loads(capsys.readouterr().out)["eps"]:
+        assert row["pgd_acc"] >= row["verified_acc"]
+
+
 def _images_mlp(seed: int, scale: float) -> tuple[torch.nn.Module, torch.Tensor, torch.Tensor]:
     """A 3-layer, 10-class MLP on 8 random 8×8×3 "images" (flattened HWC), labelled by itself."""
     gen = torch.Generator().manual_seed(seed)

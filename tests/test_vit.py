@@ -28,7 +28,7 @@ def _random_vit(seed: int) -> LipschitzViT:
     model = LipschitzViT(
         image_shape=shape, n_classes=pick([2, 5, 10]), patch=pick([2, 4]), d_model=8 * n_head,
         n_layer=pick([1, 2, 3]), n_head=n_head, alpha=pick([None, 0.3, 1.0]),
-        mlp_ratio=pick([1, 2]), activation=pick(["maxmin", "gelu"]),
+        mlp_ratio=pick([1, 2]), activation=pick(["maxmin", "gelu"]), pool=pick(["flatten", "mean"]),
     )  # fmt: skip
     with torch.no_grad():
         for name, p in model.named_parameters():
@@ -86,13 +86,14 @@ def test_the_l2_certificate_bounds_every_slope_of_a_random_vit(seed):
         assert (slope <= M * (1 + 1e-9) + 1e-12).all()
 
 
-def test_a_linear_vit_is_certified_exactly_up_to_the_mixing_bound():
+@pytest.mark.parametrize("pool", ["flatten", "mean"])
+def test_a_linear_vit_is_certified_exactly_up_to_the_mixing_bound(pool):
     """With attention-free MLP branches at zero, the ViT is linear: its exact ℓ2 norm is the
     σ_max of its matrix, which the certificate must bound and, with one head and square
     kernels, match within the slack of the per-factor product."""
     torch.manual_seed(0)
     model = LipschitzViT(image_shape=(8, 8, 3), n_classes=4, patch=4, d_model=8, n_layer=2,
-                         n_head=1).double()  # fmt: skip
+                         n_head=1, pool=pool).double()  # fmt: skip
     with torch.no_grad():
         for block in model.blocks:
             block.attn.o.weight.copy_(torch.eye(8))  # mixing on, MLPs stay zero
@@ -179,4 +180,8 @@ def test_image_shapes_and_config_checks():
         Config(margin_eps=0.1)
     with pytest.raises(ValueError, match="patch_size belongs to model 'lipschitz_vit'"):
         Config(model="lipschitz_mlp", dataset="cifar10", patch_size=2)
+    with pytest.raises(ValueError, match="pool belongs to model 'lipschitz_vit'"):
+        Config(model="lipschitz_mlp", dataset="cifar10", pool="mean")
+    with pytest.raises(ValueError, match="pool must be one of"):
+        LipschitzViT(image_shape=(8, 8, 3), n_classes=2, pool="max")
     Config(model="lipschitz_vit", dataset="cifar10", patch_size=2, margin_eps=0.1, augment=True)

@@ -62,7 +62,7 @@ def build_model(cfg: Config, n_outputs: int, n_inputs: int | None = None) -> nn.
         return LipschitzViT(
             image_shape=image_shape_of(n_inputs), n_classes=n_outputs, patch=cfg.patch_size,
             d_model=cfg.d_model, n_layer=cfg.n_layer, n_head=cfg.n_head, alpha=cfg.residual_alpha,
-            mlp_ratio=cfg.mlp_ratio, activation=cfg.activation,
+            mlp_ratio=cfg.mlp_ratio, activation=cfg.activation, pool=cfg.pool,
         )  # fmt: skip
     if cfg.model.endswith("_mlp"):
         return MODELS[cfg.model](

@@ -38,7 +38,7 @@ import torch.distributed as dist
 import torch.nn.functional as F
 from torch import Tensor
 
-from lipschitz.certify import certify
+from lipschitz.certify import certified_radii, certify
 from lipschitz.config import Config
 from lipschitz.data.tasks import TextTask, make_task
 from lipschitz.nn import BaselineGPT, LipschitzGPT, activation_stats, build_model
@@ -308,6 +308,22 @@ class Trainer:
         tokens = state.step * cfg.batch_size * self.task.tokens_per_example
         return {"step": state.step, "train_loss": train_loss, "lr": lr, "tokens_seen": tokens}
 
+    @torch.no_grad()
+    def verified_accuracy(self, cert) -> float:
+        """The fraction of the validation images classified correctly with a certified ℓ2
+        radius above VERIFIED_EPS (36/255, the benchmark's), from ``cert``'s pairwise bounds."""
+        was_training = self.model.training
+        self.model.eval()
+        pairwise = torch.tensor(cert.pairwise_l2, device=self.device)
+        verified, count = 0, 0
+        for x, y in self.task.val_batches():
+            x, y = x.to(self.device), y.to(self.device)
+            radii = certified_radii(self.model(x).float(), y, cert.lipschitz_l2, pairwise)
+            verified += int((radii > VERIFIED_EPS).sum())
+            count += len(y)
+        self.model.train(was_training)
+        return verified / count
+
     def margin_offsets(self) -> Tensor:
         """M (K, K): the certified ℓ2 constant of each logit difference z_i − z_j for the
         weights as they are now (certify's pairwise_l2; detached: the caps bound it)."""
@@ -354,6 +370,8 @@ class Trainer:
                 out["lipschitz_bound_paper_rule"] = None
         if cert.lipschitz_l2 is not None:
             out["lipschitz_bound_l2"] = cert.lipschitz_l2
+        if cert.pairwise_l2 is not None:
+            out["val_verified_acc"] = self.verified_accuracy(cert)
         out["weight_norms"] = {layer["name"]: layer["rms_operator_norm"] for layer in cert.layers}
         return out
 
@@ -431,7 +449,9 @@ class Trainer:
 
 
 _FINAL_FROM_EVAL = ("val_loss", "val_acc", "lipschitz_bound", "lipschitz_bound_l2",
-                    "lipschitz_bound_paper_rule", "val_loss_at_train_temperature")  # fmt: skip
+                    "lipschitz_bound_paper_rule", "val_loss_at_train_temperature",
+                    "val_verified_acc")  # fmt: skip
+VERIFIED_EPS = 36 / 255  # ℓ2 radius of val_verified_acc: CIFAR-10's standard benchmark radius
 
 
 def _stop_if_broken(record: dict, step: int) -> None:
