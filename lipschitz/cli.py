@@ -115,7 +115,7 @@ def cmd_robustness(args: argparse.Namespace) -> None:
     from lipschitz.robustness import report
 
     result = report(args.dir, args.data_dir, args.n, tuple(args.eps), args.pgd_steps,
-                    args.autoattack)  # fmt: skip
+                    args.autoattack, args.attack_n)  # fmt: skip
     if args.json:
         print(json.dumps(result, indent=2))
         return
@@ -126,9 +126,13 @@ def cmd_robustness(args: argparse.Namespace) -> None:
     )
     for row in result["eps"]:
         auto = f"  AutoAttack {row['autoattack_acc']:.4f}" if "autoattack_acc" in row else ""
+        subset = ""
+        if "verified_acc_attacked" in row:
+            subset = f" (attacks on the first {result['n_attacked']}: verified "
+            subset += f"{row['verified_acc_attacked']:.4f})"
         print(
-            f"  eps {row['eps']:.4f}: verified {row['verified_acc']:.4f}  PGD {row['pgd_acc']:.4f}"
-            + auto
+            f"  eps {row['eps']:.4f}: verified {row['verified_acc']:.4f}{subset}  PGD "
+            f"{row['pgd_acc']:.4f}" + auto
         )
     print(f"-> {args.dir}/robustness.json, robustness.png")
 
@@ -206,6 +210,8 @@ def _run_commands(commands) -> None:
     p.add_argument("--n", type=int, default=1000, help="number of test images")
     p.add_argument("--eps", type=float, nargs="+", default=[36 / 255, 72 / 255, 108 / 255])
     p.add_argument("--pgd-steps", type=int, default=50)
+    p.add_argument("--attack-n", type=int, default=None,
+                   help="attack only the first N of the test images (default: all)")  # fmt: skip
     p.add_argument("--autoattack", action="store_true",
                    help="also run AutoAttack-l2 (needs the autoattack extra)")  # fmt: skip
     p.add_argument("--json", action="store_true")

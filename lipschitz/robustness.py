@@ -121,29 +121,40 @@ def robust_accuracy(
     pgd_steps: int = 50,
     image_shape: tuple[int, int, int] | None = None,
     pairwise_l2: Tensor | None = None,
+    attack_n: int | None = None,
 ) -> dict:
     """Clean accuracy, and verified and PGD robust accuracy at each ε (and AutoAttack's, when
     ``image_shape`` (H, W, C) is given); raises RuntimeError if an attack ever beats a
     certificate (a wrong certificate or a wrong attack). ``pairwise_l2``: see
-    :func:`certified_radii`."""
+    :func:`certified_radii`. ``attack_n``: attack only the first ``attack_n`` inputs (attacks
+    cost ``pgd_steps`` forward and backward passes each); their accuracies are then over those,
+    next to ``verified_acc_attacked``, the verified accuracy of the same inputs."""
     check_attack(eps_list, pgd_steps, n=len(labels))
+    if attack_n is not None:
+        check_attack(eps_list, pgd_steps, n=attack_n)
+    k = len(labels) if attack_n is None else min(attack_n, len(labels))
     model.eval()
     with torch.no_grad():
         logits = model(x)
     radii = certified_radii(logits, labels, lipschitz_l2, pairwise_l2)
     clean = _accuracy(model, x, labels)
-    result = {"clean_acc": clean.float().mean().item(), "lipschitz_l2": lipschitz_l2, "eps": []}
+    result = {"clean_acc": clean.float().mean().item(), "lipschitz_l2": lipschitz_l2,
+              "n_attacked": k, "eps": []}  # fmt: skip
+    xa, ya = x[:k], labels[:k]
     for eps in eps_list:
         verified = clean & (radii > eps)
         row = {"eps": eps, "verified_acc": verified.float().mean().item()}
+        if k < len(labels):
+            row["verified_acc_attacked"] = verified[:k].float().mean().item()
+        verified = verified[:k]
         for name in ["pgd"] if image_shape is None else ["pgd", "autoattack"]:
             if name == "pgd":
-                x_adv = pgd_l2(model, x, labels, eps, steps=pgd_steps)
+                x_adv = pgd_l2(model, xa, ya, eps, steps=pgd_steps)
             else:
-                x_adv = autoattack_l2(model, x, labels, eps, image_shape)
-            if not ((x_adv - x).flatten(1).norm(dim=1) <= eps * (1 + 1e-4) + 1e-6).all():
+                x_adv = autoattack_l2(model, xa, ya, eps, image_shape)
+            if not ((x_adv - xa).flatten(1).norm(dim=1) <= eps * (1 + 1e-4) + 1e-6).all():
                 raise RuntimeError(f"{name} at eps={eps:.4g} left the eps-ball")
-            robust = _accuracy(model, x_adv, labels) & clean
+            robust = _accuracy(model, x_adv, ya) & clean[:k]
             broken = verified & ~robust
             if broken.any():
                 raise RuntimeError(
@@ -162,6 +173,7 @@ def report(
     eps_list: tuple[float, ...] = (36 / 255, 72 / 255, 108 / 255),
     pgd_steps: int = 50,
     autoattack: bool = False,
+    attack_n: int | None = None,
 ) -> dict:
     """Robustness of a trained image classifier (a run directory): clean accuracy, certified
     radii, verified and PGD-ℓ2 (and AutoAttack) robust accuracy at each ε on the first ``n``
@@ -181,7 +193,7 @@ def report(
     pairwise = None if cert.pairwise_l2 is None else torch.tensor(cert.pairwise_l2)
     image_shape = IMAGE_SHAPES[cfg.dataset] if autoattack else None
     result = robust_accuracy(
-        model, x, y, cert.lipschitz_l2, eps_list, pgd_steps, image_shape, pairwise
+        model, x, y, cert.lipschitz_l2, eps_list, pgd_steps, image_shape, pairwise, attack_n
     )
     with torch.no_grad():
         radii = certified_radii(model(x), y, cert.lipschitz_l2, pairwise)
@@ -212,7 +224,8 @@ def _plot(result: dict, path: Path) -> None:
     curve = result["curve"]
     ax.plot([c["eps"] for c in curve], [c["verified_acc"] for c in curve], label="verified")
     rows = result["eps"]
-    ax.plot([r["eps"] for r in rows], [r["pgd_acc"] for r in rows], "o-", label="PGD-ℓ2")
+    subset = "" if "verified_acc_attacked" not in rows[0] else f" (first {result['n_attacked']})"
+    ax.plot([r["eps"] for r in rows], [r["pgd_acc"] for r in rows], "o-", label="PGD-ℓ2" + subset)
     if "autoattack_acc" in rows[0]:
         ax.plot([r["eps"] for r in rows], [r["autoattack_acc"] for r in rows], "s--",
                 label="AutoAttack-ℓ2")  # fmt: skip

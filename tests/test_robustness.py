@@ -73,6 +73,24 @@ def test_pgd_breaks_an_unconstrained_model():
         assert (model(x_adv).argmax(1) == y).float().mean() < 0.5
 
 
+def test_attacks_on_a_subset_are_compared_with_the_same_subset():
+    model, x, y = _trained_mlp(1)
+    cert = certify(model)
+    M = torch.tensor(cert.pairwise_l2)
+    full = robust_accuracy(model, x, y, cert.lipschitz_l2, (0.05,), 10, pairwise_l2=M)
+    part = robust_accuracy(model, x, y, cert.lipschitz_l2, (0.05,), 10, pairwise_l2=M,
+                           attack_n=40)  # fmt: skip
+    assert part["n_attacked"] == 40 and full["n_attacked"] == len(y)
+    row = part["eps"][0]
+    assert row["verified_acc"] == full["eps"][0]["verified_acc"]  # still over all inputs
+    with torch.no_grad():
+        radii = certified_radii(model(x[:40]), y[:40], cert.lipschitz_l2, M)
+    assert row["verified_acc_attacked"] == pytest.approx((radii > 0.05).float().mean().item())
+    assert row["pgd_acc"] >= row["verified_acc_attacked"]
+    with pytest.raises(ValueError, match="n \\(test images\\) must be an integer >= 1"):
+        robust_accuracy(model, x, y, cert.lipschitz_l2, (0.05,), 1, attack_n=0)
+
+
 def test_robust_accuracy_fails_loudly_on_a_wrong_certificate():
     model, x, y = _trained_mlp(0)
     too_small = certify(model).lipschitz_l2 * 1e-3  # pretend the model is far smoother
