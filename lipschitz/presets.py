@@ -173,6 +173,13 @@ PRESETS["cifar-vit"] = (
 )  # fmt: skip
 
 
+PRESETS["cifar-vit-gpu"] = (
+    "cifar-vit at GPU size (d 256, 8 blocks, 8 heads, 200 epochs); not yet run",
+    {**PRESETS["cifar-vit"][1], "d_model": 256, "n_layer": 8, "n_head": 8, "batch_size": 512,
+     "steps": 19600, "eval_every": 980, "checkpoint_every": 980},
+)  # fmt: skip
+
+
 def preset(name: str) -> Config:
     """The Config of a named preset; ValueError listing the presets for an unknown name."""
     if name not in PRESETS:
