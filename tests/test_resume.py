@@ -20,12 +20,19 @@ DATA_DIR = os.environ.get("LIPSCHITZ_DATA_DIR")
     not DATA_DIR or not Path(DATA_DIR, "mnist/train-images-idx3-ubyte.gz").exists(),
     reason="needs LIPSCHITZ_DATA_DIR with mnist/",
 )
-@pytest.mark.parametrize("optimizer", ["muon", "adamw"])
+@pytest.mark.parametrize("optimizer", ["muon", "adamw", "vit-margin-augment"])
 def test_image_run_resumes_bit_identically(tmp_path, train_interrupted, optimizer):
-    cfg = Config(model="lipschitz_mlp", dataset="mnist", data_dir=DATA_DIR, d_model=32,
-                 n_layer=3, batch_size=32, steps=6, eval_every=3, checkpoint_every=3,
-                 log_every=1, optimizer=optimizer, constraint="spectral_hard_cap", w_max=2.0,
-                 lr=0.05 if optimizer == "muon" else 3e-3, sample_tokens=0)  # fmt: skip
+    """vit-margin-augment: the ViT with the certified-margin loss (its constants recomputed
+    every 10 steps and at every checkpoint step) and random crops and flips."""
+    model = dict(model="lipschitz_mlp", d_model=32, n_layer=3)
+    if optimizer == "vit-margin-augment":
+        model = dict(model="lipschitz_vit", d_model=16, n_layer=1, n_head=2, margin_eps=0.5,
+                     augment=True, activation="maxmin")  # fmt: skip
+    cfg = Config(dataset="mnist", data_dir=DATA_DIR, batch_size=32, steps=6, eval_every=3,
+                 checkpoint_every=3,
+                 log_every=1, optimizer=optimizer.replace("vit-margin-augment", "muon"),
+                 constraint="spectral_hard_cap", w_max=2.0,
+                 lr=3e-3 if optimizer == "adamw" else 0.05, sample_tokens=0, **model)  # fmt: skip
     final = train(cfg, tmp_path / "full")
 
     train_interrupted(cfg, tmp_path / "broken", tasks.ImageTask, at=5)  # after checkpoint 3

@@ -183,6 +183,7 @@ class Trainer:
         self.batch_gen = torch.Generator().manual_seed(cfg.seed + 1)  # same batches on all ranks
         self.forward = torch.compile(self.model) if cfg.compile else self.model
         self.state = TrainState()
+        self.margins = None  # margin_eps: the latest margin_offsets()
         self.t_start = time.time()  # this process's share of the run's wall time starts now
 
     # ---------------------------------------------------------------------------- phases
@@ -271,7 +272,12 @@ class Trainer:
         local = micro_batch // self.world  # this rank's slice of each micro-batch
         mine = slice(self.rank * local, (self.rank + 1) * local)
         loss_sum = 0.0
-        margins = self.margin_offsets() if cfg.margin_eps else None
+        margins = None
+        if cfg.margin_eps:  # the certificate's SVDs cost about an MLP step: every 10 steps,
+            # and at every checkpoint step, so that a resumed run recomputes where it left off
+            if state.step % MARGIN_EVERY == 0 or state.step % cfg.checkpoint_every == 0:
+                self.margins = self.margin_offsets()
+            margins = self.margins
         for _ in range(cfg.grad_accum):
             x, y = self.task.batch(micro_batch, self.batch_gen)  # the global micro-batch ...
             x, y = x[mine].to(self.device), y[mine].to(self.device)  # ... this rank's slice
@@ -451,6 +457,7 @@ class Trainer:
 _FINAL_FROM_EVAL = ("val_loss", "val_acc", "lipschitz_bound", "lipschitz_bound_l2",
                     "lipschitz_bound_paper_rule", "val_loss_at_train_temperature",
                     "val_verified_acc")  # fmt: skip
+MARGIN_EVERY = 10  # steps between recomputations of the margin loss's certified constants
 VERIFIED_EPS = 36 / 255  # ℓ2 radius of val_verified_acc: CIFAR-10's standard benchmark radius
 
 
