@@ -140,7 +140,7 @@ def robust_accuracy(
     clean = _accuracy(model, x, labels)
     result = {"clean_acc": clean.float().mean().item(), "lipschitz_l2": lipschitz_l2,
               "n_attacked": k, "eps": []}  # fmt: skip
-    xa, ya = x[:k], labels[:k]
+    xa, ya = (x, labels) if k == len(labels) else (x[:k], labels[:k])
     for eps in eps_list:
         verified = clean & (radii > eps)
         row = {"eps": eps, "verified_acc": verified.float().mean().item()}

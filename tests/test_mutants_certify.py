@@ -37,6 +37,7 @@ def test_certificate_to_dict_lists_every_field():
         "steps": [{"name": "s"}],
         "lipschitz_l2": 3.5,
         "rule": "paper",
+        "pairwise_l2": None,
     }
 
 
@@ -253,8 +254,8 @@ def test_mlp_certificate_refusals_name_the_problem():
     with pytest.raises(TypeError) as exc:
         certify(Odd())
     assert str(exc.value) == (
-        "no certificate for Odd: supported models are LipschitzGPT, LipschitzMLP and BaselineMLP"
-        " (a LayerNorm model has no useful global bound)"
+        "no certificate for Odd: supported models are LipschitzGPT, LipschitzMLP, BaselineMLP"
+        " and LipschitzViT (a LayerNorm model has no useful global bound)"
     )
     model = _linear_mlp()
     model.layers[1] = Odd()

@@ -178,7 +178,7 @@ def test_robust_accuracy_by_hand_and_default_radii():
     assert [r["verified_acc"] for r in result["eps"]] == [0.5, 0.5, 0.0]
     # PGD pushes straight to the boundary: it flips exactly the inputs closer than ε
     assert [r["pgd_acc"] for r in result["eps"]] == [0.5, 0.5, 0.0]
-    assert sorted(result) == ["clean_acc", "eps", "lipschitz_l2"]
+    assert sorted(result) == ["clean_acc", "eps", "lipschitz_l2", "n_attacked"]
     assert sorted(result["eps"][0]) == ["eps", "pgd_acc", "verified_acc"]
 
 

@@ -230,7 +230,8 @@ def test_build_model_leaves_architectural_constants_to_the_models():
     from lipschitz.config import apply_overrides
     from lipschitz.presets import preset
 
-    assert set(MODELS) == {"lipschitz_gpt", "baseline_gpt", "lipschitz_mlp", "baseline_mlp"}
+    assert set(MODELS) == {"lipschitz_gpt", "baseline_gpt", "lipschitz_mlp", "baseline_mlp",
+                           "lipschitz_vit"}  # fmt: skip
     cfg = apply_overrides(preset("tiny"), ["d_model=16", "n_layer=3", "n_head=2", "seq_len=8"])
     model = build_model(cfg, 11)
     assert isinstance(model, LipschitzGPT) and model.embed.num_embeddings == 11
