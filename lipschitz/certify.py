@@ -33,7 +33,7 @@ from functools import partial
 import torch
 from torch import Tensor, nn
 
-from lipschitz.linalg import rms_operator_norm, row_rms
+from lipschitz.linalg import rms_operator_norm, rms_scale, row_rms
 from lipschitz.nn.layers import MLP, RESIDUALS, Block, CausalSelfAttention, Linear
 from lipschitz.nn.models import BaselineMLP, LipschitzGPT, LipschitzMLP
 from lipschitz.nn.vit import LipschitzViT
@@ -243,13 +243,15 @@ def certify(
         if inputs not in (None, "features") or input_bound is not None:
             raise ValueError("an MLP certificate is global: pass neither inputs nor input_bound")
         L, a = 1.0, 1.0  # a: output RMS for an input of RMS 1 (ReLU keeps |x| entrywise)
+        L_features = 1.0  # ℓ2→ℓ2 bound of the layers before the last (σ = RMS norm·√(out/in))
         for i, layer in enumerate(model.layers):
             n, a_next = walk.certify(layer, a, f"layers.{i}")
             walk.step(f"layers.{i}", n, a, a_next)
             L, a = L * n, a_next
+            if i < len(model.layers) - 1:
+                L_features *= n * rms_scale(layer.weight)
         d_in, d_out = model.layers[0].in_features, model.layers[-1].out_features
         l2 = L * math.sqrt(d_out / d_in)  # ‖y‖₂ = √d_out·RMS(y), ‖x‖₂ = √d_in·RMS(x)
-        L_features = math.prod(_spectral_norm(layer.weight) for layer in model.layers[:-1])
         pairwise = _pairwise_l2(model.layers[-1].weight, L_features)
         return Certificate(L, "RMS", "RMS", None, walk.layers, walk.steps, l2, None, pairwise)
     if type(model) is LipschitzViT:
@@ -291,10 +293,6 @@ def certified_radii(
     ratio = torch.where(M > 0, diffs / M.clamp_min(1e-300), torch.where(diffs > 0, math.inf, 0.0))
     ratio = ratio.scatter(1, labels[:, None], math.inf)  # j = y is no constraint
     return ratio.amin(dim=1).clamp_min(0.0)
-
-
-def _spectral_norm(W: Tensor) -> float:
-    return float(torch.linalg.matrix_norm(W.detach().double(), ord=2))
 
 
 def _pairwise_l2(head: Tensor, L_features: float) -> list[list[float]]:

@@ -30,6 +30,7 @@ import math
 import torch
 from torch import Tensor, nn
 
+from lipschitz.linalg import rms_scale
 from lipschitz.nn.layers import Block, Linear, token_stats
 
 __all__ = ["POOLS", "LipschitzViT", "PatchMixing", "image_shape_of"]
@@ -46,13 +47,18 @@ def image_shape_of(n_inputs: int) -> tuple[int, int, int]:
     raise ValueError(f"{n_inputs} input values are not a square image with 1 or 3 channels")
 
 
+def _grid_offsets(grid_h: int, grid_w: int) -> list[tuple[int, int]]:
+    """Every offset (dy, dx) between two tokens of the grid: (2·grid_h−1)(2·grid_w−1) of them."""
+    return [(dy, dx) for dy in range(1 - grid_h, grid_h) for dx in range(1 - grid_w, grid_w)]
+
+
 def _shift_matrices(grid_h: int, grid_w: int) -> Tensor:
-    """S[k] (K, T, T) for every offset k = (dy, dx) of the grid, K = (2·grid_h−1)(2·grid_w−1):
-    S[k][t, u] = 1 if token u sits at offset (dy, dx) from token t, else 0. Each row and column
-    holds at most one 1, so ‖S[k]‖ ≤ 1."""
+    """S[k] (K, T, T) for every offset k = (dy, dx) of :func:`_grid_offsets`: S[k][t, u] = 1 if
+    token u sits at offset (dy, dx) from token t, else 0. Each row and column holds at most one
+    1, so ‖S[k]‖ ≤ 1."""
     T = grid_h * grid_w
     ys, xs = torch.arange(T) // grid_w, torch.arange(T) % grid_w  # (T,) each
-    offsets = [(dy, dx) for dy in range(1 - grid_h, grid_h) for dx in range(1 - grid_w, grid_w)]
+    offsets = _grid_offsets(grid_h, grid_w)
     S = torch.zeros(len(offsets), T, T)
     for k, (dy, dx) in enumerate(offsets):
         same = (ys[None, :] == ys[:, None] + dy) & (xs[None, :] == xs[:, None] + dx)  # (T, T)
@@ -86,10 +92,7 @@ class PatchMixing(nn.Module):
         self.n_head, self.grid = n_head, tuple(grid)
         S = _shift_matrices(*self.grid)  # (K, T, T)
         self.register_buffer("shifts", S, persistent=False)
-        gh, gw = self.grid
-        dist2 = torch.tensor(
-            [float(dy * dy + dx * dx) for dy in range(1 - gh, gh) for dx in range(1 - gw, gw)]
-        )  # (K,)
+        dist2 = torch.tensor([float(dy * dy + dx * dx) for dy, dx in _grid_offsets(*self.grid)])
         scale = torch.arange(1, n_head + 1, dtype=torch.float32)[:, None] / n_head  # (H, 1)
         # one flat vector (an AdamW-trained parameter like any bias), viewed as (H, K)
         self.kernel_logits = nn.Parameter((-dist2[None, :] * scale).flatten())
@@ -203,9 +206,8 @@ class LipschitzViT(nn.Module):
         as they are; the walk runs over all tokens, in RMS units (a d_in→d_out Linear of RMS
         norm n has ℓ2 norm n·√(d_out/d_in))."""
         n_embed = walk.norm("embed.weight", self.embed.weight)
-        d_patch, d = self.embed.in_features, self.embed.out_features
         # ℓ2 over the image = ℓ2 over the patches (disjoint) → ℓ2 over all tokens of the embeds
-        L = n_embed * math.sqrt(d / d_patch)
+        L = n_embed * rms_scale(self.embed.weight)
         walk.step("embed", L, None, None)
         a = 1.0  # activation bounds are not needed for these rules (all are global)
         for i, block in enumerate(self.blocks):
@@ -215,6 +217,6 @@ class LipschitzViT(nn.Module):
         walk.step(self.pool, pool, None, None)
         L_features = L * pool
         n_head = walk.norm("head.weight", self.head.weight)
-        sigma_head = n_head * math.sqrt(self.head.out_features / self.head.in_features)
+        sigma_head = n_head * rms_scale(self.head.weight)
         walk.step("head", sigma_head, None, None)
         return L_features, L_features * sigma_head
