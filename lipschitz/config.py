@@ -73,6 +73,7 @@ class Config:
     mlp_ratio: int = 4  # the Lipschitz GPT's and ViT's MLP: d → mlp_ratio·d → d
     patch_size: int = 4  # lipschitz_vit: p×p pixel patches, one token each
     pool: str = "flatten"  # lipschitz_vit: the head reads all tokens (flatten) or their mean
+    bias: bool = False  # lipschitz_vit: a learned position embedding and biases in the MLPs
     # Token mixer of the Lipschitz GPT: attention (the paper's, with attn_scale and pos_bias) |
     # lookup (lipschitz.nn.lookup: a lag bias on every head, dynamic lags, q·k content heads, an
     # optional value-0 sink; with mixer_budget each head's values are scaled so that it costs
@@ -130,7 +131,7 @@ class Config:
         """Reject values that cannot work, naming the key."""
         _check_types(self)
         _check_finite(self)
-        _check_choices(self)
+        _check_relations(self)
         _check_ranges(self)
         _check_size(self)
 
@@ -160,12 +161,6 @@ class Config:
             return cls.from_dict(values)
         except ValueError as err:
             raise ValueError(f"{path}: {err}") from None
-
-
-# The keys only mixer="lookup" reads, at Config's defaults (any other mixer refuses other values)
-LOOKUP_DEFAULTS = {f.name: f.default for f in fields(Config)
-                   if f.name in ("content_heads", "content_scale", "qk_tied", "key_shift",
-                                 "lag_window", "lag_gate", "attn_sink")}  # fmt: skip
 
 
 @functools.cache
@@ -211,101 +206,23 @@ def _check_finite(cfg: Config) -> None:
             raise ValueError(f"config: {f.name}={value!r} is beyond the supported {MAX_FLOAT:g}")
 
 
-def known_choices() -> dict[str, tuple]:
-    """The names each choice key accepts. The registries of the modules that implement them
-    are read where config can (constraints, mixers, activations, schedules, Newton–Schulz
-    sets); the model, dataset and protocol names are listed here, and
-    tests/test_architecture.py checks them against nn.build.MODELS, data.tasks.TASKS and
-    data.tasks.EVAL_PROTOCOLS."""
-    from lipschitz.constraints import CONSTRAINTS
-    from lipschitz.linalg import NS_COEFFICIENTS
-    from lipschitz.nn.build import MIXERS
-    from lipschitz.nn.layers import ACTIVATIONS, RESIDUALS
-    from lipschitz.nn.vit import POOLS
-    from lipschitz.schedules import SCHEDULES
-
-    return {
-        "model": (
-            "lipschitz_gpt",
-            "baseline_gpt",
-            "lipschitz_mlp",
-            "baseline_mlp",
-            "lipschitz_vit",
-        ),
-        "dataset": ("shakespeare", "tokens", "recall", "cifar10", "mnist"),
-        "mixer": tuple(MIXERS),
-        "optimizer": ("muon", "adamw"),
-        "constraint": tuple(CONSTRAINTS),
-        "eval_protocol": ("full", "paper"),
-        "residual": RESIDUALS,
-        "activation": ACTIVATIONS,
-        "target_norm_scalars": ("model", "unit"),
-        "embed_optimizer": ("muon", "adamw"),
-        "ns_dtype": ("float32", "bfloat16"),
-        "pool": POOLS,
-        "schedule": tuple(SCHEDULES),
-        "coefficients": tuple(NS_COEFFICIENTS),
-    }
-
-
-def _check_choices(cfg: Config) -> None:
-    """Names (model, dataset, optimizer, ...) are known ones and fit together."""
-    choices = known_choices()
-    for key, allowed in choices.items():
-        if getattr(cfg, key) not in allowed:
-            raise ValueError(f"config: {key} must be one of {allowed}, got {getattr(cfg, key)!r}")
+def _check_relations(cfg: Config) -> None:
+    """Values that must fit each other (the names are checked against the registries that own
+    them by lipschitz.choices.check_choices)."""
     if not DEVICE_PATTERN.fullmatch(cfg.device):
         raise ValueError(
             f"config: device must be auto, cpu, cuda, cuda:N or mps, got {cfg.device!r}"
         )
-    if cfg.model.endswith("_gpt") != (cfg.dataset in ("shakespeare", "tokens", "recall")):
-        raise ValueError(
-            f"config: model {cfg.model!r} cannot train on dataset {cfg.dataset!r} "
-            "(GPT models: shakespeare, tokens, recall; image models: cifar10, mnist)"
-        )
-    if cfg.mlp_ratio != Config.mlp_ratio and cfg.model not in ("lipschitz_gpt", "lipschitz_vit"):
-        raise ValueError(
-            f"config: mlp_ratio belongs to 'lipschitz_gpt' and 'lipschitz_vit', got {cfg.model!r}"
-        )
-    for key in ("patch_size", "pool"):
-        if getattr(cfg, key) != getattr(Config, key) and cfg.model != "lipschitz_vit":
-            raise ValueError(f"config: {key} belongs to model 'lipschitz_vit', got {cfg.model!r}")
-    if (cfg.margin_eps or cfg.augment) and cfg.dataset not in ("cifar10", "mnist"):
-        raise ValueError(
-            f"config: margin_eps and augment belong to image datasets, got {cfg.dataset!r}"
-        )
-    if cfg.mixer != "lookup" or cfg.model != "lipschitz_gpt":
-        for key, default in LOOKUP_DEFAULTS.items():
-            if getattr(cfg, key) != default:
-                raise ValueError(
-                    f"config: {key} belongs to mixer='lookup' of model 'lipschitz_gpt' "
-                    f"(got model={cfg.model!r}, mixer={cfg.mixer!r})"
-                )
     if cfg.content_heads > cfg.n_head:
         raise ValueError(
             f"config: content_heads={cfg.content_heads} must be <= n_head={cfg.n_head}"
         )
     if cfg.lag_window > cfg.seq_len:
         raise ValueError(f"config: lag_window={cfg.lag_window} must be <= seq_len={cfg.seq_len}")
-    if cfg.dataset == "recall" and not 2 * cfg.recall_pairs < cfg.seq_len:
-        raise ValueError(
-            f"config: dataset 'recall' needs seq_len > 2·recall_pairs (the pairs, then at least "
-            f"one query), got seq_len={cfg.seq_len}, recall_pairs={cfg.recall_pairs}"
-        )
     if cfg.recall_vocab > MAX_RECALL_VOCAB:
         raise ValueError(
             f"config: recall_vocab={cfg.recall_vocab} is above {MAX_RECALL_VOCAB} (the model's "
             "vocabulary is 2·recall_vocab tokens, and every sequence draws its keys from it)"
-        )
-    if cfg.dataset == "recall" and cfg.recall_pairs > cfg.recall_vocab:
-        raise ValueError(
-            f"config: recall_pairs={cfg.recall_pairs} distinct keys need recall_vocab >= "
-            f"recall_pairs, got recall_vocab={cfg.recall_vocab}"
-        )
-    if cfg.dataset == "tokens" and not cfg.token_dir:
-        raise ValueError(
-            "config: dataset 'tokens' needs token_dir=FOLDER of *_train_*.bin / *_val_*.bin "
-            "shards (make them with `lipschitz prepare TEXT_FILES... --out FOLDER`)"
         )
 
 
@@ -357,10 +274,11 @@ def _check_ranges(cfg: Config) -> None:
 
 def parameter_estimate(cfg: Config) -> int:
     """A generous estimate of the model's parameter count, to catch impossible sizes early:
-    (4 + 2·mlp_ratio)·d² per transformer block (attention, MLP) or d² per MLP layer, plus an input
-    and an output layer at least as wide as GPT-2's padded vocabulary or a CIFAR image."""
+    (4 + 2·mlp_ratio)·d² per layer (a transformer block's attention and MLP; an MLP layer has
+    d²), plus an input and an output layer at least as wide as GPT-2's padded vocabulary or a
+    CIFAR image."""
     d = cfg.d_model
-    per_layer = (4 + 2 * cfg.mlp_ratio) * d * d if cfg.model.endswith("_gpt") else d * d
+    per_layer = (4 + 2 * cfg.mlp_ratio) * d * d
     return cfg.n_layer * per_layer + 2 * max(cfg.vocab_size or 50304, 3072) * d
 
 

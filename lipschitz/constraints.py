@@ -9,10 +9,10 @@ work on any PyTorch weight::
     with torch.no_grad():
         layer.weight.copy_(spectral_hard_cap(layer.weight, w_max=1.0))
 
-All share the keyword signature ``fn(W, *, w_max, update_norm=0.0, weight_decay=0.0, ...)`` so an
-optimizer can call any of them after its step: ``update_norm`` is the RMS→RMS norm of the step
-just taken and ``weight_decay`` the fraction λ·η·tn the weight was decayed by before it. Only the
-soft cap uses them (its strength is coupled to the step); the others ignore them.
+Each takes ``fn(W, *, w_max, ...)`` (``none`` and ``spectral_weight_decay`` bound nothing and
+take no ``w_max``); the soft cap, whose strength is coupled to the step, also takes
+``update_norm``, the RMS→RMS norm of the step just taken, and ``weight_decay``, the fraction
+λ·η·tn the weight was decayed by before it.
 
 :data:`METHODS` describes every method once (a :class:`Constraint`): whether it needs ``w_max``,
 keeps per-weight state, may project a stack in one call, is coupled to the step, and how far
@@ -89,16 +89,12 @@ def _checked(name: str, W: Tensor, w_max: float) -> Tensor:
     return W if W.dtype in (torch.float32, torch.float64) else W.float()
 
 
-def none(
-    W: Tensor, *, w_max: float = math.inf, update_norm: float = 0.0, weight_decay: float = 0.0
-) -> Tensor:
+def none(W: Tensor) -> Tensor:
     """No constraint: returns (a copy of) W. Weight decay, if any, is the optimizer's job."""
-    return _checked("none", W, w_max).to(W.dtype, copy=True)
+    return _checked("none", W, math.inf).to(W.dtype, copy=True)
 
 
-def svd_cap(
-    W: Tensor, *, w_max: float, update_norm: float = 0.0, weight_decay: float = 0.0
-) -> Tensor:
+def svd_cap(W: Tensor, *, w_max: float) -> Tensor:
     """Exact clip σᵢ ← min(σᵢ, w_max) of every singular value (RMS units), by SVD."""
     X = _checked("svd_cap", W, w_max)
     U, S, Vh = torch.linalg.svd(X, full_matrices=False)
@@ -121,8 +117,6 @@ def spectral_normalize(
     W: Tensor,
     *,
     w_max: float,
-    update_norm: float = 0.0,
-    weight_decay: float = 0.0,
     iters: int = 16,
     state: dict | None = None,
 ) -> Tensor:
@@ -143,8 +137,6 @@ def spectral_hammer(
     W: Tensor,
     *,
     w_max: float,
-    update_norm: float = 0.0,
-    weight_decay: float = 0.0,
     iters: int = 16,
     state: dict | None = None,
 ) -> Tensor:
@@ -162,9 +154,6 @@ def spectral_hammer(
 def spectral_weight_decay(
     W: Tensor,
     *,
-    w_max: float = math.inf,
-    update_norm: float = 0.0,
-    weight_decay: float = 0.0,
     spectral_decay: float = 0.1,
     iters: int = 16,
     state: dict | None = None,
@@ -174,7 +163,7 @@ def spectral_weight_decay(
     ``spectral_decay`` is λ_s, a per-step constant (not scaled by the learning rate, as in the
     paper). Enforces no bound, so ``w_max`` is accepted but not used.
     """
-    X = _checked("spectral_weight_decay", W, w_max)
+    X = _checked("spectral_weight_decay", W, math.inf)  # it bounds nothing: no w_max
     if not 0.0 <= spectral_decay <= 1.0:
         raise ValueError(
             f"spectral_weight_decay: spectral_decay must be in [0, 1], got {spectral_decay}"
@@ -188,8 +177,6 @@ def stiefel(
     W: Tensor,
     *,
     w_max: float,
-    update_norm: float = 0.0,
-    weight_decay: float = 0.0,
     coefficients: str = "accurate8",
 ) -> Tensor:
     """W ← w_max·msign(W): every singular value set to w_max (RMS units).
@@ -227,8 +214,6 @@ def spectral_hard_cap(
     W: Tensor,
     *,
     w_max: float,
-    update_norm: float = 0.0,
-    weight_decay: float = 0.0,
     method: str = "msign",
     coefficients: str = "accurate8",
 ) -> Tensor:
@@ -341,9 +326,7 @@ def spectral_soft_cap(
     return Y.to(W.dtype)
 
 
-def row_rms_cap(
-    W: Tensor, *, w_max: float, update_norm: float = 0.0, weight_decay: float = 0.0
-) -> Tensor:
+def row_rms_cap(W: Tensor, *, w_max: float) -> Tensor:
     """Embedding constraint: scale every row (token) of W down to RMS ≤ w_max.
 
     An embedding is measured per row (ℓ1→RMS for one-hot inputs), not as a matrix, so this is
@@ -359,8 +342,8 @@ class Constraint:
 
     Fields:
         name: the key in :data:`METHODS` (and a param group's ``constraint`` option).
-        fn: the function, with the common signature of this module.
-        needs_w_max: uses ``w_max``; the others enforce no bound and ignore it.
+        fn: the function: ``fn(W, *, w_max, ...)``, without ``w_max`` where it bounds nothing.
+        needs_w_max: takes ``w_max``; the others enforce no bound.
         stackable: the result on a stack (k, out, in) equals that of each matrix alone, so
             same-shaped weights may be projected in one batched call.
         guarantee: what the method promises about σ_max, in words (the benchmark's column).
@@ -382,6 +365,24 @@ class Constraint:
     per_row: bool = False
     stateful: bool = False
     coupled_to_step: bool = False
+
+    def __call__(
+        self,
+        W: Tensor,
+        *,
+        w_max: float | None = None,
+        update_norm: float = 0.0,
+        weight_decay: float = 0.0,
+        **options,
+    ) -> Tensor:
+        """``fn(W, ...)`` given only what it reads: ``w_max`` if it needs one, the step's norm
+        and decay if it is coupled to the step, and its own ``options`` (``iters``, ``state``,
+        ``spectral_decay``, ...), so every method can be called the same way."""
+        if self.needs_w_max:
+            options["w_max"] = w_max
+        if self.coupled_to_step:
+            options.update(update_norm=update_norm, weight_decay=weight_decay)
+        return self.fn(W, **options)
 
 
 # Tolerances (relative to w_max; float32 weights, bfloat16/float16 add their own rounding):

@@ -235,7 +235,8 @@ _CLASSIC = (15 / 8, -10 / 8, 3 / 8)
 # Named coefficient sets. Each step is x ↦ a·x + b·x³ + c·x⁵, applied after dividing W by its
 # Frobenius norm (so every singular value starts in [0, 1]).
 #   you6       the paper's JAX set (You Jiacheng): never exceeds 1
-#   nanogpt5   the paper's NanoGPT set: its largest output 1.14502 is the paper's "inflation factor"
+#   nanogpt5   the paper's NanoGPT set: its largest output is the paper's "inflation factor"
+#              (quoted there as 1.14502; NS_OUTPUT_RANGE rounds it outwards)
 #   jordan5    Keller Jordan's Muon set
 #   accurate8  ours: jordan5, then three classical steps; 8 steps in all
 NS_COEFFICIENTS: dict[str, tuple[tuple[float, float, float], ...]] = {

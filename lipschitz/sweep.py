@@ -35,6 +35,7 @@ import tomllib
 from dataclasses import dataclass
 from pathlib import Path
 
+from lipschitz.choices import check_choices
 from lipschitz.config import Config, apply_overrides
 from lipschitz.fileio import atomic_write_text, lock, read_json_object
 from lipschitz.presets import preset
@@ -142,6 +143,7 @@ def expand(spec: dict) -> list[Run]:
             overrides = {**shared, **point}
             try:
                 cfg = apply_overrides(base, _assignments(overrides))
+                check_choices(cfg)
             except ValueError as err:
                 raise ValueError(f"sweep run {point}: {err}") from err
             name = ",".join(f"{k}={_format(getattr(cfg, k))}" for k in point) or "run"

@@ -73,12 +73,56 @@ def test_no_module_imports_another_modules_private_names():
     assert not found, found
 
 
-def test_every_name_the_config_accepts_is_implemented_and_vice_versa():
-    from lipschitz.config import known_choices
-    from lipschitz.data.tasks import EVAL_PROTOCOLS, TASKS
-    from lipschitz.nn.build import MODELS
+def _imports(path: Path) -> list[str]:
+    """Every lipschitz module ``path`` imports, at any depth of its code (lazy imports too)."""
+    found = []
+    for node in ast.walk(ast.parse(path.read_text())):
+        if isinstance(node, ast.ImportFrom) and (node.module or "").startswith("lipschitz"):
+            found.append(node.module)
+        elif isinstance(node, ast.Import):
+            found += [a.name for a in node.names if a.name.startswith("lipschitz")]
+    return found
 
-    choices = known_choices()
-    assert set(choices["model"]) == set(MODELS)
-    assert set(choices["dataset"]) == set(TASKS)
-    assert set(choices["eval_protocol"]) == set(EVAL_PROTOCOLS)
+
+def test_config_is_a_leaf():
+    """config sits at the bottom: it reads no registry of the layers that read it."""
+    assert set(_imports(PACKAGE / "config.py")) <= {"lipschitz.fileio"}
+
+
+def _names_a_choice(node: ast.AST) -> bool:
+    return isinstance(node, ast.Attribute) and node.attr in ("model", "dataset")
+
+
+def _is_string(node: ast.AST) -> bool:
+    if isinstance(node, (ast.Tuple, ast.List, ast.Set)):
+        return any(_is_string(e) for e in node.elts)
+    return isinstance(node, ast.Constant) and isinstance(node.value, str)
+
+
+def _choice_string_tests(source: str) -> list[int]:
+    """Lines of ``source`` that compare ``X.model`` or ``X.dataset`` to a string."""
+    lines = []
+    for node in ast.walk(ast.parse(source)):
+        if isinstance(node, ast.Compare):
+            sides = [node.left, *node.comparators]
+            if any(map(_names_a_choice, sides)) and any(map(_is_string, sides)):
+                lines.append(node.lineno)
+        elif isinstance(node, ast.Call) and isinstance(node.func, ast.Attribute):
+            if node.func.attr in ("startswith", "endswith") and _names_a_choice(node.func.value):
+                lines.append(node.lineno)
+    return lines
+
+
+def test_no_module_compares_the_model_or_dataset_name_to_a_string():
+    """What a model or dataset is comes from its registry entry (nn.build.MODELS,
+    data.tasks.TASKS), not from ``cfg.model == "..."`` or ``cfg.dataset.endswith(...)``."""
+    found = [f"{path.relative_to(ROOT)}:{line}" for path in sorted(PACKAGE.rglob("*.py"))
+             for line in _choice_string_tests(path.read_text())]  # fmt: skip
+    assert not found, found
+
+
+def test_the_scan_finds_planted_string_comparisons():
+    source = ('a = cfg.model == "lipschitz_gpt"\nb = "x" != self.cfg.dataset\n'
+              'c = cfg.model.endswith("_gpt")\nd = cfg.dataset in ("cifar10", "mnist")\n'
+              'e = MODELS[cfg.model].inputs == "images"\n')  # fmt: skip
+    assert _choice_string_tests(source) == [1, 2, 3, 4]

@@ -281,27 +281,29 @@ BAD_INPUTS = [
 @pytest.mark.parametrize("name", sorted(CONSTRAINTS))
 @pytest.mark.parametrize(("W", "w_max", "message"), BAD_INPUTS)
 def test_bad_input_raises_value_error_naming_the_problem(name, W, w_max, message):
+    if message == "w_max" and not METHODS[name].needs_w_max:
+        pytest.skip(f"{name} takes no w_max")
     with pytest.raises(ValueError, match=message):
-        CONSTRAINTS[name](W, w_max=w_max)
+        METHODS[name](W, w_max=w_max)
 
 
 @pytest.mark.parametrize("name", sorted(CONSTRAINTS))
-def test_every_constraint_keeps_dtype_shape_and_accepts_the_common_signature(name):
+def test_every_constraint_keeps_dtype_shape_and_accepts_the_common_call(name):
     gen = torch.Generator().manual_seed(5)
     for dtype in (torch.float32, torch.float64, torch.bfloat16):
         W = torch.randn(2, 12, 8, generator=gen).to(dtype)
-        out = CONSTRAINTS[name](W, w_max=1.0, update_norm=0.05, weight_decay=0.01)
+        out = METHODS[name](W, w_max=1.0, update_norm=0.05, weight_decay=0.01)
         assert out.dtype == dtype and out.shape == W.shape
         assert torch.isfinite(out.float()).all()
     param = torch.nn.Linear(8, 12, bias=False).weight  # any PyTorch weight
     with torch.no_grad():
-        param.copy_(CONSTRAINTS[name](param, w_max=1.0))
+        param.copy_(METHODS[name](param, w_max=1.0))
     # stacked matrices are constrained one by one, not flattened together
     sig = torch.tensor([[4.0, 2.0, 1.0, 0.5], [0.9, 0.5, 0.3, 0.1]], dtype=torch.float64)
     stack = matrix_with_spectrum(6, 4, sig, gen)
     kw = {"iters": 100} if name in POWER_ITERATION_METHODS else {}
-    one = CONSTRAINTS[name](stack[1:], w_max=1.0, update_norm=0.05, **kw)
-    both = CONSTRAINTS[name](stack, w_max=1.0, update_norm=0.05, **kw)
+    one = METHODS[name](stack[1:], w_max=1.0, update_norm=0.05, **kw)
+    both = METHODS[name](stack, w_max=1.0, update_norm=0.05, **kw)
     torch.testing.assert_close(both[1:], one, rtol=1e-6, atol=1e-6)
 
 
@@ -319,7 +321,11 @@ def test_registry_facts_match_the_signatures():
         params = inspect.signature(c.fn).parameters
         assert c.name == name
         assert c.stateful == ("state" in params), name
-        assert c.needs_w_max == (params["w_max"].default is inspect.Parameter.empty), name
+        # no dead parameters: a method takes w_max, or the step's norm and decay, iff it reads
+        # them (and then w_max has no default)
+        assert c.needs_w_max == ("w_max" in params), name
+        assert not c.needs_w_max or params["w_max"].default is inspect.Parameter.empty, name
+        assert c.coupled_to_step == ("update_norm" in params) == ("weight_decay" in params), name
         assert (c.tolerance is None) == (c.guarantee in ("no", "no bound")), name
 
 
@@ -336,20 +342,23 @@ def test_registry_facts_hold(name, dtype):
     sig = torch.tensor([[1.25, 1.2, 0.5, 0.1], [1.25, 0.3, 0.2, 0.1], [0.9, 0.8, 0.3, 0.05]])
     W = matrix_with_spectrum(12, 4, sig.double(), gen).to(dtype)  # (3, 12, 4)
     # coupled_to_step: only such a method depends on the step's norm and the decay
-    still = c.fn(W, w_max=1.0)
-    assert torch.equal(c.fn(W, w_max=1.0, update_norm=0.25, weight_decay=0.01), still) != (
+    still = c(W, w_max=1.0)
+    assert torch.equal(c(W, w_max=1.0, update_norm=0.25, weight_decay=0.01), still) != (
         c.coupled_to_step
     )
-    # needs_w_max: the others ignore it
-    if not c.needs_w_max:
-        assert torch.equal(c.fn(W, w_max=2.0), still)
+    # needs_w_max: only those depend on it
+    if c.needs_w_max:  # (the soft cap moves a weight only after a step)
+        big = 3 * W
+        assert not torch.equal(
+            c(big, w_max=2.0, update_norm=0.5), c(big, w_max=1.0, update_norm=0.5)
+        )
     # stackable: one call on the stack equals a call per matrix
     if c.stackable:
-        alone = torch.stack([c.fn(W[i], w_max=1.0, update_norm=0.25) for i in range(3)])
-        both = c.fn(W, w_max=1.0, update_norm=0.25)
+        alone = torch.stack([c(W[i], w_max=1.0, update_norm=0.25) for i in range(3)])
+        both = c(W, w_max=1.0, update_norm=0.25)
         torch.testing.assert_close(both, alone, rtol=1e-6, atol=1e-6)
     # tolerance: from just outside the ball (σ = 1.25·w_max, the soft cap told of a step of
     # 0.25·w_max, inside its guarantee) the norm lands within w_max·(1 + tolerance)
     if c.tolerance is not None:
-        out = c.fn(W, w_max=1.0, update_norm=0.25)
+        out = c(W, w_max=1.0, update_norm=0.25)
         assert torch.all(_norm(c, out) <= 1 + c.tolerance), (name, _norm(c, out))

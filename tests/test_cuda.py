@@ -10,7 +10,7 @@ import torch
 from matrices import matrix_with_spectrum, rms_singular_values
 
 from lipschitz.config import apply_overrides
-from lipschitz.constraints import CONSTRAINTS
+from lipschitz.constraints import CONSTRAINTS, METHODS
 from lipschitz.data.tasks import TextTask
 from lipschitz.linalg import rms_operator_norm
 from lipschitz.presets import preset
@@ -28,7 +28,7 @@ def _weights_and_reference(name: str) -> tuple[torch.Tensor, torch.Tensor]:
     gen = torch.Generator().manual_seed(0)
     sigma = 2.5 * torch.rand(3, 128, dtype=torch.float64, generator=gen)
     W = matrix_with_spectrum(256, 128, sigma, gen)
-    return W, CONSTRAINTS[name](W, w_max=1.0, update_norm=0.05)
+    return W, METHODS[name](W, w_max=1.0, update_norm=0.05)
 
 
 # Largest |Δσ| (RMS→RMS singular values) between the constraint in this dtype and in float64 on
@@ -43,7 +43,7 @@ DEVICE_TOL = {torch.float32: 1e-4, torch.bfloat16: 5e-3}
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_constraint_on_device_matches_float64_on_cpu(device, name, dtype):
     W, reference = _weights_and_reference(name)
-    out = CONSTRAINTS[name](W.to(device, dtype), w_max=1.0, update_norm=0.05)
+    out = METHODS[name](W.to(device, dtype), w_max=1.0, update_norm=0.05)
     assert out.device.type == device and out.dtype == dtype and out.shape == W.shape
     got = rms_singular_values(out.cpu())
     want = rms_singular_values(reference)

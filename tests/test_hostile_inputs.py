@@ -11,8 +11,9 @@ import pytest
 import torch
 
 from lipschitz import fileio, robustness
+from lipschitz.choices import check_choices
 from lipschitz.config import Config, apply_overrides
-from lipschitz.constraints import CONSTRAINTS
+from lipschitz.constraints import CONSTRAINTS, METHODS
 from lipschitz.data import tokens as tk
 from lipschitz.pareto import MARKER, find_runs, load_points, plot
 from lipschitz.sweep import expand, load_spec, read_final, run_sweep, summarize
@@ -88,7 +89,7 @@ def test_every_numeric_option_refuses_extreme_values_or_is_checked_at_the_start(
     for key in numeric:
         for value in ("1e300", "-1e300", str(10**30), str(-(10**30))):
             try:
-                apply_overrides(Config(mixer="lookup"), [f"{key}={value}"])
+                check_choices(apply_overrides(Config(mixer="lookup"), [f"{key}={value}"]))
             except ValueError as err:
                 assert key in str(err), (key, value, str(err))
             else:
@@ -554,7 +555,7 @@ def test_every_constraint_names_itself_and_the_problem_for_an_impossible_weight(
     """Before: IndexError on empty weights, torch's private _LinAlgError at 1e20 entries (and
     stiefel returned a matrix of norm 0 there)."""
     with pytest.raises(ValueError, match=rf"^{name}: weight of shape .*{re.escape(words)}"):
-        CONSTRAINTS[name](weight, w_max=1.0)
+        METHODS[name](weight, w_max=1.0)
 
 
 # --------------------------------------------------------------------------------------------
@@ -694,12 +695,11 @@ def test_every_readme_guarantee_has_tests_that_try_to_break_it():
 def test_every_constraint_and_optimizer_step_keeps_a_zero_weight_finite(name):
     """A zero-initialised matrix (a head, a residual branch's output) has no direction: every
     constraint and a Muon step from it must still give finite weights within the cap."""
-    from lipschitz.constraints import METHODS
     from lipschitz.linalg import rms_operator_norm
     from lipschitz.optim.muon import Muon
 
     for shape in [(65, 128), (128, 128), (4, 16)]:
-        out = CONSTRAINTS[name](torch.zeros(shape), w_max=1.0)
+        out = METHODS[name](torch.zeros(shape), w_max=1.0)
         assert torch.isfinite(out).all(), (name, shape)
         if METHODS[name].tolerance is not None:
             assert float(rms_operator_norm(out)) <= 1.0 + METHODS[name].tolerance, (name, shape)

@@ -9,6 +9,7 @@ import torch
 from torch import nn
 
 from lipschitz.certify import certify, empirical_lipschitz
+from lipschitz.choices import check_choices
 from lipschitz.config import Config, apply_overrides
 from lipschitz.data.recall import IGNORE, RecallTask, recall_batch
 from lipschitz.linalg import rms_operator_norm
@@ -262,12 +263,14 @@ def test_config_names_the_lookup_and_recall_keys_it_refuses():
     ):
         with pytest.raises(ValueError, match=word):
             apply_overrides(base, [assignment])
-    with pytest.raises(ValueError, match="mixer='lookup'"):
-        Config(content_heads=1)
+    with pytest.raises(ValueError, match="content_heads belongs to mixer 'lookup'"):
+        check_choices(Config(content_heads=1))
+    with pytest.raises(ValueError, match="mixer belongs to model 'lipschitz_gpt'"):
+        check_choices(Config(model="baseline_gpt", mixer="lookup"))
     with pytest.raises(ValueError, match="seq_len"):
-        Config(dataset="recall", seq_len=8, recall_pairs=4)
+        check_choices(Config(dataset="recall", seq_len=8, recall_pairs=4))
     with pytest.raises(ValueError, match="recall_vocab"):
-        Config(dataset="recall", recall_pairs=20, recall_vocab=10)
+        check_choices(Config(dataset="recall", recall_pairs=20, recall_vocab=10))
     with pytest.raises(ValueError, match="recall_vocab=100000000 is above 65536"):
         Config(dataset="recall", recall_vocab=10**8)  # a 400 GB allocation before
 

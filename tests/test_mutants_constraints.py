@@ -34,7 +34,7 @@ def test_errors_name_the_function(name):
     # Every message starts with the function's name (the module's convention: a bad weight in
     # a long run must say which projection refused it).
     with pytest.raises(ValueError, match=f"^{name}: "):
-        METHODS[name].fn(torch.tensor([[1.0, float("nan")], [0.0, 1.0]]), w_max=1.0)
+        METHODS[name](torch.tensor([[1.0, float("nan")], [0.0, 1.0]]), w_max=1.0)
 
 
 @pytest.mark.parametrize("name", ["none", "spectral_soft_cap"])
@@ -42,7 +42,7 @@ def test_identity_results_are_copies(name):
     # "returns (a copy of) W" / "with no step it is the identity": a new tensor, never a view of
     # the weight (an optimizer writes the result back into the weight).
     W = torch.randn(5, 3)
-    out = METHODS[name].fn(W, w_max=1.0)
+    out = METHODS[name](W, w_max=1.0)
     assert torch.equal(out, W)
     out.add_(1.0)
     assert not torch.equal(out, W)
@@ -53,7 +53,7 @@ def test_half_precision_comes_back_in_its_dtype(name):
     # bfloat16 weights are computed in float32 and rounded back: also on the paths that return
     # the weight unchanged (soft cap with no step, rows already inside the ball).
     W = (torch.randn(6, 4) * 0.1).to(torch.bfloat16)
-    out = METHODS[name].fn(W, w_max=1.0)
+    out = METHODS[name](W, w_max=1.0)
     assert out.dtype == torch.bfloat16 and torch.equal(out, W)
 
 
@@ -71,7 +71,7 @@ def test_power_iteration_methods_default_to_sixteen_iterations(name, monkeypatch
     calls = []
     qr = torch.linalg.qr
     monkeypatch.setattr(torch.linalg, "qr", lambda A: calls.append(1) or qr(A))
-    METHODS[name].fn(torch.randn(6, 5), w_max=1.0)
+    METHODS[name](torch.randn(6, 5), w_max=1.0)
     assert len(calls) == 1 + 16
 
 

@@ -111,10 +111,10 @@ def test_every_optimizer_option_reaches_muon_and_adamw(embed_optimizer):
 
 def test_unknown_optimizer_is_refused_by_name():
     cfg = _cfg()
-    object.__setattr__(cfg, "optimizer", "sgd")  # past Config's own check, as a caller might
+    object.__setattr__(cfg, "optimizer", "sgd")  # past the choice check, as a caller might
     with pytest.raises(ValueError) as exc:
         build_optimizers(cfg, build_model(_cfg(), VOCAB))
-    assert str(exc.value) == "optimizer must be 'muon' or 'adamw', got 'sgd'"
+    assert str(exc.value) == "optimizer must be one of ('muon', 'adamw'), got 'sgd'"
 
 
 # ---------------------------------------------------------------------------- route_parameters

@@ -9,6 +9,7 @@ import torch
 
 import lipschitz.data.tasks as tasks
 import lipschitz.training.loop as loop
+from lipschitz.choices import check_choices
 from lipschitz.cli import main as cli_main
 from lipschitz.config import Config, apply_overrides
 from lipschitz.linalg import rms_operator_norm
@@ -123,10 +124,27 @@ def test_set_overrides_are_typed_and_checked():
     with pytest.raises(ValueError, match="eval_every must be > 0"):
         apply_overrides(Config(), ["eval_every=0"])
     with pytest.raises(ValueError, match="constraint must be one of"):
-        apply_overrides(Config(), ["constraint=spectral_cap"])
+        check_choices(apply_overrides(Config(), ["constraint=spectral_cap"]))
     with pytest.raises(ValueError, match="unknown preset"):
         preset("nope")
     assert set(PRESETS) >= {"shakespeare", "shakespeare-baseline", "shakespeare-cpu", "tiny"}
+
+
+def test_every_preset_passes_the_choice_checks_and_mismatches_are_named():
+    for name in PRESETS:
+        check_choices(preset(name))
+    with pytest.raises(ValueError, match="model 'lipschitz_vit' cannot train on dataset 'shake"):
+        check_choices(Config(model="lipschitz_vit"))
+    with pytest.raises(ValueError, match="model 'baseline_gpt' cannot train on dataset 'mnist'"):
+        check_choices(Config(model="baseline_gpt", dataset="mnist"))
+    with pytest.raises(ValueError, match="model must be one of"):
+        check_choices(Config(model="lipschitz"))
+
+
+def test_a_bad_choice_is_refused_before_the_run_directory_exists(tmp_path):
+    with pytest.raises(ValueError, match="dataset must be one of"):
+        train(apply_overrides(preset("tiny"), ["dataset=cifar"]), tmp_path / "run")
+    assert not (tmp_path / "run").exists()
 
 
 def test_cli_reports_bad_set_key(tmp_path, capsys):
@@ -157,7 +175,7 @@ def test_token_task_windows(token_shards):
     with pytest.raises(FileNotFoundError, match="lipschitz prepare"):
         tasks.TokenTask(apply_overrides(cfg, ["token_dir=no/such/folder"]))
     with pytest.raises(ValueError, match="needs token_dir"):
-        apply_overrides(preset("tiny"), ["dataset=tokens"])
+        check_choices(apply_overrides(preset("tiny"), ["dataset=tokens"]))
 
 
 def test_token_run_with_adamw_embedding(tmp_path, token_shards, capsys):

@@ -7,6 +7,7 @@ import pytest
 import torch
 
 from lipschitz.certify import _Walk, certify, empirical_lipschitz
+from lipschitz.choices import check_choices
 from lipschitz.config import Config
 from lipschitz.data.images import augment
 from lipschitz.nn import LipschitzGPT, LipschitzMLP
@@ -29,11 +30,14 @@ def _random_vit(seed: int) -> LipschitzViT:
         image_shape=shape, n_classes=pick([2, 5, 10]), patch=pick([2, 4]), d_model=8 * n_head,
         n_layer=pick([1, 2, 3]), n_head=n_head, alpha=pick([None, 0.3, 1.0]),
         mlp_ratio=pick([1, 2]), activation=pick(["maxmin", "gelu"]), pool=pick(["flatten", "mean"]),
+        bias=pick([False, True]),
     )  # fmt: skip
     with torch.no_grad():
         for name, p in model.named_parameters():
             if name.endswith("kernel_logits"):
                 p.copy_(3 * torch.randn(p.shape, generator=gen))
+            elif p.dim() == 1:  # biases and the position embedding: constants, any size
+                p.copy_(torch.randn(p.shape, generator=gen))
             else:
                 p.copy_(torch.randn(p.shape, generator=gen) / math.sqrt(p.shape[1]))
                 p.mul_(float(torch.empty(1).uniform_(0.5, 2.0, generator=gen)))
@@ -176,12 +180,15 @@ def test_image_shapes_and_config_checks():
         image_shape_of(3000)
     with pytest.raises(ValueError, match="patch=3 must divide"):
         LipschitzViT(image_shape=(8, 8, 3), n_classes=2, patch=3)
-    with pytest.raises(ValueError, match="margin_eps and augment belong to image datasets"):
-        Config(margin_eps=0.1)
+    with pytest.raises(ValueError, match="margin_eps belongs to dataset 'cifar10' or 'mnist'"):
+        check_choices(Config(margin_eps=0.1))
     with pytest.raises(ValueError, match="patch_size belongs to model 'lipschitz_vit'"):
-        Config(model="lipschitz_mlp", dataset="cifar10", patch_size=2)
+        check_choices(Config(model="lipschitz_mlp", dataset="cifar10", patch_size=2))
     with pytest.raises(ValueError, match="pool belongs to model 'lipschitz_vit'"):
-        Config(model="lipschitz_mlp", dataset="cifar10", pool="mean")
+        check_choices(Config(model="lipschitz_mlp", dataset="cifar10", pool="mean"))
+    with pytest.raises(ValueError, match="mlp_ratio belongs to model 'lipschitz_gpt' or 'lip"):
+        check_choices(Config(model="lipschitz_mlp", dataset="cifar10", mlp_ratio=2))
     with pytest.raises(ValueError, match="pool must be one of"):
         LipschitzViT(image_shape=(8, 8, 3), n_classes=2, pool="max")
-    Config(model="lipschitz_vit", dataset="cifar10", patch_size=2, margin_eps=0.1, augment=True)
+    check_choices(Config(model="lipschitz_vit", dataset="cifar10", patch_size=2, margin_eps=0.1,
+                         augment=True))  # fmt: skip

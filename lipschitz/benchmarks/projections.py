@@ -35,12 +35,8 @@ GUARANTEE = {c.name: c.guarantee for c in BENCHED} | {
 def methods() -> dict[str, Callable[[torch.Tensor], torch.Tensor]]:
     """Every constraint as a one-argument function projecting a matrix with σ = 2·w_max."""
     out: dict[str, Callable[[torch.Tensor], torch.Tensor]] = {}
-    for c in BENCHED:
-        if c.coupled_to_step:
-            # the soft cap: a step of norm w_max took the weight from w_max to 2·w_max
-            out[c.name] = lambda W, fn=c.fn: fn(W, w_max=W_MAX, update_norm=W_MAX)
-        else:
-            out[c.name] = lambda W, fn=c.fn: fn(W, w_max=W_MAX)
+    for c in BENCHED:  # the soft cap is told a step of norm w_max took W from w_max to 2·w_max
+        out[c.name] = lambda W, c=c: c(W, w_max=W_MAX, update_norm=W_MAX)
     out["spectral_hard_cap[quintic]"] = lambda W: spectral_hard_cap(
         W, w_max=W_MAX, method="quintic"
     )

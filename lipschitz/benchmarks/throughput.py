@@ -28,8 +28,9 @@ import torch.nn.functional as F
 from torch.autograd.profiler import record_function
 
 from lipschitz.benchmarks import write_results
-from lipschitz.config import LOOKUP_DEFAULTS, apply_overrides
+from lipschitz.config import Config, apply_overrides
 from lipschitz.nn import build_model
+from lipschitz.nn.build import MIXERS
 from lipschitz.optim import build_optimizers
 from lipschitz.presets import preset
 from lipschitz.training.runtime import autocast, select_device
@@ -52,7 +53,7 @@ def setups(name: str, overrides: list[str]) -> dict:
             lr=3e-3,
             attn_scale=1.0,
             mixer="attention",
-            **LOOKUP_DEFAULTS,
+            **{key: getattr(Config, key) for key in MIXERS["lookup"].keys},
         ),
     }
 

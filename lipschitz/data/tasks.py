@@ -201,31 +201,61 @@ def _char_sizes(cfg: Config, vocab: list[str] | None) -> tuple[int, int | None]:
 
 @dataclass(frozen=True)
 class TaskKind:
-    """What a ``dataset`` name means: how to make its task, the model's sizes without loading
-    the data (for run directories written before run.json recorded them), and its text codec
-    and sampling prompt (None: no text to sample)."""
+    """What a ``dataset`` name means: how to make its task, what the model reads (``inputs``:
+    "tokens" or "images"; the model must read the same), the model's sizes without loading the
+    data (for run directories written before run.json recorded them), its text codec and
+    sampling prompt (None: no text to sample), the config keys only some datasets read, and a
+    check of the config that this dataset needs (a ValueError naming the keys)."""
 
     make: Callable[[Config], Task]
+    inputs: str
     sizes: Callable[[Config, list[str] | None], tuple[int, int | None]]
     codec: Callable[[Config, list[str] | None, str | None], Codec] | None = None
     prompt: str | None = None
+    keys: tuple[str, ...] = ()
+    check: Callable[[Config], None] | None = None
 
 
 def _recall(cfg: Config) -> RecallTask:
     return RecallTask(cfg.seq_len, cfg.recall_pairs, cfg.recall_vocab)
 
 
+def _check_recall(cfg: Config) -> None:
+    if not 2 * cfg.recall_pairs < cfg.seq_len:
+        raise ValueError(
+            f"config: dataset 'recall' needs seq_len > 2·recall_pairs (the pairs, then at least "
+            f"one query), got seq_len={cfg.seq_len}, recall_pairs={cfg.recall_pairs}"
+        )
+    if cfg.recall_pairs > cfg.recall_vocab:
+        raise ValueError(
+            f"config: recall_pairs={cfg.recall_pairs} distinct keys need recall_vocab >= "
+            f"recall_pairs, got recall_vocab={cfg.recall_vocab}"
+        )
+
+
+def _check_tokens(cfg: Config) -> None:
+    if not cfg.token_dir:
+        raise ValueError(
+            "config: dataset 'tokens' needs token_dir=FOLDER of *_train_*.bin / *_val_*.bin "
+            "shards (make them with `lipschitz prepare TEXT_FILES... --out FOLDER`)"
+        )
+
+
 def _image_sizes(cfg: Config, vocab: list[str] | None) -> tuple[int, int | None]:
     return N_CLASSES, math.prod(IMAGE_SHAPES[cfg.dataset])
 
 
+# the image classifiers' training options (lipschitz.training.loop)
+IMAGE_KEYS = ("margin_eps", "augment")
+
 TASKS: dict[str, TaskKind] = {
-    "shakespeare": TaskKind(TextTask, _char_sizes, _chars, prompt="\n"),
-    "tokens": TaskKind(TokenTask, lambda cfg, vocab: (cfg.vocab_size or GPT2_VOCAB, None), _gpt2,
-                       prompt="<|endoftext|>"),
-    "recall": TaskKind(_recall, lambda cfg, vocab: (2 * cfg.recall_vocab, None)),
-    "cifar10": TaskKind(ImageTask, _image_sizes),
-    "mnist": TaskKind(ImageTask, _image_sizes),
+    "shakespeare": TaskKind(TextTask, "tokens", _char_sizes, _chars, prompt="\n"),
+    "tokens": TaskKind(TokenTask, "tokens", lambda cfg, vocab: (cfg.vocab_size or GPT2_VOCAB, None),
+                       _gpt2, prompt="<|endoftext|>", check=_check_tokens),
+    "recall": TaskKind(_recall, "tokens", lambda cfg, vocab: (2 * cfg.recall_vocab, None),
+                       check=_check_recall),
+    "cifar10": TaskKind(ImageTask, "images", _image_sizes, keys=IMAGE_KEYS),
+    "mnist": TaskKind(ImageTask, "images", _image_sizes, keys=IMAGE_KEYS),
 }  # fmt: skip
 
 

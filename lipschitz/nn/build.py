@@ -1,8 +1,11 @@
-"""The model a training run's config names: :data:`MODELS` and :func:`build_model`."""
+"""The models a run's config can name, each with what it means: :data:`MODELS`, :data:`MIXERS`
+and :func:`build_model`."""
 
 from __future__ import annotations
 
 import functools
+from collections.abc import Callable
+from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
 from torch import nn
@@ -14,18 +17,34 @@ from lipschitz.nn.vit import LipschitzViT, image_shape_of
 if TYPE_CHECKING:
     from lipschitz.config import Config
 
-__all__ = ["MIXERS", "MODELS", "build_model"]
-
-MODELS = {
-    "lipschitz_gpt": LipschitzGPT,
-    "baseline_gpt": BaselineGPT,
-    "lipschitz_mlp": LipschitzMLP,
-    "baseline_mlp": BaselineMLP,
-    "lipschitz_vit": LipschitzViT,
-}
+__all__ = ["MIXERS", "MODELS", "MixerKind", "ModelKind", "build_model"]
 
 
-def _lookup(cfg: Config):
+@dataclass(frozen=True)
+class ModelKind:
+    """What a ``model`` name means: how to build it from a config and the sizes of its task,
+    what it reads (``inputs``: "tokens" for a language model, "images" for a classifier; the
+    task must give the same), whether it is a norm-bounded, certified model (its embedding rows
+    are capped too), and the config keys that only some models read (any other model refuses
+    them away from their defaults)."""
+
+    build: Callable[[Config, int, int | None], nn.Module]
+    inputs: str
+    lipschitz: bool
+    keys: tuple[str, ...] = ()
+
+
+@dataclass(frozen=True)
+class MixerKind:
+    """A token mixer of the Lipschitz GPT: a function of the config making one block's mixer
+    (None: the paper's attention, built by the model from attn_scale, attn_out_mult and
+    pos_bias), and the config keys only this mixer reads."""
+
+    make: Callable[[Config], Callable[[], nn.Module]] | None
+    keys: tuple[str, ...] = ()
+
+
+def _lookup(cfg: Config) -> Callable[[], nn.Module]:
     """Each block's LookupAttention, from the lookup keys of the config."""
     return functools.partial(
         LookupAttention,
@@ -45,45 +64,65 @@ def _lookup(cfg: Config):
     )
 
 
-# token mixers of the Lipschitz GPT: name → (config → a function making one block's mixer), or
-# None for the attention that the model builds from attn_scale, attn_out_mult and pos_bias
-MIXERS = {"attention": None, "lookup": _lookup}
+MIXERS = {
+    "attention": MixerKind(None),
+    "lookup": MixerKind(_lookup, ("content_heads", "content_scale", "qk_tied", "key_shift",
+                                  "lag_window", "lag_gate", "attn_sink")),
+}  # fmt: skip
+
+
+def _gpt_sizes(cfg: Config, vocab_size: int) -> dict:
+    return dict(vocab_size=vocab_size, d_model=cfg.d_model, n_layer=cfg.n_layer,
+                n_head=cfg.n_head, seq_len=cfg.seq_len, attn_scale=cfg.attn_scale)  # fmt: skip
+
+
+def _lipschitz_gpt(cfg: Config, n_outputs: int, n_inputs: int | None) -> nn.Module:
+    make_mixer = MIXERS[cfg.mixer].make
+    return LipschitzGPT(
+        **_gpt_sizes(cfg, n_outputs), final_scale=cfg.final_scale, residual=cfg.residual,
+        attn_out_mult=cfg.attn_out_mult, pos_bias=cfg.pos_bias, alpha=cfg.residual_alpha,
+        activation=cfg.activation, mlp_ratio=cfg.mlp_ratio,
+        mixer=make_mixer(cfg) if make_mixer else None,
+    )  # fmt: skip
+
+
+def _baseline_gpt(cfg: Config, n_outputs: int, n_inputs: int | None) -> nn.Module:
+    return BaselineGPT(**_gpt_sizes(cfg, n_outputs))
+
+
+def _mlp(cls: type[nn.Module]) -> Callable[[Config, int, int | None], nn.Module]:
+    def build(cfg: Config, n_outputs: int, n_inputs: int | None) -> nn.Module:
+        return cls(in_features=n_inputs, hidden=cfg.d_model, out_features=n_outputs,
+                   n_layers=cfg.n_layer)  # fmt: skip
+
+    return build
+
+
+def _lipschitz_vit(cfg: Config, n_outputs: int, n_inputs: int | None) -> nn.Module:
+    return LipschitzViT(
+        image_shape=image_shape_of(n_inputs), n_classes=n_outputs, patch=cfg.patch_size,
+        d_model=cfg.d_model, n_layer=cfg.n_layer, n_head=cfg.n_head, alpha=cfg.residual_alpha,
+        mlp_ratio=cfg.mlp_ratio, activation=cfg.activation, pool=cfg.pool, bias=cfg.bias,
+    )  # fmt: skip
+
+
+MODELS = {
+    "lipschitz_gpt": ModelKind(_lipschitz_gpt, "tokens", True, ("mlp_ratio", "mixer")),
+    "baseline_gpt": ModelKind(_baseline_gpt, "tokens", False),
+    "lipschitz_mlp": ModelKind(_mlp(LipschitzMLP), "images", True),
+    "baseline_mlp": ModelKind(_mlp(BaselineMLP), "images", False),
+    "lipschitz_vit": ModelKind(_lipschitz_vit, "images", True,
+                               ("mlp_ratio", "patch_size", "pool", "bias")),
+}  # fmt: skip
 
 
 def build_model(cfg: Config, n_outputs: int, n_inputs: int | None = None) -> nn.Module:
-    """The config's model: a GPT over ``n_outputs`` tokens, or an MLP n_inputs → n_outputs.
+    """The config's model: a GPT over ``n_outputs`` tokens, or an image classifier of
+    ``n_inputs`` pixel values into ``n_outputs`` classes.
 
     Architectural constants the config leaves unset (``residual_alpha`` None: α = 1/(2·n_layer))
     are the models' own defaults.
     """
     if cfg.model not in MODELS:
         raise ValueError(f"model must be one of {sorted(MODELS)}, got {cfg.model!r}")
-    if cfg.model == "lipschitz_vit":
-        return LipschitzViT(
-            image_shape=image_shape_of(n_inputs), n_classes=n_outputs, patch=cfg.patch_size,
-            d_model=cfg.d_model, n_layer=cfg.n_layer, n_head=cfg.n_head, alpha=cfg.residual_alpha,
-            mlp_ratio=cfg.mlp_ratio, activation=cfg.activation, pool=cfg.pool,
-        )  # fmt: skip
-    if cfg.model.endswith("_mlp"):
-        return MODELS[cfg.model](
-            in_features=n_inputs, hidden=cfg.d_model, out_features=n_outputs, n_layers=cfg.n_layer
-        )
-    kwargs = dict(
-        vocab_size=n_outputs,
-        d_model=cfg.d_model,
-        n_layer=cfg.n_layer,
-        n_head=cfg.n_head,
-        seq_len=cfg.seq_len,
-        attn_scale=cfg.attn_scale,
-    )
-    if cfg.model == "lipschitz_gpt":
-        kwargs["final_scale"] = cfg.final_scale
-        kwargs["residual"] = cfg.residual
-        kwargs["attn_out_mult"] = cfg.attn_out_mult
-        kwargs["pos_bias"] = cfg.pos_bias
-        kwargs["alpha"] = cfg.residual_alpha
-        kwargs["activation"] = cfg.activation
-        kwargs["mlp_ratio"] = cfg.mlp_ratio
-        make_mixer = MIXERS[cfg.mixer]
-        kwargs["mixer"] = make_mixer(cfg) if make_mixer else None
-    return MODELS[cfg.model](**kwargs)
+    return MODELS[cfg.model].build(cfg, n_outputs, n_inputs)

@@ -39,6 +39,7 @@ __all__ = [
     "Linear",
     "RelativePositionBias",
     "apply_rope",
+    "bias_rms",
     "maxmin",
     "rope_tables",
     "token_stats",
@@ -51,8 +52,14 @@ GELU_MAX_SLOPE = 0.5 * (1 + math.erf(1.0)) + math.sqrt(2) * math.exp(-1.0) / mat
 GELU_SCALE = 1.1289
 
 
+def bias_rms(layer: nn.Linear) -> float:
+    """RMS of a linear layer's bias (0.0 without one): how far it moves any output (RMS units)."""
+    return 0.0 if layer.bias is None else float(layer.bias.detach().double().pow(2).mean().sqrt())
+
+
 class Linear(nn.Linear):
-    """Bias-free linear map initialised at RMS→RMS norm 1 (orthogonal × sqrt(out/in)) or zero.
+    """Linear map initialised at RMS→RMS norm 1 (orthogonal × sqrt(out/in)) or zero; no bias
+    unless asked (a bias starts at zero and costs the Lipschitz bound nothing).
 
     Every singular value starts equal, so the weight starts on the sphere of its norm ball.
     """
@@ -60,9 +67,15 @@ class Linear(nn.Linear):
     certifies_all_tokens = True  # per token: the same rule in ℓ2 over all tokens
 
     def __init__(
-        self, in_features: int, out_features: int, *, zero_init: bool = False, **factory
+        self,
+        in_features: int,
+        out_features: int,
+        *,
+        zero_init: bool = False,
+        bias: bool = False,
+        **factory,
     ) -> None:
-        super().__init__(in_features, out_features, bias=False, **factory)
+        super().__init__(in_features, out_features, bias=bias, **factory)
         self.zero_init = zero_init
         if zero_init:
             self.reset_parameters()
@@ -74,12 +87,13 @@ class Linear(nn.Linear):
             else:
                 nn.init.orthogonal_(self.weight)  # all singular values 1
                 self.weight.mul_(math.sqrt(self.out_features / self.in_features))
+            if self.bias is not None:
+                self.bias.zero_()
 
     def certificate(self, a: float, walk, name: str) -> tuple[float, float]:
         """x ↦ Wx (+ b): L = ‖W‖, output RMS ≤ ‖W‖·a (+ RMS of b)."""
         n = walk.norm(f"{name}.weight", self.weight)
-        bias = 0.0 if self.bias is None else float(self.bias.detach().double().pow(2).mean().sqrt())
-        return n, n * a + bias
+        return n, n * a + bias_rms(self)
 
 
 class Embedding(nn.Embedding):
@@ -290,12 +304,18 @@ class MLP(nn.Module):
     1.1289 (its max slope; the paper), or MaxMin (norm-preserving, the certificate's slope is
     exactly 1). With both matrices at RMS→RMS norm 1, ratio 1 can keep every token's norm
     (square, orthogonal W_in and W_out); a wider MLP returns only the part of its hidden vector
-    in W_out's d-dimensional row space."""
+    in W_out's d-dimensional row space. ``bias``: a learned bias before the activation (the
+    image transformer's; it shifts where MaxMin switches and leaves L unchanged)."""
 
     certifies_all_tokens = True  # per token: the same rule in ℓ2 over all tokens
 
     def __init__(
-        self, d_model: int, zero_init_out: bool = True, activation: str = "gelu", ratio: int = 4
+        self,
+        d_model: int,
+        zero_init_out: bool = True,
+        activation: str = "gelu",
+        ratio: int = 4,
+        bias: bool = False,
     ) -> None:
         super().__init__()
         if activation not in ACTIVATIONS:
@@ -305,7 +325,7 @@ class MLP(nn.Module):
                 f"the MLP's hidden width {ratio}·{d_model} must be >= 1 (even for maxmin)"
             )
         self.activation = activation
-        self.fc_in = Linear(d_model, ratio * d_model)  # (ratio·d, d)
+        self.fc_in = Linear(d_model, ratio * d_model, bias=bias)  # (ratio·d, d)
         self.fc_out = Linear(ratio * d_model, d_model, zero_init=zero_init_out)
 
     def linears(self) -> list[Linear]:
@@ -318,12 +338,13 @@ class MLP(nn.Module):
         """fc_out(GELU(fc_in x)/1.1289): |GELU(z)| ≤ |z| bounds the output, its largest slope
         1.1289041 bounds L. fc_out(MaxMin(fc_in x)): MaxMin permutes pairs, so it keeps norms
         and is 1-Lipschitz. ``gelu_slope``: the slope to count for GELU instead (the paper's
-        rule, App. B, counts 1)."""
+        rule, App. B, counts 1). A bias b of fc_in adds its RMS to the hidden bound."""
         n_in = walk.norm(f"{name}.fc_in.weight", self.fc_in.weight)
         n_out = walk.norm(f"{name}.fc_out.weight", self.fc_out.weight)
+        bias = n_out * bias_rms(self.fc_in)  # 0.0 without a bias: the bound is unchanged
         if self.activation == "maxmin":
-            return n_out * n_in, n_out * n_in * a
-        return n_out * n_in * gelu_slope / GELU_SCALE, n_out * n_in * a / GELU_SCALE
+            return n_out * n_in, n_out * n_in * a + bias
+        return n_out * n_in * gelu_slope / GELU_SCALE, (n_out * n_in * a + bias) / GELU_SCALE
 
     def forward(self, x: Tensor) -> Tensor:  # (B, T, d) -> (B, T, d)
         h = self.fc_in(x)  # (B, T, 4d)
@@ -362,6 +383,7 @@ class Block(nn.Module):
         activation: str = "gelu",
         mixer: nn.Module | None = None,
         mlp_ratio: int = 4,
+        mlp_bias: bool = False,
     ) -> None:
         super().__init__()
         if not 0 < alpha <= 1:
@@ -375,7 +397,7 @@ class Block(nn.Module):
         self.attn = mixer or CausalSelfAttention(
             d_model, n_head, seq_len, attn_scale, zero_init_out, attn_out_mult, pos_bias
         )
-        self.mlp = MLP(d_model, zero_init_out, activation, mlp_ratio)
+        self.mlp = MLP(d_model, zero_init_out, activation, mlp_ratio, mlp_bias)
 
     @property
     def residual_weights(self) -> tuple[float, float]:

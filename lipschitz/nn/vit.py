@@ -149,6 +149,7 @@ class LipschitzViT(nn.Module):
         mlp_ratio: int = 2,
         activation: str = "maxmin",
         pool: str = "flatten",
+        bias: bool = False,
     ) -> None:
         super().__init__()
         H, W, C = image_shape
@@ -161,6 +162,9 @@ class LipschitzViT(nn.Module):
         self.n_tokens = grid[0] * grid[1]
         alpha = 1.0 / (2 * n_layer) if alpha is None else alpha
         self.embed = Linear(patch * patch * C, d_model)  # (d, p·p·C)
+        # bias: a learned position embedding (T·d, viewed as (T, d); a vector for the optimizer)
+        # and biases in the MLPs; constants, so the certificate is unchanged
+        self.pos = nn.Parameter(torch.zeros(self.n_tokens * d_model)) if bias else None
         mixers = [PatchMixing(d_model, n_head, grid) for _ in range(n_layer)]
         self.blocks = nn.ModuleList(
             Block(
@@ -171,6 +175,7 @@ class LipschitzViT(nn.Module):
                 activation=activation,
                 mixer=mixer,
                 mlp_ratio=mlp_ratio,
+                mlp_bias=bias,
             )
             for mixer in mixers
         )
@@ -191,6 +196,8 @@ class LipschitzViT(nn.Module):
         ``blocks.{i}.attn`` / ``.mlp``, ``logits``)."""
         stats = {} if return_stats else None
         h = self.embed(self.patches(x - 0.5))  # (B, T, d)
+        if self.pos is not None:
+            h = h + self.pos.view(self.n_tokens, -1)
         if stats is not None:
             stats["embed"] = token_stats(h)
         for i, block in enumerate(self.blocks):

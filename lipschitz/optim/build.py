@@ -9,6 +9,7 @@ import torch
 from torch import nn
 
 from lipschitz.constraints import METHODS, row_rms_cap, svd_cap
+from lipschitz.nn.build import MODELS
 from lipschitz.optim.muon import Muon
 from lipschitz.optim.projection import constrain
 from lipschitz.optim.routing import route_parameters
@@ -16,7 +17,17 @@ from lipschitz.optim.routing import route_parameters
 if TYPE_CHECKING:
     from lipschitz.config import Config
 
-__all__ = ["build_optimizers", "start_inside_constraints"]
+__all__ = [
+    "NS_DTYPES",
+    "OPTIMIZERS",
+    "TARGET_NORM_SCALARS",
+    "build_optimizers",
+    "start_inside_constraints",
+]
+
+OPTIMIZERS = ("muon", "adamw")  # optimizer; embed_optimizer too (the embedding under Muon or not)
+NS_DTYPES = ("float32", "bfloat16")  # ns_dtype: Muon's Newton–Schulz compute dtype
+TARGET_NORM_SCALARS = ("model", "unit")  # routing's unit_scalars off or on
 
 
 def build_optimizers(cfg: Config, model: nn.Module) -> list[torch.optim.Optimizer]:
@@ -26,7 +37,7 @@ def build_optimizers(cfg: Config, model: nn.Module) -> list[torch.optim.Optimize
     ``weight_decay`` decays the hidden matrices and the head, whichever optimizer trains them;
     never the embedding (its rows are capped instead) or the vectors. Target norms
     (``blocks_mass``, ``target_norm_scalars``) scale Muon's steps only."""
-    lipschitz_model = cfg.model == "lipschitz_gpt"
+    lipschitz_model = MODELS[cfg.model].lipschitz
     # Target norms scale Muon's steps only; without them AdamW gets one group per role (and
     # its checkpoints keep that layout)
     blocks_mass = cfg.blocks_mass if cfg.optimizer == "muon" else None
@@ -79,7 +90,7 @@ def build_optimizers(cfg: Config, model: nn.Module) -> list[torch.optim.Optimize
             group.pop("target_norm")  # 1: no target norms without blocks_mass
         adamw = torch.optim.AdamW(groups, lr=cfg.lr, betas=cfg.adam_betas)
         return [constrain(adamw)]
-    raise ValueError(f"optimizer must be 'muon' or 'adamw', got {cfg.optimizer!r}")
+    raise ValueError(f"optimizer must be one of {OPTIMIZERS}, got {cfg.optimizer!r}")
 
 
 @torch.no_grad()

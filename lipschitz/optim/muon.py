@@ -31,9 +31,10 @@ from lipschitz.optim.projection import (
 
 __all__ = ["RULES", "UPDATE_NORM_MARGIN", "Muon"]
 
-# Safety margin on Muon's update-norm bound handed to the soft cap (the paper's NanoGPT script:
-# η·1.14502·1.05). It covers bfloat16 Newton–Schulz rounding: measured σ_max(msign) up to 1.3%
-# above NS_MAX_OUTPUT in bfloat16 (you6; 64×64 to 512×512), none in float32.
+# Safety margin on Muon's update-norm bound handed to the soft cap (the paper's NanoGPT script
+# multiplies its inflation factor, NS_MAX_OUTPUT["nanogpt5"], by 1.05). It covers bfloat16
+# Newton–Schulz rounding: measured σ_max(msign) up to 1.3% above NS_MAX_OUTPUT in bfloat16
+# (you6; 64×64 to 512×512), none in float32.
 UPDATE_NORM_MARGIN = 1.05
 
 RULES = ("matrix", "embedding")  # Muon's update rules (see Muon)

@@ -11,6 +11,7 @@ import torch.distributed as dist
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from lipschitz.choices import check_choices
 from lipschitz.config import Config
 from lipschitz.data.recall import IGNORE
 from lipschitz.data.tasks import model_sizes, text_codec
@@ -107,6 +108,7 @@ def load_run(out: str | Path) -> tuple[nn.Module, Config]:
     if not (run / run.CONFIG).exists():
         raise FileNotFoundError(f"{run.path}: not a lipschitz run directory (no {run.CONFIG})")
     cfg = run.config()
+    check_choices(cfg)
     if run.is_run():
         marker = run.marker()
         n_outputs, n_inputs = marker["n_outputs"], marker["n_inputs"]

@@ -39,6 +39,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from lipschitz.certify import certified_radii, certify
+from lipschitz.choices import check_choices
 from lipschitz.config import Config
 from lipschitz.data.tasks import TextTask, make_task
 from lipschitz.nn import BaselineGPT, LipschitzGPT, activation_stats, build_model
@@ -96,6 +97,7 @@ def train(cfg: Config, out: str | Path, resume: bool = False) -> dict:
     Denormal floats (e.g. in the momentum of dead units) slow CPU matmuls ~5×, so they are
     flushed to zero while training; the process-wide setting is restored afterwards.
     """
+    check_choices(cfg)  # before anything is written
     started = init_distributed(cfg.device)
     torch.set_flush_denormal(True)
     run = RunDir(out)
@@ -149,6 +151,7 @@ def _prepare(cfg: Config, run: RunDir, resume: bool) -> Config:
         raise FileNotFoundError(f"--resume: no checkpoint at {run / run.CHECKPOINT}")
     data_dir = cfg.data_dir  # the caller's data directory wins: the data may have moved
     saved = run.config()
+    check_choices(saved)
     return dataclasses.replace(saved, data_dir=data_dir or saved.data_dir)
 
 
