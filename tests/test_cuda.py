@@ -11,7 +11,7 @@ from matrices import matrix_with_spectrum, rms_singular_values
 
 from lipschitz.config import apply_overrides
 from lipschitz.constraints import CONSTRAINTS, METHODS
-from lipschitz.data.tasks import TextTask
+from lipschitz.data.tasks import CharTask
 from lipschitz.linalg import rms_operator_norm
 from lipschitz.presets import preset
 from lipschitz.training import RunDir, load_run, train
@@ -60,7 +60,7 @@ def test_tiny_trains_and_resumes_on_cuda(tmp_path, train_interrupted):
     state = RunDir(tmp_path / "full").load_checkpoint()
     assert state["cuda_rng"] is not None
     # interrupted during step 13 (after the step-10 checkpoint), resumed, on the GPU
-    train_interrupted(cfg, tmp_path / "half", TextTask, at=13)
+    train_interrupted(cfg, tmp_path / "half", CharTask, at=13)
     assert RunDir(tmp_path / "half").load_checkpoint()["step"] == 10
     resumed = train(cfg, tmp_path / "half", resume=True)
     assert resumed["steps"] == cfg.steps

@@ -41,7 +41,7 @@ def test_tiny_interrupt_resume_certify_sample(tmp_path, train_interrupted, capsy
 
     # Interrupt a second run during step 13 (after the checkpoint at step 10), then resume.
     broken = tmp_path / "broken"
-    train_interrupted(cfg, broken, tasks.TextTask, at=13)
+    train_interrupted(cfg, broken, tasks.CharTask, at=13)
     assert RunDir(broken).load_checkpoint()["step"] == 10
     metrics_before = (broken / "metrics.jsonl").read_text().splitlines()
     assert metrics_before, "an interrupted run keeps its metrics"

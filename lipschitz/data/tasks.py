@@ -7,7 +7,7 @@ A task gives the training loop
 - ``probe()``: a fixed input for activation statistics;
 - ``n_outputs``, ``n_inputs``, ``tokens_per_example``, ``vocab`` (characters, or None), ``source``.
 
-Four tasks: next-character prediction on Tiny Shakespeare (:class:`TextTask`), next-token
+Four tasks: next-character prediction on Tiny Shakespeare (:class:`CharTask`), next-token
 prediction on GPT-2 token shards (:class:`TokenTask`), in-context associative recall
 (:class:`~lipschitz.data.recall.RecallTask`) and image classification (:class:`ImageTask`).
 The model never sees a task; the loop moves batches to the device.
@@ -62,7 +62,7 @@ def eval_windows(n_tokens: int, seq_len: int, protocol: str, batch_size: int) ->
     raise ValueError(f"eval_protocol must be one of {EVAL_PROTOCOLS}, got {protocol!r}")
 
 
-class TextTask:
+class CharTask:
     """Next-character prediction on Tiny Shakespeare: windows of seq_len characters."""
 
     eval_batch_size = 64  # windows per validation batch
@@ -174,7 +174,7 @@ class TokenTask:
         return self._windows(self.val, self.val_starts[:1])[0]  # (1, T)
 
 
-Task = TextTask | TokenTask | ImageTask | RecallTask
+Task = CharTask | TokenTask | ImageTask | RecallTask
 Codec = tuple[Callable[[str], list[int]], Callable[[list[int]], str]]
 
 
@@ -249,7 +249,7 @@ def _image_sizes(cfg: Config, vocab: list[str] | None) -> tuple[int, int | None]
 IMAGE_KEYS = ("margin_eps", "augment")
 
 TASKS: dict[str, TaskKind] = {
-    "shakespeare": TaskKind(TextTask, "tokens", _char_sizes, _chars, prompt="\n"),
+    "shakespeare": TaskKind(CharTask, "tokens", _char_sizes, _chars, prompt="\n"),
     "tokens": TaskKind(TokenTask, "tokens", lambda cfg, vocab: (cfg.vocab_size or GPT2_VOCAB, None),
                        _gpt2, prompt="<|endoftext|>", check=_check_tokens),
     "recall": TaskKind(_recall, "tokens", lambda cfg, vocab: (2 * cfg.recall_vocab, None),

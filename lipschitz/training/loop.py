@@ -41,7 +41,7 @@ from torch import Tensor
 from lipschitz.certify import certified_radii, certify
 from lipschitz.choices import check_choices
 from lipschitz.config import Config
-from lipschitz.data.tasks import TextTask, make_task
+from lipschitz.data.tasks import CharTask, make_task
 from lipschitz.nn import BaselineGPT, LipschitzGPT, activation_stats, build_model
 from lipschitz.nn.lookup import content_off, has_content
 from lipschitz.optim import (
@@ -254,7 +254,7 @@ class Trainer:
                 record = self.train_step()
                 evaluates = state.step % cfg.eval_every == 0 or state.step == cfg.steps
                 if evaluates:
-                    record.update(self.evaluate())
+                    record.update(self.eval_record())
                     state.last_eval = record
                 if metrics and (state.step % cfg.log_every == 0 or evaluates):
                     metrics.write(record)
@@ -347,7 +347,7 @@ class Trainer:
         groups = [g for opt in self.optimizers for g in opt.param_groups]
         return next((g["lr"] for g in groups if g.get("role") == "hidden"), groups[0]["lr"])
 
-    def evaluate(self) -> dict:
+    def eval_record(self) -> dict:
         """Validation metrics (every rank scores its share), and on rank 0 the certificate,
         per-matrix norms, constraint health and activation statistics; every rank returns
         rank 0's record."""
@@ -423,7 +423,7 @@ class Trainer:
     def finish(self) -> dict:
         """The final metrics: written to final.json (and curves.png) by rank 0, returned."""
         cfg, state = self.cfg, self.state
-        last = state.last_eval or self.evaluate()  # resumed after the last checkpoint's eval
+        last = state.last_eval or self.eval_record()  # resumed after the last checkpoint's eval
         work = self.work_per_rank()
         tokens = state.step * cfg.batch_size * self.task.tokens_per_example
         final = {key: last.get(key) for key in _FINAL_FROM_EVAL}
@@ -446,7 +446,7 @@ class Trainer:
         if has_content(self.model):  # the ablation: what the content terms add
             with content_off(self.model):
                 final["val_acc_lags_only"] = evaluate(self.model, self.task, self.device)["val_acc"]
-        if isinstance(self.task, TextTask) and cfg.eval_protocol == "paper":  # and the full split
+        if isinstance(self.task, CharTask) and cfg.eval_protocol == "paper":  # and the full split
             full = evaluate(self.model, self.task, self.device, protocol="full")
             final.update(val_loss_full=full["val_loss"], val_acc_full=full["val_acc"])
         if self.main:
