@@ -192,3 +192,28 @@ def test_image_shapes_and_config_checks():
         LipschitzViT(image_shape=(8, 8, 3), n_classes=2, pool="max")
     check_choices(Config(model="lipschitz_vit", dataset="cifar10", patch_size=2, margin_eps=0.1,
                          augment=True))  # fmt: skip
+
+
+@pytest.mark.parametrize("activation", ["maxmin", "gelu"])
+def test_an_mlp_with_a_bias_keeps_its_slope_and_bounds_its_output(activation):
+    """The bias (bias=True) moves the output bound by ‖W_out‖·RMS(b) and leaves L alone: checked
+    on random inputs of token RMS exactly a, against the rule's output bound and slope."""
+    from lipschitz.nn.layers import MLP
+
+    torch.manual_seed(0)
+    mlp = MLP(16, zero_init_out=False, activation=activation, ratio=2, bias=True).double()
+    with torch.no_grad():
+        mlp.fc_in.bias.normal_(0, 3.0)
+    a = 0.7
+    L, a_out = mlp.certificate(a, _Walk("certified"), "mlp")
+    x = torch.randn(4096, 16, dtype=torch.float64)
+    x = x * a / x.pow(2).mean(-1, keepdim=True).sqrt()  # every token at RMS a
+    y = mlp(x)
+    assert float(y.pow(2).mean(-1).sqrt().max()) <= a_out
+    dx = 1e-6 * torch.randn_like(x)
+    slopes = (mlp(x + dx) - y).norm(dim=-1) / dx.norm(dim=-1)
+    assert float(slopes.max()) <= L * (1 + 1e-6)
+    # without a bias the output bound is the old one: the bias adds its own part only
+    mlp.fc_in.bias = None
+    L_no_bias, a_no_bias = mlp.certificate(a, _Walk("certified"), "mlp")
+    assert L_no_bias == L and a_no_bias < a_out
