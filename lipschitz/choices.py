@@ -17,7 +17,7 @@ from lipschitz.data.tasks import EVAL_PROTOCOLS, TASKS
 from lipschitz.linalg import NS_COEFFICIENTS
 from lipschitz.nn.build import MIXERS, MODELS
 from lipschitz.nn.layers import ACTIVATIONS, RESIDUALS
-from lipschitz.nn.vit import POOLS
+from lipschitz.nn.vit import BLOCKS, POOLS
 from lipschitz.optim.build import NS_DTYPES, OPTIMIZERS, TARGET_NORM_SCALARS
 from lipschitz.schedules import SCHEDULES
 
@@ -41,6 +41,7 @@ def known_choices() -> dict[str, tuple]:
         "target_norm_scalars": TARGET_NORM_SCALARS,
         "ns_dtype": NS_DTYPES,
         "pool": POOLS,
+        "block": BLOCKS,
         "schedule": tuple(SCHEDULES),
         "coefficients": tuple(NS_COEFFICIENTS),
     }

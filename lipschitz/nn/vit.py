@@ -32,10 +32,14 @@ from torch import Tensor, nn
 
 from lipschitz.linalg import rms_scale
 from lipschitz.nn.layers import Block, Linear, token_stats
+from lipschitz.nn.sll import SLLBlock
 
-__all__ = ["POOLS", "LipschitzViT", "PatchMixing", "image_shape_of"]
+__all__ = ["BLOCKS", "POOLS", "LipschitzViT", "PatchMixing", "image_shape_of"]
 
 POOLS = ("flatten", "mean")  # what the head reads: every token side by side, or their mean
+# the blocks: Block (convex residuals around the mixing and a MaxMin/GELU MLP), or SLLBlock
+# (convex residual around the mixing, then an SLL layer: a full-strength 1-Lipschitz MLP)
+BLOCKS = ("convex", "sll")
 
 
 def image_shape_of(n_inputs: int) -> tuple[int, int, int]:
@@ -150,11 +154,14 @@ class LipschitzViT(nn.Module):
         activation: str = "maxmin",
         pool: str = "flatten",
         bias: bool = False,
+        block: str = "convex",
     ) -> None:
         super().__init__()
         H, W, C = image_shape
         if pool not in POOLS:
             raise ValueError(f"pool must be one of {POOLS}, got {pool!r}")
+        if block not in BLOCKS:
+            raise ValueError(f"block must be one of {BLOCKS}, got {block!r}")
         if patch < 1 or H % patch or W % patch:
             raise ValueError(f"patch={patch} must divide the image's {H}×{W} pixels")
         self.image_shape, self.patch = (H, W, C), patch
@@ -166,19 +173,15 @@ class LipschitzViT(nn.Module):
         # and biases in the MLPs; constants, so the certificate is unchanged
         self.pos = nn.Parameter(torch.zeros(self.n_tokens * d_model)) if bias else None
         mixers = [PatchMixing(d_model, n_head, grid) for _ in range(n_layer)]
-        self.blocks = nn.ModuleList(
-            Block(
-                d_model,
-                n_head,
-                self.n_tokens,
-                alpha,
-                activation=activation,
-                mixer=mixer,
-                mlp_ratio=mlp_ratio,
-                mlp_bias=bias,
-            )
-            for mixer in mixers
-        )
+        if block == "sll":
+            blocks = [SLLBlock(d_model, mixer, alpha, mlp_ratio * d_model) for mixer in mixers]
+        else:
+            blocks = [
+                Block(d_model, n_head, self.n_tokens, alpha, activation=activation, mixer=mixer,
+                      mlp_ratio=mlp_ratio, mlp_bias=bias)
+                for mixer in mixers
+            ]  # fmt: skip
+        self.blocks = nn.ModuleList(blocks)
         self.pool = pool
         d_features = d_model * self.n_tokens if pool == "flatten" else d_model
         self.head = Linear(d_features, n_classes, zero_init=True)

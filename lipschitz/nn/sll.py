@@ -1,0 +1,111 @@
+"""An SDP-based Lipschitz layer (SLL; Araujo, Havens, Delattre, Allauzen & Hu, "A Unified
+Algebraic Perspective on Lipschitz Neural Networks", ICLR 2023) as the MLP of a block:
+
+    h(x) = x − 2·Wᵀ·T⁻¹·ReLU(W x + b),    T = diag(t),  t_i = Σ_j |(W Wᵀ)_ij|
+
+is 1-Lipschitz for *any* W, because T ⪰ W Wᵀ (Gershgorin: T − W Wᵀ is diagonally dominant).
+So the residual keeps its full strength (no ×α) and the certificate stays exact per layer,
+where a convex residual (1 − α)·x + α·MLP(x) with norm caps above 1 certifies a product that
+loosens fast (docs/results.md, the ViT's bound sweep).
+
+Why h is 1-Lipschitz, for the weights as they are. Its Jacobian is J = I − 2 Wᵀ M W with
+M = T⁻¹ D, D = diag(ReLU'(·)) ∈ [0, 1]. Then JᵀJ = I − 4 WᵀMW + 4 WᵀMWWᵀMW, and with
+u = M^½ W v: vᵀJᵀJv = |v|² − 4|u|² + 4 uᵀ(M^½ W Wᵀ M^½)u ≤ |v|² − 4|u|²(1 − κ) where
+κ = ‖T^-½ W‖² ≥ ‖M^½ W Wᵀ M^½‖ (D ≤ I). So κ ≤ 1 gives ‖J‖ ≤ 1, and t as above makes κ ≤ 1.
+The certificate computes κ from the weights in float64 (with the t the forward pass uses) and
+certifies max(1, 2κ − 1): beyond 1 (rounding), h = h' − (2 − 2/κ)·WᵀT⁻¹ReLU(·) with h' the
+layer of T' = κT, which is 1-Lipschitz, and the rest has slope ≤ (2 − 2/κ)·κ.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from lipschitz.linalg import row_rms
+from lipschitz.nn.layers import Linear, token_stats
+
+__all__ = ["SLLMLP", "SLLBlock"]
+
+T_FLOOR = 1e-12  # t_i of an all-zero row of W (its term is 0·0 either way)
+
+
+class SLLMLP(nn.Module):
+    """x ↦ x − 2·Wᵀ·T⁻¹·ReLU(W x + b) on every token (module docs): a full-strength residual
+    MLP that is 1-Lipschitz whatever W is, so it needs no norm cap and no α."""
+
+    certifies_all_tokens = True  # per token: the same rule in ℓ2 over all tokens
+
+    def __init__(self, d_model: int, hidden: int) -> None:
+        super().__init__()
+        self.fc = Linear(d_model, hidden)  # W (hidden, d)
+        self.bias = nn.Parameter(torch.zeros(hidden))
+
+    def scaling(self) -> Tensor:
+        """t (hidden,): t_i = Σ_j |(W Wᵀ)_ij|, so that diag(t) ⪰ W Wᵀ."""
+        W = self.fc.weight
+        return (W @ W.T).abs().sum(dim=1).clamp_min(T_FLOOR)
+
+    def forward(self, x: Tensor) -> Tensor:  # (B, T, d) -> (B, T, d)
+        h = F.relu(self.fc(x) + self.bias)  # (B, T, hidden)
+        return x - 2 * (h / self.scaling()) @ self.fc.weight
+
+    def certificate(self, a: float, walk, name: str) -> tuple[float, float]:
+        """L = max(1, 2κ − 1) with κ = ‖T^-½ W‖² (module docs); |h(x)| ≤ L·|x| + |h(0)| per
+        token, h(0) = −2·Wᵀ T⁻¹ ReLU(b)."""
+        walk.norm(f"{name}.fc.weight", self.fc.weight)  # recorded for the layer table
+        with torch.no_grad():
+            t = self.scaling().double()
+            W = self.fc.weight.double()
+            kappa = float(torch.linalg.matrix_norm(W / t.sqrt()[:, None], ord=2)) ** 2
+            h0 = 2 * (F.relu(self.bias.double()) / t) @ W  # (d,)
+        L = max(1.0, 2 * kappa - 1)
+        return L, L * a + float(row_rms(h0[None]).max())
+
+
+class SLLBlock(nn.Module):
+    """x ← (1 − α)·x + α·mix(x); x ← SLLMLP(x): a token mixer under a convex residual, then
+    the SLL layer, whose skip connection is its own (no ×α)."""
+
+    certifies_all_tokens = True  # both steps' rules hold in ℓ2 over all tokens
+
+    def __init__(self, d_model: int, mixer: nn.Module, alpha: float, hidden: int) -> None:
+        super().__init__()
+        if not 0 < alpha <= 1:
+            raise ValueError(f"residual weight alpha must be in (0, 1], got {alpha!r}")
+        self.alpha = float(alpha)
+        self.attn = mixer
+        self.mlp = SLLMLP(d_model, hidden)
+
+    def forward(self, x: Tensor, stats: dict | None = None, prefix: str = "") -> Tensor:
+        x = (1 - self.alpha) * x + self.alpha * self.attn(x)  # (B, T, d)
+        if stats is not None:
+            stats[f"{prefix}attn"] = token_stats(x)
+        x = self.mlp(x)
+        if stats is not None:
+            stats[f"{prefix}mlp"] = token_stats(x)
+        return x
+
+    def certificate(self, a: float, walk, name: str) -> tuple[float, float]:
+        """(1 − α) + α·L_mix for the mixing residual, then the SLL layer's own bound."""
+        L_mix, a_mix = walk.certify(self.attn, a, f"{name}.attn")
+        L1, a1 = 1 - self.alpha + self.alpha * L_mix, (1 - self.alpha) * a + self.alpha * a_mix
+        walk.step(f"{name}.attn", L1, a, a1)
+        L2, a2 = walk.certify(self.mlp, a1, f"{name}.mlp")
+        walk.step(f"{name}.mlp", L2, a1, a2)
+        return L1 * L2, a2
+
+    def target_factors(self, after: float, unit_scalars: bool = False) -> tuple[dict, float]:
+        """Modula's split as in Block (lipschitz.nn.layers.Block.target_factors): the SLL layer
+        has sensitivity 1 and its matrix the share 1/after; the mixer's W_O 1/(α·after') and its
+        c-scaled paths 1/(α·c·after'), after' = after × the SLL layer's sensitivity (1)."""
+        gamma = 1.0 if unit_scalars else self.alpha
+        beta = 1.0 if unit_scalars else 1 - self.alpha
+        c = 1.0 if unit_scalars else self.attn.out_mult
+        factors = {id(self.mlp.fc.weight): 1.0 / after}
+        factors[id(self.attn.o.weight)] = 1.0 / (gamma * after)
+        scaled = self.attn.scaled_linears()
+        for lin in scaled:
+            factors[id(lin.weight)] = 1.0 / (gamma * c * after)
+        return factors, after * (beta + gamma * len(scaled) * c)

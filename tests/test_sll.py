@@ -1,0 +1,78 @@
+"""The SLL layer (lipschitz/nn/sll.py): 1-Lipschitz for any W, and its certificate an upper
+bound from the weights as they are, against exact Jacobians in float64."""
+
+import pytest
+import torch
+
+from lipschitz.certify import _Walk, certify
+from lipschitz.nn.sll import SLLMLP, SLLBlock
+from lipschitz.nn.vit import LipschitzViT, PatchMixing
+
+
+def _jacobian_norms(layer: torch.nn.Module, xs: torch.Tensor) -> torch.Tensor:
+    """σ_max of the exact Jacobian of ``layer`` on one token at each row of xs (float64)."""
+    out = []
+    for x in xs:
+        J = torch.autograd.functional.jacobian(lambda z: layer(z[None, None])[0, 0], x)
+        out.append(torch.linalg.matrix_norm(J, ord=2))
+    return torch.stack(out)
+
+
+@pytest.mark.parametrize("seed", range(20))
+def test_the_sll_layer_is_one_lipschitz_for_any_weights(seed):
+    gen = torch.Generator().manual_seed(seed)
+    d, hidden = 6, int(torch.randint(2, 20, (1,), generator=gen))
+    layer = SLLMLP(d, hidden).double()
+    with torch.no_grad():  # any scale: T renormalises
+        scale = float(10 ** torch.empty(1).uniform_(-2, 2, generator=gen))
+        layer.fc.weight.copy_(scale * torch.randn(hidden, d, generator=gen, dtype=torch.float64))
+        layer.bias.copy_(torch.randn(hidden, generator=gen, dtype=torch.float64))
+    L, _ = layer.certificate(1.0, _Walk("certified"), "sll")
+    assert L == pytest.approx(1.0, abs=1e-9)  # κ ≤ 1 up to rounding
+    xs = 3 * torch.randn(64, d, generator=gen, dtype=torch.float64)
+    assert float(_jacobian_norms(layer, xs).max()) <= L * (1 + 1e-9)
+
+
+def test_a_scaling_below_gershgorin_is_certified_above_one_and_still_bounds_the_slope(monkeypatch):
+    """With t halved the layer is not 1-Lipschitz; the certificate must see it (2κ − 1)."""
+    torch.manual_seed(0)
+    layer = SLLMLP(4, 4).double()
+    with torch.no_grad():
+        layer.fc.weight.copy_(torch.eye(4, dtype=torch.float64))  # t = 1, κ = 1
+    half = layer.scaling() / 2
+    monkeypatch.setattr(layer, "scaling", lambda: half)
+    L, _ = layer.certificate(1.0, _Walk("certified"), "sll")
+    assert L == pytest.approx(3.0)  # κ = 2: the identity map becomes x − 4·ReLU(x) per entry
+    xs = torch.randn(64, 4, dtype=torch.float64).abs()  # ReLU on: slope |1 − 4| = 3
+    assert float(_jacobian_norms(layer, xs).max()) == pytest.approx(3.0)
+
+
+def test_the_output_bound_holds_on_every_token():
+    torch.manual_seed(1)
+    layer = SLLMLP(8, 16).double()
+    with torch.no_grad():
+        layer.fc.weight.normal_()
+        layer.bias.normal_(0, 2.0)
+    a = 0.5
+    _, a_out = layer.certificate(a, _Walk("certified"), "sll")
+    x = torch.randn(2048, 8, dtype=torch.float64)
+    x = x * a / x.pow(2).mean(-1, keepdim=True).sqrt()  # token RMS exactly a
+    y = layer(x[None])[0]
+    assert float(y.pow(2).mean(-1).sqrt().max()) <= a_out
+
+
+def test_an_sll_vit_is_certified_above_its_exact_jacobian():
+    torch.manual_seed(2)
+    model = LipschitzViT(image_shape=(8, 8, 3), n_classes=5, patch=4, d_model=8, n_layer=2,
+                         n_head=2, block="sll", bias=True).double()  # fmt: skip
+    with torch.no_grad():
+        for p in model.parameters():
+            p.copy_(
+                torch.randn_like(p) if p.dim() == 1 else torch.randn_like(p) / p.shape[1] ** 0.5
+            )
+    bound = certify(model).lipschitz_l2
+    for _ in range(5):
+        x = torch.rand(192, dtype=torch.float64)
+        J = torch.autograd.functional.jacobian(lambda z: model(z[None])[0], x)
+        assert float(torch.linalg.matrix_norm(J, ord=2)) <= bound * (1 + 1e-9)
+    assert isinstance(model.blocks[0], SLLBlock) and isinstance(model.blocks[0].attn, PatchMixing)
