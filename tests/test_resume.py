@@ -22,12 +22,13 @@ DATA_DIR = os.environ.get("LIPSCHITZ_DATA_DIR")
 )
 @pytest.mark.parametrize("optimizer", ["muon", "adamw", "vit-margin-augment"])
 def test_image_run_resumes_bit_identically(tmp_path, train_interrupted, optimizer):
-    """vit-margin-augment: the ViT with the certified-margin loss (its constants recomputed
-    every 10 steps and at every checkpoint step) and random crops and flips."""
+    """vit-margin-augment: the ViT (SLL blocks, biases) with the certified-margin loss (its
+    constants recomputed every 10 steps and at every checkpoint step) and random crops and
+    flips."""
     model = dict(model="lipschitz_mlp", d_model=32, n_layer=3)
     if optimizer == "vit-margin-augment":
         model = dict(model="lipschitz_vit", d_model=16, n_layer=1, n_head=2, margin_eps=0.5,
-                     augment=True, activation="maxmin")  # fmt: skip
+                     augment=True, block="sll", bias=True)  # fmt: skip
     cfg = Config(dataset="mnist", data_dir=DATA_DIR, batch_size=32, steps=6, eval_every=3,
                  checkpoint_every=3,
                  log_every=1, optimizer=optimizer.replace("vit-margin-augment", "muon"),
