@@ -76,3 +76,18 @@ def test_an_sll_vit_is_certified_above_its_exact_jacobian():
         J = torch.autograd.functional.jacobian(lambda z: model(z[None])[0], x)
         assert float(torch.linalg.matrix_norm(J, ord=2)) <= bound * (1 + 1e-9)
     assert isinstance(model.blocks[0], SLLBlock) and isinstance(model.blocks[0].attn, PatchMixing)
+
+
+def test_routing_reads_the_sll_blocks_own_split():
+    """Modula's rule by hand for one SLLBlock (α = 1/4, mixer multiplier 1): the SLL matrix
+    has sensitivity 1 behind it (factor 1), W_O and W_V sit behind ×α (factor 1/α = 4), and
+    the block's mixing residual has sensitivity (1 − α) + α·1 = 1 (embedding factor 1)."""
+    from lipschitz.optim.routing import residual_target_factors
+
+    model = LipschitzViT(image_shape=(8, 8, 3), n_classes=5, patch=4, d_model=8, n_layer=1,
+                         n_head=2, alpha=0.25, block="sll")  # fmt: skip
+    factors, embed = residual_target_factors(model)
+    block = model.blocks[0]
+    assert factors == {id(block.mlp.fc.weight): 1.0, id(block.attn.o.weight): 4.0,
+                       id(block.attn.v.weight): 4.0}  # fmt: skip
+    assert embed == 1.0
