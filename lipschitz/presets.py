@@ -166,8 +166,9 @@ PRESETS["cifar-vit"] = (
     dict(
         model="lipschitz_vit", dataset="cifar10", d_model=64, n_layer=4, n_head=4, mlp_ratio=2,
         patch_size=4, block="sll", bias=True, batch_size=256, steps=2000, optimizer="muon",
-        constraint="spectral_hard_cap", w_max=1.0, lr=0.1, blocks_mass=None, augment=True,
-        margin_eps=36 / 255, train_temperature=8.0, eval_every=500, checkpoint_every=500,
+        constraint="spectral_hard_cap", w_max=1.25, head_w_max=1.0, lr=0.1, blocks_mass=None,
+        augment=True, margin_eps=36 / 255, train_temperature=8.0, eval_every=500,
+        checkpoint_every=500,
         log_every=50, sample_tokens=0,
     ),
 )  # fmt: skip
