@@ -162,7 +162,7 @@ for _name, (_what, _overrides) in _CIFAR_METHODS.items():
 # "Certified robustness"): 4×4 patches, position-mixing heads, MaxMin MLPs, Muon + hard caps,
 # trained with a certified-margin loss at ε = 36/255 and crop + flip.
 PRESETS["cifar-vit"] = (
-    "CIFAR-10 certified-robust ViT (ℓ2, ε = 36/255; SLL blocks), about 15 min on 2 CPU cores",
+    "CIFAR-10 certified-robust ViT (ℓ2, ε = 36/255; SLL blocks), about 7 min on 2 CPU cores",
     dict(
         model="lipschitz_vit", dataset="cifar10", d_model=64, n_layer=4, n_head=4, mlp_ratio=2,
         patch_size=4, block="sll", bias=True, batch_size=256, steps=2000, optimizer="muon",
