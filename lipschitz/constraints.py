@@ -161,7 +161,7 @@ def spectral_weight_decay(
     """W ← W − λ_s·σ₁u₁v₁ᵀ: shrink only the top singular value by the factor (1 − λ_s).
 
     ``spectral_decay`` is λ_s, a per-step constant (not scaled by the learning rate, as in the
-    paper). Enforces no bound, so ``w_max`` is accepted but not used.
+    paper). Enforces no bound, so it takes no ``w_max``.
     """
     X = _checked("spectral_weight_decay", W, math.inf)  # it bounds nothing: no w_max
     if not 0.0 <= spectral_decay <= 1.0:

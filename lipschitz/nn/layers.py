@@ -41,6 +41,7 @@ __all__ = [
     "apply_rope",
     "bias_rms",
     "maxmin",
+    "mixer_target_factors",
     "rope_tables",
     "token_stats",
 ]
@@ -352,6 +353,16 @@ class MLP(nn.Module):
         return self.fc_out(h)
 
 
+def mixer_target_factors(mixer: nn.Module, gamma: float, c: float, after: float) -> dict:
+    """The token mixer's part of a residual block's target-norm split (Block.target_factors):
+    W_O behind γ gets 1/(γ·after), each path behind the multiplier c (``scaled_linears()``)
+    1/(γ·c·after); ``after`` is the product of the sensitivities after the mixer."""
+    factors = {id(mixer.o.weight): 1.0 / (gamma * after)}
+    for lin in mixer.scaled_linears():
+        factors[id(lin.weight)] = 1.0 / (gamma * c * after)
+    return factors
+
+
 RESIDUALS = ("convex", "sum")
 
 
@@ -439,9 +450,7 @@ class Block(nn.Module):
         s_attn, s_mlp = beta + gamma * len(scaled) * c, beta + gamma * 1.0
         factors = {id(lin.weight): 1.0 / (gamma * after) for lin in self.mlp.linears()}
         after *= s_mlp
-        factors[id(self.attn.o.weight)] = 1.0 / (gamma * after)
-        for lin in scaled:
-            factors[id(lin.weight)] = 1.0 / (gamma * c * after)
+        factors.update(mixer_target_factors(self.attn, gamma, c, after))
         return factors, after * s_attn
 
     def forward(self, x: Tensor, stats: dict | None = None, prefix: str = "") -> Tensor:

@@ -24,7 +24,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from lipschitz.linalg import row_rms
-from lipschitz.nn.layers import Linear, token_stats
+from lipschitz.nn.layers import Linear, mixer_target_factors, token_stats
 
 __all__ = ["SLLMLP", "SLLBlock"]
 
@@ -104,8 +104,5 @@ class SLLBlock(nn.Module):
         beta = 1.0 if unit_scalars else 1 - self.alpha
         c = 1.0 if unit_scalars else self.attn.out_mult
         factors = {id(self.mlp.fc.weight): 1.0 / after}
-        factors[id(self.attn.o.weight)] = 1.0 / (gamma * after)
-        scaled = self.attn.scaled_linears()
-        for lin in scaled:
-            factors[id(lin.weight)] = 1.0 / (gamma * c * after)
-        return factors, after * (beta + gamma * len(scaled) * c)
+        factors.update(mixer_target_factors(self.attn, gamma, c, after))
+        return factors, after * (beta + gamma * len(self.attn.scaled_linears()) * c)
