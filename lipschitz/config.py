@@ -74,7 +74,7 @@ class Config:
     patch_size: int = 4  # lipschitz_vit: p×p pixel patches, one token each
     pool: str = "flatten"  # lipschitz_vit: the head reads all tokens (flatten) or their mean
     bias: bool = False  # lipschitz_vit: a learned position embedding and biases in the MLPs
-    block: str = "convex"  # lipschitz_vit: convex (Block) | sll (SLLBlock: an SLL layer as MLP)
+    block: str = "convex"  # lipschitz_vit: convex (Block) | sll (SLLBlock) | sll_mixer
     # Token mixer of the Lipschitz GPT: attention (the paper's, with attn_scale and pos_bias) |
     # lookup (lipschitz.nn.lookup: a lag bias on every head, dynamic lags, q·k content heads, an
     # optional value-0 sink; with mixer_budget each head's values are scaled so that it costs

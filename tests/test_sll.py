@@ -5,7 +5,7 @@ import pytest
 import torch
 
 from lipschitz.certify import _Walk, certify
-from lipschitz.nn.sll import SLLMLP, SLLBlock
+from lipschitz.nn.sll import SLLMLP, SLLBlock, SLLMixerBlock, TokenSLL
 from lipschitz.nn.vit import LipschitzViT, PatchMixing
 
 
@@ -91,3 +91,63 @@ def test_routing_reads_the_sll_blocks_own_split():
     assert factors == {id(block.mlp.fc.weight): 1.0, id(block.attn.o.weight): 4.0,
                        id(block.attn.v.weight): 4.0}  # fmt: skip
     assert embed == 1.0
+
+
+@pytest.mark.parametrize("seed", range(10))
+def test_the_token_sll_layer_is_one_lipschitz_over_all_tokens_for_any_weights(seed):
+    """The exact Jacobian of the whole (T, d) → (T, d) map, in the Frobenius norm."""
+    gen = torch.Generator().manual_seed(seed)
+    n_tokens, d, hidden = 5, 3, int(torch.randint(2, 12, (1,), generator=gen))
+    layer = TokenSLL(n_tokens, hidden).double()
+    with torch.no_grad():
+        scale = float(10 ** torch.empty(1).uniform_(-2, 2, generator=gen))
+        layer.fc.weight.copy_(scale * torch.randn(hidden, n_tokens, generator=gen).double())
+        layer.bias.copy_(torch.randn(hidden, generator=gen, dtype=torch.float64))
+    L, a_out = layer.certificate(0.5, _Walk("certified", tokens="all"), "tok")
+    assert L == pytest.approx(1.0, abs=1e-9)
+    slopes = []
+    for _ in range(16):
+        x = 3 * torch.randn(n_tokens * d, generator=gen, dtype=torch.float64)
+        J = torch.autograd.functional.jacobian(
+            lambda z: layer(z.view(1, n_tokens, d)).flatten(), x
+        )  # (T·d, T·d)
+        slopes.append(float(torch.linalg.matrix_norm(J, ord=2)))
+    assert max(slopes) <= L * (1 + 1e-9)
+    # the output bound in RMS over all entries
+    x = torch.randn(256, n_tokens, d, generator=gen, dtype=torch.float64)
+    x = x * 0.5 / x.pow(2).mean((1, 2), keepdim=True).sqrt()  # RMS exactly 0.5
+    assert float(layer(x).pow(2).mean((1, 2)).sqrt().max()) <= a_out
+
+
+def test_the_token_sll_layer_mixes_tokens_and_refuses_the_per_token_walk():
+    torch.manual_seed(3)
+    layer = TokenSLL(4, 6).double()
+    with torch.no_grad():
+        layer.fc.weight.normal_()
+        layer.bias.fill_(0.1)
+    x = torch.zeros(1, 4, 2, dtype=torch.float64)
+    x[0, 0] = 1.0  # one token on: the others must move
+    assert float(layer(x)[0, 1:].abs().max()) > 0
+    with pytest.raises(TypeError, match="all tokens only"):
+        layer.certificate(1.0, _Walk("certified"), "tok")
+
+
+def test_an_sll_mixer_vit_is_certified_above_its_exact_jacobian():
+    torch.manual_seed(4)
+    model = LipschitzViT(image_shape=(8, 8, 3), n_classes=5, patch=2, d_model=8, n_layer=2,
+                         block="sll_mixer", bias=True).double()  # fmt: skip
+    with torch.no_grad():
+        for p in model.parameters():
+            p.copy_(
+                torch.randn_like(p) if p.dim() == 1 else torch.randn_like(p) / p.shape[1] ** 0.5
+            )
+    cert = certify(model)
+    for _ in range(5):
+        x = torch.rand(192, dtype=torch.float64)
+        J = torch.autograd.functional.jacobian(lambda z: model(z[None])[0], x)
+        assert float(torch.linalg.matrix_norm(J, ord=2)) <= cert.lipschitz_l2 * (1 + 1e-9)
+    block = model.blocks[0]
+    assert isinstance(block, SLLMixerBlock) and block.attn.fc.weight.shape == (2 * 16, 16)
+    # both SLL layers certify 1 (up to rounding): the bound is σ(embed)·σ(head) alone
+    sigma = [float(torch.linalg.matrix_norm(m.weight, ord=2)) for m in (model.embed, model.head)]
+    assert cert.lipschitz_l2 == pytest.approx(sigma[0] * sigma[1], rel=1e-9)

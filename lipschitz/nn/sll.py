@@ -26,7 +26,7 @@ from torch import Tensor, nn
 from lipschitz.linalg import row_rms
 from lipschitz.nn.layers import Linear, mixer_target_factors, token_stats
 
-__all__ = ["SLLMLP", "SLLBlock"]
+__all__ = ["SLLMLP", "SLLBlock", "SLLMixerBlock", "TokenSLL"]
 
 T_FLOOR = 1e-12  # t_i of an all-zero row of W (its term is 0·0 either way)
 
@@ -106,3 +106,54 @@ class SLLBlock(nn.Module):
         factors = {id(self.mlp.fc.weight): 1.0 / after}
         factors.update(mixer_target_factors(self.attn, gamma, c, after))
         return factors, after * (beta + gamma * len(self.attn.scaled_linears()) * c)
+
+
+class TokenSLL(SLLMLP):
+    """The SLL layer along the token axis, the same for every channel (an MLP-Mixer token MLP
+    that is 1-Lipschitz for any W): for X (T, d), every column X[:, c] ↦ X[:, c] −
+    2·Wᵀ·T⁻¹·ReLU(W X[:, c] + b) with W (hidden, T). Content-free like PatchMixing, but with a
+    full-strength residual and signed weights: a column's map is an SLL layer, so ℓ2 over all
+    entries (the Frobenius norm) gets the same certificate max(1, 2κ − 1), and the output bound
+    holds in RMS over all entries (h(0) is the same column for every channel)."""
+
+    certifies_all_tokens = True  # its rule is for ℓ2 over all tokens (and only that)
+
+    def forward(self, x: Tensor) -> Tensor:  # (B, T, d) -> (B, T, d)
+        return super().forward(x.transpose(1, 2)).transpose(1, 2)
+
+    def certificate(self, a: float, walk, name: str) -> tuple[float, float]:
+        """SLLMLP's rule, over all tokens only (it mixes tokens: no per-token rule)."""
+        if walk.tokens != "all":
+            raise TypeError(f"{name}: TokenSLL is certified in ℓ2 over all tokens only")
+        return super().certificate(a, walk, name)
+
+
+class SLLMixerBlock(nn.Module):
+    """x ← TokenSLL(x); x ← SLLMLP(x): token mixing and channel mixing, each a full-strength
+    SLL residual (no ×α, no norm cap needed), so the block certifies the product of two
+    max(1, 2κ − 1), 1 up to rounding. Both layers have sensitivity 1, so the target-norm
+    split leaves their weights at the default share (no ``target_factors``)."""
+
+    certifies_all_tokens = True  # both layers' rules hold in ℓ2 over all tokens
+
+    def __init__(self, d_model: int, n_tokens: int, hidden: int, token_hidden: int) -> None:
+        super().__init__()
+        self.attn = TokenSLL(n_tokens, token_hidden)
+        self.mlp = SLLMLP(d_model, hidden)
+
+    def forward(self, x: Tensor, stats: dict | None = None, prefix: str = "") -> Tensor:
+        x = self.attn(x)  # (B, T, d)
+        if stats is not None:
+            stats[f"{prefix}attn"] = token_stats(x)
+        x = self.mlp(x)
+        if stats is not None:
+            stats[f"{prefix}mlp"] = token_stats(x)
+        return x
+
+    def certificate(self, a: float, walk, name: str) -> tuple[float, float]:
+        """The two SLL layers' bounds, one after the other."""
+        L1, a1 = walk.certify(self.attn, a, f"{name}.attn")
+        walk.step(f"{name}.attn", L1, a, a1)
+        L2, a2 = walk.certify(self.mlp, a1, f"{name}.mlp")
+        walk.step(f"{name}.mlp", L2, a1, a2)
+        return L1 * L2, a2

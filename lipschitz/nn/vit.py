@@ -34,14 +34,15 @@ from torch import Tensor, nn
 
 from lipschitz.linalg import rms_scale
 from lipschitz.nn.layers import Block, Linear, token_stats
-from lipschitz.nn.sll import SLLBlock
+from lipschitz.nn.sll import SLLBlock, SLLMixerBlock
 
 __all__ = ["BLOCKS", "POOLS", "LipschitzViT", "PatchMixing", "image_shape_of"]
 
 POOLS = ("flatten", "mean")  # what the head reads: every token side by side, or their mean
 # the blocks: Block (convex residuals around the mixing and a MaxMin/GELU MLP), or SLLBlock
-# (convex residual around the mixing, then an SLL layer: a full-strength 1-Lipschitz MLP)
-BLOCKS = ("convex", "sll")
+# (convex residual around the mixing, then an SLL layer: a full-strength 1-Lipschitz MLP), or
+# SLLMixerBlock (an SLL layer along the tokens, then one along the channels: no ×α anywhere)
+BLOCKS = ("convex", "sll", "sll_mixer")
 
 
 def image_shape_of(n_inputs: int) -> tuple[int, int, int]:
@@ -177,14 +178,18 @@ class LipschitzViT(nn.Module):
         # bias: a learned position embedding (T·d, viewed as (T, d); a vector for the optimizer)
         # and biases in the MLPs; constants, so the certificate is unchanged
         self.pos = nn.Parameter(torch.zeros(self.n_tokens * d_model)) if bias else None
-        mixers = [PatchMixing(d_model, n_head, grid) for _ in range(n_layer)]
-        if block == "sll":
-            blocks = [SLLBlock(d_model, mixer, alpha, mlp_ratio * d_model) for mixer in mixers]
+        hidden = mlp_ratio * d_model
+        if block == "sll_mixer":
+            blocks = [SLLMixerBlock(d_model, self.n_tokens, hidden, mlp_ratio * self.n_tokens)
+                      for _ in range(n_layer)]  # fmt: skip
+        elif block == "sll":
+            blocks = [SLLBlock(d_model, PatchMixing(d_model, n_head, grid), alpha, hidden)
+                      for _ in range(n_layer)]  # fmt: skip
         else:
             blocks = [
-                Block(d_model, n_head, self.n_tokens, alpha, activation=activation, mixer=mixer,
-                      mlp_ratio=mlp_ratio, mlp_bias=bias)
-                for mixer in mixers
+                Block(d_model, n_head, self.n_tokens, alpha, activation=activation,
+                      mixer=PatchMixing(d_model, n_head, grid), mlp_ratio=mlp_ratio, mlp_bias=bias)
+                for _ in range(n_layer)
             ]  # fmt: skip
         self.blocks = nn.ModuleList(blocks)
         self.pool = pool
