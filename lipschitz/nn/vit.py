@@ -5,6 +5,8 @@ robustness: a margin m and an ℓ2→ℓ2 bound L certify every input within m/(
     (+ a learned position embedding with ``bias=True``)
     → n_layer blocks: x ← β·x + γ·mix(x), then x ← β·x + γ·MLP(x)  (``block="convex"``, MaxMin)
                                        or x ← x − 2·Wᵀ·T⁻¹·ReLU(Wx + b)  (``block="sll"``)
+                 or x ← the same SLL layer along the tokens, then along the channels
+                    (``block="sll_mixer"``: no PatchMixing, no ×α)
     → all T tokens side by side (``pool="flatten"``) or their mean (``pool="mean"``) → Linear
 
 The certificate is taken in the RMS over *all* entries of the token matrix, i.e. the
@@ -14,7 +16,8 @@ the language models, because the threat model is ℓ2 over the image:
 - disjoint patches split the image into orthogonal pieces, so patchify is an isometry in ℓ2;
 - a per-token map (Linear, MLP, the SLL layer) applied to every token has the same constant in
   ℓ2 over all tokens as on one token (‖f(X) − f(Y)‖_F² = Σ_t ‖f(x_t) − f(y_t)‖²), so Linear,
-  MLP, Block and lipschitz.nn.sll keep their rules;
+  MLP, Block and lipschitz.nn.sll's channel layer keep their rules; its token layer (TokenSLL)
+  is the SLL layer on each channel's column, so its rule holds in ℓ2 over all tokens;
 - :class:`PatchMixing` mixes tokens with an input-independent matrix A_h per head; its
   Frobenius constant is max_h σ_max(A_h)·‖W_V‖·‖W_O‖, with σ_max(A_h) computed exactly;
 - flattening the tokens side by side keeps ℓ2; their mean has ℓ2 norm 1/√T (a perturbation
