@@ -5,7 +5,7 @@ import pytest
 import torch
 
 from lipschitz.certify import _Walk, certify
-from lipschitz.nn.sll import SLLMLP, SLLBlock, SLLMixerBlock, TokenSLL
+from lipschitz.nn.sll import SLLMLP, SLLBlock, SLLMixerBlock, TokenSLL, TokenSLLHeads
 from lipschitz.nn.vit import LipschitzViT, PatchMixing
 
 
@@ -27,6 +27,7 @@ def test_the_sll_layer_is_one_lipschitz_for_any_weights(seed):
         scale = float(10 ** torch.empty(1).uniform_(-2, 2, generator=gen))
         layer.fc.weight.copy_(scale * torch.randn(hidden, d, generator=gen, dtype=torch.float64))
         layer.bias.copy_(torch.randn(hidden, generator=gen, dtype=torch.float64))
+        layer.log_q.copy_(2 * torch.randn(hidden, generator=gen, dtype=torch.float64))  # any q
     L, _ = layer.certificate(1.0, _Walk("certified"), "sll")
     assert L == pytest.approx(1.0, abs=1e-9)  # κ ≤ 1 up to rounding
     xs = 3 * torch.randn(64, d, generator=gen, dtype=torch.float64)
@@ -103,6 +104,7 @@ def test_the_token_sll_layer_is_one_lipschitz_over_all_tokens_for_any_weights(se
         scale = float(10 ** torch.empty(1).uniform_(-2, 2, generator=gen))
         layer.fc.weight.copy_(scale * torch.randn(hidden, n_tokens, generator=gen).double())
         layer.bias.copy_(torch.randn(hidden, generator=gen, dtype=torch.float64))
+        layer.log_q.copy_(2 * torch.randn(hidden, generator=gen, dtype=torch.float64))
     L, a_out = layer.certificate(0.5, _Walk("certified", tokens="all"), "tok")
     assert L == pytest.approx(1.0, abs=1e-9)
     slopes = []
@@ -135,7 +137,7 @@ def test_the_token_sll_layer_mixes_tokens_and_refuses_the_per_token_walk():
 def test_an_sll_mixer_vit_is_certified_above_its_exact_jacobian():
     torch.manual_seed(4)
     model = LipschitzViT(image_shape=(8, 8, 3), n_classes=5, patch=2, d_model=8, n_layer=2,
-                         block="sll_mixer", bias=True).double()  # fmt: skip
+                         n_head=2, block="sll_mixer", bias=True).double()  # fmt: skip
     with torch.no_grad():
         for p in model.parameters():
             p.copy_(
@@ -147,7 +149,44 @@ def test_an_sll_mixer_vit_is_certified_above_its_exact_jacobian():
         J = torch.autograd.functional.jacobian(lambda z: model(z[None])[0], x)
         assert float(torch.linalg.matrix_norm(J, ord=2)) <= cert.lipschitz_l2 * (1 + 1e-9)
     block = model.blocks[0]
-    assert isinstance(block, SLLMixerBlock) and block.attn.fc.weight.shape == (2 * 16, 16)
+    assert isinstance(block, SLLMixerBlock) and len(block.attn.heads) == 2
+    assert block.attn.heads[0].fc.weight.shape == (2 * 16, 16)
     # both SLL layers certify 1 (up to rounding): the bound is σ(embed)·σ(head) alone
     sigma = [float(torch.linalg.matrix_norm(m.weight, ord=2)) for m in (model.embed, model.head)]
     assert cert.lipschitz_l2 == pytest.approx(sigma[0] * sigma[1], rel=1e-9)
+
+
+def test_a_layer_saved_before_q_was_learned_loads_with_q_one():
+    torch.manual_seed(5)
+    layer = SLLMLP(4, 6)
+    old = {k: v for k, v in layer.state_dict().items() if k != "log_q"}
+    fresh = SLLMLP(4, 6)
+    with torch.no_grad():
+        fresh.log_q.fill_(1.0)
+    fresh.load_state_dict(old)
+    assert torch.equal(fresh.log_q, torch.zeros(6))
+    x = torch.randn(3, 2, 4)
+    torch.testing.assert_close(fresh(x), layer(x))
+
+
+def test_token_sll_heads_take_the_largest_head_bound_and_bound_the_output():
+    """Two heads on disjoint channels, one made non-contractive (t halved): the certificate is
+    that head's 2κ − 1 = 3, the exact Jacobian of the whole map stays below it, and the output
+    RMS over all entries below L·a + the heads' combined h(0)."""
+    torch.manual_seed(6)
+    n_tokens, d = 4, 4
+    heads = TokenSLLHeads(d, n_tokens, 6, n_head=2).double()
+    with torch.no_grad():
+        for p in heads.parameters():
+            p.normal_()
+        heads.heads[1].fc.weight.copy_(torch.eye(4, 6, dtype=torch.float64).T)  # t = 1, κ = 1
+    half = heads.heads[1].scaling() / 2
+    heads.heads[1].scaling = lambda: half  # κ = 2 for the second head only
+    L, a_out = heads.certificate(0.5, _Walk("certified", tokens="all"), "tok")
+    assert L == pytest.approx(3.0)
+    x = torch.randn(n_tokens * d, dtype=torch.float64).abs()
+    J = torch.autograd.functional.jacobian(lambda z: heads(z.view(1, n_tokens, d)).flatten(), x)
+    assert 1.0 < float(torch.linalg.matrix_norm(J, ord=2)) <= L * (1 + 1e-9)
+    xs = torch.randn(512, n_tokens, d, dtype=torch.float64)
+    xs = xs * 0.5 / xs.pow(2).mean((1, 2), keepdim=True).sqrt()  # RMS exactly 0.5
+    assert float(heads(xs).pow(2).mean((1, 2)).sqrt().max()) <= a_out

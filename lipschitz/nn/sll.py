@@ -1,9 +1,11 @@
 """An SDP-based Lipschitz layer (SLL; Araujo, Havens, Delattre, Allauzen & Hu, "A Unified
 Algebraic Perspective on Lipschitz Neural Networks", ICLR 2023) as the MLP of a block:
 
-    h(x) = x − 2·Wᵀ·T⁻¹·ReLU(W x + b),    T = diag(t),  t_i = Σ_j |(W Wᵀ)_ij|
+    h(x) = x − 2·Wᵀ·T⁻¹·ReLU(W x + b),    T = diag(t),  t_i = Σ_j |(W Wᵀ)_ij|·q_j/q_i
 
-is 1-Lipschitz for *any* W, because T ⪰ W Wᵀ (Gershgorin: T − W Wᵀ is diagonally dominant).
+is 1-Lipschitz for *any* W and any q > 0 (learned, start 1), because T ⪰ W Wᵀ: with
+A = W Wᵀ, vᵀAv ≤ Σ_ij |A_ij|·|v_i||v_j| ≤ Σ_ij |A_ij|·(v_i²·q_j/q_i + v_j²·q_i/q_j)/2 = vᵀTv
+(at q = 1, Gershgorin: T − A is diagonally dominant).
 So the residual keeps its full strength (no ×α) and the certificate stays exact per layer,
 where a convex residual (1 − α)·x + α·MLP(x) with norm caps above 1 certifies a product that
 loosens fast (docs/results.md, the ViT's bound sweep).
@@ -26,7 +28,7 @@ from torch import Tensor, nn
 from lipschitz.linalg import row_rms
 from lipschitz.nn.layers import Linear, mixer_target_factors, token_stats
 
-__all__ = ["SLLMLP", "SLLBlock", "SLLMixerBlock", "TokenSLL"]
+__all__ = ["SLLMLP", "SLLBlock", "SLLMixerBlock", "TokenSLL", "TokenSLLHeads"]
 
 T_FLOOR = 1e-12  # t_i of an all-zero row of W (its term is 0·0 either way)
 
@@ -41,11 +43,17 @@ class SLLMLP(nn.Module):
         super().__init__()
         self.fc = Linear(d_model, hidden)  # W (hidden, d)
         self.bias = nn.Parameter(torch.zeros(hidden))
+        self.log_q = nn.Parameter(torch.zeros(hidden))  # q = exp(log_q) > 0, starts at 1
+
+    def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs) -> None:
+        # runs saved before q was learned had q = 1 (log_q = 0): they load unchanged
+        state_dict.setdefault(prefix + "log_q", torch.zeros_like(self.log_q))
+        super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
 
     def scaling(self) -> Tensor:
-        """t (hidden,): t_i = Σ_j |(W Wᵀ)_ij|, so that diag(t) ⪰ W Wᵀ."""
-        W = self.fc.weight
-        return (W @ W.T).abs().sum(dim=1).clamp_min(T_FLOOR)
+        """t (hidden,): t_i = Σ_j |(W Wᵀ)_ij|·q_j/q_i, so that diag(t) ⪰ W Wᵀ (module docs)."""
+        W, q = self.fc.weight, self.log_q.exp()
+        return ((W @ W.T).abs() @ q / q).clamp_min(T_FLOOR)
 
     def forward(self, x: Tensor) -> Tensor:  # (B, T, d) -> (B, T, d)
         h = F.relu(self.fc(x) + self.bias)  # (B, T, hidden)
@@ -128,17 +136,45 @@ class TokenSLL(SLLMLP):
         return super().certificate(a, walk, name)
 
 
+class TokenSLLHeads(nn.Module):
+    """``n_head`` TokenSLL layers, each on its own d/n_head channels (each head learns its own
+    token mixing, as attention heads do). The heads act on disjoint column sets, so in ℓ2 over
+    all entries ‖h(X) − h(Y)‖_F² = Σ_h ‖h_h(X_h) − h_h(Y_h)‖_F² ≤ max_h L_h²·‖X − Y‖_F², and
+    by Minkowski RMS(h(X)) ≤ max_h L_h·RMS(X) + (mean_h RMS(h_h(0))²)^½ (equal widths)."""
+
+    certifies_all_tokens = True  # its rule is for ℓ2 over all tokens (and only that)
+
+    def __init__(self, d_model: int, n_tokens: int, hidden: int, n_head: int) -> None:
+        super().__init__()
+        if n_head < 1 or d_model % n_head != 0:
+            raise ValueError(f"d_model={d_model} must be a positive multiple of n_head={n_head}")
+        self.heads = nn.ModuleList(TokenSLL(n_tokens, hidden) for _ in range(n_head))
+
+    def forward(self, x: Tensor) -> Tensor:  # (B, T, d) -> (B, T, d)
+        chunks = x.chunk(len(self.heads), dim=-1)  # n_head × (B, T, d/n_head)
+        return torch.cat([head(c) for head, c in zip(self.heads, chunks, strict=True)], dim=-1)
+
+    def certificate(self, a: float, walk, name: str) -> tuple[float, float]:
+        """max_h L_h, and the output bound above (each head's h(0) from its bound at a = 0)."""
+        bounds = [walk.certify(head, 0.0, f"{name}.heads.{i}") for i, head in enumerate(self.heads)]
+        L = max(L_h for L_h, _ in bounds)
+        return L, L * a + (sum(r * r for _, r in bounds) / len(bounds)) ** 0.5
+
+
 class SLLMixerBlock(nn.Module):
-    """x ← TokenSLL(x); x ← SLLMLP(x): token mixing and channel mixing, each a full-strength
-    SLL residual (no ×α, no norm cap needed), so the block certifies the product of two
-    max(1, 2κ − 1), 1 up to rounding. Both layers have sensitivity 1, so the target-norm
-    split leaves their weights at the default share (no ``target_factors``)."""
+    """x ← TokenSLLHeads(x); x ← SLLMLP(x): token mixing (one TokenSLL per head) and channel
+    mixing, each a full-strength SLL residual (no ×α, no norm cap needed), so the block
+    certifies the product of two max(1, 2κ − 1), 1 up to rounding. Both layers have sensitivity
+    1, so the target-norm split leaves their weights at the default share (no
+    ``target_factors``)."""
 
     certifies_all_tokens = True  # both layers' rules hold in ℓ2 over all tokens
 
-    def __init__(self, d_model: int, n_tokens: int, hidden: int, token_hidden: int) -> None:
+    def __init__(
+        self, d_model: int, n_tokens: int, hidden: int, token_hidden: int, n_head: int = 1
+    ) -> None:
         super().__init__()
-        self.attn = TokenSLL(n_tokens, token_hidden)
+        self.attn = TokenSLLHeads(d_model, n_tokens, token_hidden, n_head)
         self.mlp = SLLMLP(d_model, hidden)
 
     def forward(self, x: Tensor, stats: dict | None = None, prefix: str = "") -> Tensor:

@@ -183,7 +183,8 @@ class LipschitzViT(nn.Module):
         self.pos = nn.Parameter(torch.zeros(self.n_tokens * d_model)) if bias else None
         hidden = mlp_ratio * d_model
         if block == "sll_mixer":
-            blocks = [SLLMixerBlock(d_model, self.n_tokens, hidden, mlp_ratio * self.n_tokens)
+            token_hidden = mlp_ratio * self.n_tokens
+            blocks = [SLLMixerBlock(d_model, self.n_tokens, hidden, token_hidden, n_head)
                       for _ in range(n_layer)]  # fmt: skip
         elif block == "sll":
             blocks = [SLLBlock(d_model, PatchMixing(d_model, n_head, grid), alpha, hidden)
