@@ -190,3 +190,30 @@ def test_token_sll_heads_take_the_largest_head_bound_and_bound_the_output():
     xs = torch.randn(512, n_tokens, d, dtype=torch.float64)
     xs = xs * 0.5 / xs.pow(2).mean((1, 2), keepdim=True).sqrt()  # RMS exactly 0.5
     assert float(heads(xs).pow(2).mean((1, 2)).sqrt().max()) <= a_out
+
+
+def test_the_output_bounds_at_zero_input_are_the_exact_output_at_zero():
+    """At a = 0 the output bound is RMS(h(0)) exactly (no slack for a wrong h(0) to hide in):
+    for one channel SLL layer, one TokenSLL and two TokenSLL heads of different biases."""
+    torch.manual_seed(7)
+    channel, token = SLLMLP(4, 6).double(), TokenSLL(5, 7).double()
+    heads = TokenSLLHeads(4, 5, 7, n_head=2).double()
+    for layer in (channel, token, heads):
+        with torch.no_grad():
+            for p in layer.parameters():
+                p.normal_()
+    zeros = torch.zeros(1, 5, 4, dtype=torch.float64)
+    _, a = channel.certificate(0.0, _Walk("certified"), "sll")
+    assert a == pytest.approx(float(channel(zeros).pow(2).mean(-1).sqrt().max()), rel=1e-12)
+    for layer in (token, heads):
+        _, a = layer.certificate(0.0, _Walk("certified", tokens="all"), "tok")
+        assert a == pytest.approx(float(layer(zeros).pow(2).mean().sqrt()), rel=1e-12)
+
+
+def test_a_non_finite_scaling_is_refused_not_certified_as_one():
+    layer = SLLMLP(3, 4).double()
+    with torch.no_grad():
+        layer.fc.weight.normal_()
+        layer.log_q.copy_(torch.tensor([800.0, 0.0, 0.0, -800.0], dtype=torch.float64))  # inf, 0
+    with pytest.raises(ValueError, match="not finite"):
+        layer.certificate(1.0, _Walk("certified"), "sll")

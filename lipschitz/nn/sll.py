@@ -46,7 +46,8 @@ class SLLMLP(nn.Module):
         self.log_q = nn.Parameter(torch.zeros(hidden))  # q = exp(log_q) > 0, starts at 1
 
     def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs) -> None:
-        # runs saved before q was learned had q = 1 (log_q = 0): they load unchanged
+        # runs saved before q was learned had q = 1 (log_q = 0): they load unchanged for
+        # evaluation (resuming their training is refused: the optimizer's groups changed)
         state_dict.setdefault(prefix + "log_q", torch.zeros_like(self.log_q))
         super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
 
@@ -66,6 +67,8 @@ class SLLMLP(nn.Module):
         with torch.no_grad():
             t = self.scaling().double()
             W = self.fc.weight.double()
+            if not (torch.isfinite(t).all() and torch.isfinite(W).all()):  # max(1, nan) is 1
+                raise ValueError(f"{name}: the scaling t or W is not finite (log_q too large?)")
             kappa = float(torch.linalg.matrix_norm(W / t.sqrt()[:, None], ord=2)) ** 2
             h0 = 2 * (F.relu(self.bias.double()) / t) @ W  # (d,)
         L = max(1.0, 2 * kappa - 1)
@@ -155,7 +158,8 @@ class TokenSLLHeads(nn.Module):
         return torch.cat([head(c) for head, c in zip(self.heads, chunks, strict=True)], dim=-1)
 
     def certificate(self, a: float, walk, name: str) -> tuple[float, float]:
-        """max_h L_h, and the output bound above (each head's h(0) from its bound at a = 0)."""
+        """max_h L_h, and the output bound above; each head's RMS(h_h(0)) is its output bound
+        at a = 0 (an SLL layer's L does not depend on a)."""
         bounds = [walk.certify(head, 0.0, f"{name}.heads.{i}") for i, head in enumerate(self.heads)]
         L = max(L_h for L_h, _ in bounds)
         return L, L * a + (sum(r * r for _, r in bounds) / len(bounds)) ** 0.5

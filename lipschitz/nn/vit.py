@@ -141,13 +141,14 @@ class PatchMixing(nn.Module):
 
 
 class LipschitzViT(nn.Module):
-    """Image → patches → Linear → Blocks (PatchMixing, MaxMin MLP, convex residuals) → pool →
-    Linear (module docs). ``alpha`` None: 1/(2·n_layer), as the GPT. ``block``: Block
-    (convex residuals around the mixing and the MaxMin/GELU MLP) or SLLBlock (the mixing under a
-    convex residual, then an SLL layer; docs/results.md measured +3.6 points verified) or
-    SLLMixerBlock (SLL layers along the tokens, one per head, and along the channels: no
-    PatchMixing, no ×α; +2.6 points more at 600 steps; ``alpha`` unused).
-    ``bias``: a position embedding and MLP biases (constants: free in the certificate).
+    """Image → patches → Linear → Blocks → pool → Linear (module docs). ``alpha`` None:
+    1/(2·n_layer), as the GPT. ``block``: Block (convex residuals around the mixing and the
+    MaxMin/GELU MLP) or SLLBlock (the mixing under a convex residual, then an SLL layer;
+    docs/results.md measured +3.6 points verified) or SLLMixerBlock (SLL layers along the
+    tokens, one per head, and along the channels: no PatchMixing, no ×α; +2.6 points more at
+    600 steps; ``alpha`` unused).
+    ``bias``: a position embedding and the convex blocks' MLP biases (constants: free in the
+    certificate; SLL layers always have their biases).
     ``pool="flatten"``: the head reads all T tokens (T·d features; measured 33% against 18–21%
     verified accuracy for the mean after 400 steps, docs/results.md), ``"mean"``: their mean."""
 
