@@ -62,20 +62,31 @@ def test_the_output_bound_holds_on_every_token():
     assert float(y.pow(2).mean(-1).sqrt().max()) <= a_out
 
 
-def test_an_sll_vit_is_certified_above_its_exact_jacobian():
-    torch.manual_seed(2)
-    model = LipschitzViT(image_shape=(8, 8, 3), n_classes=5, patch=4, d_model=8, n_layer=2,
-                         n_head=2, block="sll", bias=True).double()  # fmt: skip
+def _random_sll_vit(seed: int, block: str, patch: int) -> LipschitzViT:
+    """A small float64 ViT on 8×8×3 images with every weight random (biases, q and the
+    position embedding too), matrices near norm 1."""
+    torch.manual_seed(seed)
+    model = LipschitzViT(image_shape=(8, 8, 3), n_classes=5, patch=patch, d_model=8, n_layer=2,
+                         n_head=2, block=block, bias=True).double()  # fmt: skip
     with torch.no_grad():
         for p in model.parameters():
             p.copy_(
                 torch.randn_like(p) if p.dim() == 1 else torch.randn_like(p) / p.shape[1] ** 0.5
             )
-    bound = certify(model).lipschitz_l2
+    return model
+
+
+def _assert_exact_slopes_below(model: LipschitzViT, bound: float) -> None:
+    """σ_max of the exact Jacobian at 5 random images ≤ bound (float64)."""
     for _ in range(5):
         x = torch.rand(192, dtype=torch.float64)
         J = torch.autograd.functional.jacobian(lambda z: model(z[None])[0], x)
         assert float(torch.linalg.matrix_norm(J, ord=2)) <= bound * (1 + 1e-9)
+
+
+def test_an_sll_vit_is_certified_above_its_exact_jacobian():
+    model = _random_sll_vit(2, "sll", patch=4)
+    _assert_exact_slopes_below(model, certify(model).lipschitz_l2)
     assert isinstance(model.blocks[0], SLLBlock) and isinstance(model.blocks[0].attn, PatchMixing)
 
 
@@ -135,19 +146,9 @@ def test_the_token_sll_layer_mixes_tokens_and_refuses_the_per_token_walk():
 
 
 def test_an_sll_mixer_vit_is_certified_above_its_exact_jacobian():
-    torch.manual_seed(4)
-    model = LipschitzViT(image_shape=(8, 8, 3), n_classes=5, patch=2, d_model=8, n_layer=2,
-                         n_head=2, block="sll_mixer", bias=True).double()  # fmt: skip
-    with torch.no_grad():
-        for p in model.parameters():
-            p.copy_(
-                torch.randn_like(p) if p.dim() == 1 else torch.randn_like(p) / p.shape[1] ** 0.5
-            )
+    model = _random_sll_vit(4, "sll_mixer", patch=2)
     cert = certify(model)
-    for _ in range(5):
-        x = torch.rand(192, dtype=torch.float64)
-        J = torch.autograd.functional.jacobian(lambda z: model(z[None])[0], x)
-        assert float(torch.linalg.matrix_norm(J, ord=2)) <= cert.lipschitz_l2 * (1 + 1e-9)
+    _assert_exact_slopes_below(model, cert.lipschitz_l2)
     block = model.blocks[0]
     assert isinstance(block, SLLMixerBlock) and len(block.attn.heads) == 2
     assert block.attn.heads[0].fc.weight.shape == (2 * 16, 16)

@@ -75,6 +75,28 @@ class SLLMLP(nn.Module):
         return L, L * a + float(row_rms(h0[None]).max())
 
 
+def _then_sll(mlp: SLLMLP, mixed: Tensor, stats: dict | None, prefix: str) -> Tensor:
+    """The second half of both SLL blocks: record the mixed tokens (B, T, d), apply the SLL
+    layer, record its output."""
+    if stats is not None:
+        stats[f"{prefix}attn"] = token_stats(mixed)
+    x = mlp(mixed)
+    if stats is not None:
+        stats[f"{prefix}mlp"] = token_stats(x)
+    return x
+
+
+def _certify_then_sll(
+    mlp: SLLMLP, L1: float, a: float, a1: float, walk, name: str
+) -> tuple[float, float]:
+    """Record the mixing step (L1: a → a1), then certify the SLL layer after it: the block's
+    (L1·L2, output bound)."""
+    walk.step(f"{name}.attn", L1, a, a1)
+    L2, a2 = walk.certify(mlp, a1, f"{name}.mlp")
+    walk.step(f"{name}.mlp", L2, a1, a2)
+    return L1 * L2, a2
+
+
 class SLLBlock(nn.Module):
     """x ← (1 − α)·x + α·mix(x); x ← SLLMLP(x): a token mixer under a convex residual, then
     the SLL layer, whose skip connection is its own (no ×α)."""
@@ -90,22 +112,14 @@ class SLLBlock(nn.Module):
         self.mlp = SLLMLP(d_model, hidden)
 
     def forward(self, x: Tensor, stats: dict | None = None, prefix: str = "") -> Tensor:
-        x = (1 - self.alpha) * x + self.alpha * self.attn(x)  # (B, T, d)
-        if stats is not None:
-            stats[f"{prefix}attn"] = token_stats(x)
-        x = self.mlp(x)
-        if stats is not None:
-            stats[f"{prefix}mlp"] = token_stats(x)
-        return x
+        mixed = (1 - self.alpha) * x + self.alpha * self.attn(x)  # (B, T, d)
+        return _then_sll(self.mlp, mixed, stats, prefix)
 
     def certificate(self, a: float, walk, name: str) -> tuple[float, float]:
         """(1 − α) + α·L_mix for the mixing residual, then the SLL layer's own bound."""
         L_mix, a_mix = walk.certify(self.attn, a, f"{name}.attn")
         L1, a1 = 1 - self.alpha + self.alpha * L_mix, (1 - self.alpha) * a + self.alpha * a_mix
-        walk.step(f"{name}.attn", L1, a, a1)
-        L2, a2 = walk.certify(self.mlp, a1, f"{name}.mlp")
-        walk.step(f"{name}.mlp", L2, a1, a2)
-        return L1 * L2, a2
+        return _certify_then_sll(self.mlp, L1, a, a1, walk, name)
 
     def target_factors(self, after: float, unit_scalars: bool = False) -> tuple[dict, float]:
         """Modula's split as in Block (lipschitz.nn.layers.Block.target_factors): the SLL layer
@@ -182,18 +196,9 @@ class SLLMixerBlock(nn.Module):
         self.mlp = SLLMLP(d_model, hidden)
 
     def forward(self, x: Tensor, stats: dict | None = None, prefix: str = "") -> Tensor:
-        x = self.attn(x)  # (B, T, d)
-        if stats is not None:
-            stats[f"{prefix}attn"] = token_stats(x)
-        x = self.mlp(x)
-        if stats is not None:
-            stats[f"{prefix}mlp"] = token_stats(x)
-        return x
+        return _then_sll(self.mlp, self.attn(x), stats, prefix)  # (B, T, d)
 
     def certificate(self, a: float, walk, name: str) -> tuple[float, float]:
         """The two SLL layers' bounds, one after the other."""
         L1, a1 = walk.certify(self.attn, a, f"{name}.attn")
-        walk.step(f"{name}.attn", L1, a, a1)
-        L2, a2 = walk.certify(self.mlp, a1, f"{name}.mlp")
-        walk.step(f"{name}.mlp", L2, a1, a2)
-        return L1 * L2, a2
+        return _certify_then_sll(self.mlp, L1, a, a1, walk, name)
