@@ -126,6 +126,9 @@ class Config:
     checkpoint_every: int = 500
     log_every: int = 50
     compile: bool = False
+    # bfloat16 autocast of the training forward on the CPU as well (on CUDA always); the
+    # evaluation, the certificate and `lipschitz robustness` stay in float32
+    cpu_bf16: bool = False
     sample_tokens: int = 200  # length of the text sample printed at the end (0: none)
 
     def __post_init__(self) -> None:

@@ -242,3 +242,35 @@ def test_the_logged_learning_rate_is_the_hidden_matrices_not_the_embeddings(tmp_
     train(cfg, tmp_path / "run")
     rows = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").open()]
     assert [r["lr"] for r in rows if "lr" in r] == [cfg.lr] * 3
+
+
+def test_cpu_bf16_trains_in_bfloat16_and_evaluates_in_float32(tmp_path, monkeypatch):
+    """cpu_bf16: the training forward runs under bfloat16 autocast on the CPU (its logits are
+    bf16), the evaluation does not (float32 logits), and the weights stay float32."""
+    seen = []
+    real_forward = loop.Trainer.train_step
+
+    def spy(self):
+        hook = self.model.register_forward_hook(lambda m, i, out: seen.append(out.dtype))
+        try:
+            return real_forward(self)
+        finally:
+            hook.remove()
+
+    monkeypatch.setattr(loop.Trainer, "train_step", spy)
+    cfg = apply_overrides(preset("tiny"), ["steps=2", "eval_every=2", "cpu_bf16=true"])
+    real_eval = loop.evaluate
+
+    def eval_spy(model, *args, **kwargs):
+        hook = model.register_forward_hook(lambda m, i, out: seen.append(("eval", out.dtype)))
+        try:
+            return real_eval(model, *args, **kwargs)
+        finally:
+            hook.remove()
+
+    monkeypatch.setattr(loop, "evaluate", eval_spy)
+    train(cfg, tmp_path / "run")
+    assert seen[:2] == [torch.bfloat16, torch.bfloat16]
+    assert ("eval", torch.float32) in seen and ("eval", torch.bfloat16) not in seen
+    assert all(w.dtype == torch.float32 for w in _weights(tmp_path / "run").values()
+               if w.is_floating_point())  # fmt: skip

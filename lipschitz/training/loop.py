@@ -284,7 +284,7 @@ class Trainer:
         for _ in range(cfg.grad_accum):
             x, y = self.task.batch(micro_batch, self.batch_gen)  # the global micro-batch ...
             x, y = x[mine].to(self.device), y[mine].to(self.device)  # ... this rank's slice
-            with autocast(self.device):
+            with autocast(self.device, cfg.cpu_bf16):
                 logits = self.forward(x)
             # train_temperature τ: the loss sees τ·logits (a margin-seeking loss, as in
             # Lipschitz classifiers); the model, its bound and the evaluation do not
