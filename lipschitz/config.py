@@ -75,6 +75,12 @@ class Config:
     pool: str = "flatten"  # lipschitz_vit: the head reads all tokens (flatten) or their mean
     bias: bool = False  # lipschitz_vit: a learned position embedding and biases in the MLPs
     block: str = "convex"  # lipschitz_vit: convex (Block) | sll (SLLBlock) | sll_mixer
+    # lipschitz_vit: convolutional SLL layers (3×3) on the image folded 2×2 into channels, before
+    # the patches (lipschitz.nn.conv_sll), their hidden channels, and the channels the folded
+    # image is lifted to first (None: no lift, C·4)
+    stem_layers: int = 0
+    stem_hidden: int = 48
+    stem_channels: int | None = None
     # Token mixer of the Lipschitz GPT: attention (the paper's, with attn_scale and pos_bias) |
     # lookup (lipschitz.nn.lookup: a lag bias on every head, dynamic lags, q·k content heads, an
     # optional value-0 sink; with mixer_budget each head's values are scaled so that it costs
@@ -236,7 +242,7 @@ def _check_ranges(cfg: Config) -> None:
                 "eval_every", "checkpoint_every", "log_every", "w_max", "embed_w_max",
                 "attn_out_mult", "train_temperature", "head_w_max", "blocks_mass",
                 "residual_alpha", "recall_pairs", "recall_vocab", "final_scale",
-                "mlp_ratio", "patch_size")  # fmt: skip
+                "mlp_ratio", "patch_size", "stem_hidden", "stem_channels")  # fmt: skip
     for key in positive:
         value = getattr(cfg, key)
         if value is not None and not value > 0:
@@ -244,7 +250,7 @@ def _check_ranges(cfg: Config) -> None:
     non_negative = ("lr", "weight_decay", "spectral_decay", "warmup_steps", "lr_floor",
                     "momentum_warmup_steps", "sample_tokens", "head_lr", "embed_lr",
                     "vector_lr", "lag_window", "lag_gate", "content_heads",
-                    "content_scale", "attn_scale", "margin_eps")  # fmt: skip
+                    "content_scale", "attn_scale", "margin_eps", "stem_layers")  # fmt: skip
     for key in non_negative:
         value = getattr(cfg, key)
         if value is not None and not value >= 0:

@@ -17,7 +17,7 @@ from lipschitz.robustness import certified_radii
 
 def _random_vit(seed: int) -> LipschitzViT:
     """A small ViT with random sizes and every weight random (no zero branch), some matrices
-    scaled beyond norm 1, random mixing kernels and residual weights."""
+    scaled beyond norm 1, random mixing kernels and residual weights, half with a stem."""
     gen = torch.Generator().manual_seed(seed)
 
     def pick(options):
@@ -31,6 +31,7 @@ def _random_vit(seed: int) -> LipschitzViT:
         n_layer=pick([1, 2, 3]), n_head=n_head, alpha=pick([None, 0.3, 1.0]),
         mlp_ratio=pick([1, 2]), activation=pick(["maxmin", "gelu"]), pool=pick(["flatten", "mean"]),
         bias=pick([False, True]), block=pick(["convex", "sll", "sll_mixer"]),
+        stem_layers=pick([0, 0, 1, 2]), stem_hidden=pick([4, 8]), stem_channels=pick([None, 16]),
     )  # fmt: skip
     with torch.no_grad():
         for name, p in model.named_parameters():

@@ -103,7 +103,8 @@ def _lipschitz_vit(cfg: Config, n_outputs: int, n_inputs: int | None) -> nn.Modu
         image_shape=image_shape_of(n_inputs), n_classes=n_outputs, patch=cfg.patch_size,
         d_model=cfg.d_model, n_layer=cfg.n_layer, n_head=cfg.n_head, alpha=cfg.residual_alpha,
         mlp_ratio=cfg.mlp_ratio, activation=cfg.activation, pool=cfg.pool, bias=cfg.bias,
-        block=cfg.block,
+        block=cfg.block, stem_layers=cfg.stem_layers, stem_hidden=cfg.stem_hidden,
+        stem_channels=cfg.stem_channels,
     )  # fmt: skip
 
 
@@ -113,7 +114,8 @@ MODELS = {
     "lipschitz_mlp": ModelKind(_mlp(LipschitzMLP), "images", True),
     "baseline_mlp": ModelKind(_mlp(BaselineMLP), "images", False),
     "lipschitz_vit": ModelKind(_lipschitz_vit, "images", True,
-                               ("mlp_ratio", "patch_size", "pool", "bias", "block")),
+                               ("mlp_ratio", "patch_size", "pool", "bias", "block", "stem_layers",
+                                "stem_hidden", "stem_channels")),
 }  # fmt: skip
 
 

@@ -1,7 +1,9 @@
 """A Lipschitz vision transformer certified in ℓ2 over the whole image (for certified
 robustness: a margin m and an ℓ2→ℓ2 bound L certify every input within m/(√2·L)).
 
-    image (B, H·W·C) in [0, 1] → −½ → disjoint p×p patches (B, T, p·p·C) → Linear → d
+    image (B, H·W·C) in [0, 1] → −½ → (``stem_layers``: the image folded 2×2 into channels,
+    optionally lifted to more, then convolutional SLL layers, lipschitz.nn.conv_sll; the patches
+    are then (p/2)×(p/2) cells of that grid) → disjoint p×p patches (B, T, p·p·C) → Linear → d
     (+ a learned position embedding with ``bias=True``)
     → n_layer blocks: x ← β·x + γ·mix(x), then x ← β·x + γ·MLP(x)  (``block="convex"``, MaxMin)
                                        or x ← x − 2·Wᵀ·T⁻¹·ReLU(Wx + b)  (``block="sll"``)
@@ -13,6 +15,7 @@ The certificate is taken in the RMS over *all* entries of the token matrix, i.e.
 Frobenius norm up to a constant (the walk's ``tokens="all"``), not in the largest token RMS of
 the language models, because the threat model is ℓ2 over the image:
 
+- the stem maps the image to a coarser grid, certified in ℓ2 over each (lipschitz.nn.conv_sll);
 - disjoint patches split the image into orthogonal pieces, so patchify is an isometry in ℓ2;
 - a per-token map (Linear, MLP, the SLL layer) applied to every token has the same constant in
   ℓ2 over all tokens as on one token (‖f(X) − f(Y)‖_F² = Σ_t ‖f(x_t) − f(y_t)‖²), so Linear,
@@ -36,6 +39,7 @@ import torch
 from torch import Tensor, nn
 
 from lipschitz.linalg import rms_scale
+from lipschitz.nn.conv_sll import SLLStem
 from lipschitz.nn.layers import Block, Linear, token_stats
 from lipschitz.nn.sll import SLLBlock, SLLMixerBlock
 
@@ -150,7 +154,10 @@ class LipschitzViT(nn.Module):
     ``bias``: a position embedding and the convex blocks' MLP biases (constants: free in the
     certificate; SLL layers always have their biases).
     ``pool="flatten"``: the head reads all T tokens (T·d features; measured 33% against 18–21%
-    verified accuracy for the mean after 400 steps, docs/results.md), ``"mean"``: their mean."""
+    verified accuracy for the mean after 400 steps, docs/results.md), ``"mean"``: their mean.
+    ``stem_layers``: convolutional SLL layers (3×3, ``stem_hidden`` channels) on the image
+    folded 2×2 into channels and lifted to ``stem_channels`` (None: no lift), before the
+    patches (lipschitz.nn.conv_sll; each layer 1-Lipschitz, the lift σ_max)."""
 
     def __init__(
         self,
@@ -167,6 +174,9 @@ class LipschitzViT(nn.Module):
         pool: str = "flatten",
         bias: bool = False,
         block: str = "convex",
+        stem_layers: int = 0,
+        stem_hidden: int = 48,
+        stem_channels: int | None = None,
     ) -> None:
         super().__init__()
         H, W, C = image_shape
@@ -177,10 +187,18 @@ class LipschitzViT(nn.Module):
         if patch < 1 or H % patch or W % patch:
             raise ValueError(f"patch={patch} must divide the image's {H}×{W} pixels")
         self.image_shape, self.patch = (H, W, C), patch
+        self.stem = None
+        if stem_layers:
+            if patch % 2:
+                raise ValueError(f"patch={patch} must be even with a stem (it folds 2×2)")
+            self.stem = SLLStem((H, W, C), stem_layers, stem_hidden, stem_channels)
+        # what the patches are cut from: the image, or the stem's coarser grid (H/2, W/2, C')
+        self.grid_shape = (H, W, C) if self.stem is None else self.stem.out_shape
+        self.grid_patch = patch if self.stem is None else patch // 2
         grid = (H // patch, W // patch)
         self.n_tokens = grid[0] * grid[1]
         alpha = 1.0 / (2 * n_layer) if alpha is None else alpha
-        self.embed = Linear(patch * patch * C, d_model)  # (d, p·p·C)
+        self.embed = Linear(self.grid_patch**2 * self.grid_shape[2], d_model)  # (d, p·p·C)
         # bias: a learned position embedding (T·d, viewed as (T, d); a vector for the optimizer)
         # and biases in the MLPs; constants, so the certificate is unchanged
         self.pos = nn.Parameter(torch.zeros(self.n_tokens * d_model)) if bias else None
@@ -204,8 +222,9 @@ class LipschitzViT(nn.Module):
         self.head = Linear(d_features, n_classes, zero_init=True)
 
     def patches(self, x: Tensor) -> Tensor:
-        """(B, H·W·C) pixels in H, W, C order → (B, T, p·p·C) disjoint patches, row by row."""
-        (H, W, C), p = self.image_shape, self.patch
+        """(B, H·W·C) values of the grid (the image, or the stem's output) in H, W, C order →
+        (B, T, p·p·C) disjoint patches, row by row."""
+        (H, W, C), p = self.grid_shape, self.grid_patch
         if x.dim() != 2 or x.shape[1] != H * W * C:
             raise ValueError(f"expected images of shape (B, {H * W * C}), got {tuple(x.shape)}")
         x = x.view(-1, H // p, p, W // p, p, C).transpose(2, 3)  # (B, H/p, W/p, p, p, C)
@@ -215,7 +234,10 @@ class LipschitzViT(nn.Module):
         """(B, H·W·C) pixels → (B, n_classes) logits (and activation stats: ``embed``,
         ``blocks.{i}.attn`` / ``.mlp``, ``logits``)."""
         stats = {} if return_stats else None
-        h = self.embed(self.patches(x - 0.5))  # (B, T, d)
+        x = x - 0.5
+        if self.stem is not None:
+            x = self.stem(x)  # (B, H·W·C) → (B, H/2·W/2·C')
+        h = self.embed(self.patches(x))  # (B, T, d)
         if self.pos is not None:
             h = h + self.pos.view(self.n_tokens, -1)
         if stats is not None:
@@ -232,10 +254,15 @@ class LipschitzViT(nn.Module):
         """(ℓ2→ℓ2 bound of the image → features map, of the image → logits map) from the weights
         as they are; the walk runs over all tokens, in RMS units (a d_in→d_out Linear of RMS
         norm n has ℓ2 norm n·√(d_out/d_in))."""
+        L = 1.0
+        if self.stem is not None:  # image → coarser image, ℓ2 over each
+            L, _ = walk.certify(self.stem, 1.0, "stem")
+            walk.step("stem", L, None, None)
         n_embed = walk.norm("embed.weight", self.embed.weight)
         # ℓ2 over the image = ℓ2 over the patches (disjoint) → ℓ2 over all tokens of the embeds
-        L = n_embed * rms_scale(self.embed.weight)
-        walk.step("embed", L, None, None)
+        L_embed = n_embed * rms_scale(self.embed.weight)
+        walk.step("embed", L_embed, None, None)
+        L *= L_embed
         a = 1.0  # activation bounds are not needed for these rules (all are global)
         for i, block in enumerate(self.blocks):
             L_block, a = walk.certify(block, a, f"blocks.{i}")
