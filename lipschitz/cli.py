@@ -170,6 +170,8 @@ def cmd_bench(args: argparse.Namespace) -> None:
         from lipschitz.benchmarks.projections import main as bench_main
     elif args.name == "profile":
         from lipschitz.benchmarks.profile import main as bench_main
+    elif args.name == "vit_step":
+        from lipschitz.benchmarks.vit_step import main as bench_main
     else:
         from lipschitz.benchmarks.throughput import main as bench_main
     bench_main(args.args)
@@ -256,8 +258,10 @@ def _tool_commands(commands) -> None:
     p = commands.add_parser("presets", help="list the presets")
     p.set_defaults(func=cmd_presets)
 
-    p = commands.add_parser("bench", help="run a benchmark (projections, throughput, profile)")
-    p.add_argument("name", choices=["projections", "throughput", "profile"])
+    p = commands.add_parser(
+        "bench", help="run a benchmark (projections, throughput, profile, vit_step)"
+    )
+    p.add_argument("name", choices=["projections", "throughput", "profile", "vit_step"])
     p.add_argument("args", nargs=argparse.REMAINDER, help="options for the benchmark")
     p.set_defaults(func=cmd_bench)
 

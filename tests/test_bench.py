@@ -51,3 +51,32 @@ def test_profile_splits_the_step_into_its_phases():
     parts = lip["batch"] + lip["forward"] + lip["backward"] + lip["optimizer"]
     assert lip["step"] == parts and lip["forward"] > 0 and lip["backward"] > 0
     assert "Newton–Schulz (msign)" in bench_profile.markdown(result)
+
+
+def test_vit_step_benchmark_and_its_reference_compute_the_same_model():
+    """The as-written SLL forward (the benchmark's reference) and the fused one give the same
+    logits, so the ratio compares two ways of computing one map."""
+    import torch
+
+    from lipschitz.benchmarks import vit_step
+    from lipschitz.config import apply_overrides
+    from lipschitz.nn import build_model
+    from lipschitz.presets import preset
+
+    small = ["d_model=16", "n_layer=1", "batch_size=8"]
+    cfg = apply_overrides(preset("cifar-vit"), small)
+    fused = build_model(cfg, 10, 3072)
+    written = build_model(cfg, 10, 3072)
+    written.load_state_dict(fused.state_dict())
+    vit_step._as_written(written)
+    with torch.no_grad():
+        for p in fused.parameters():
+            if p.dim() == 1:  # biases and q: nonzero, so every term of the formula counts
+                p.add_(torch.randn_like(p))
+        fused.head.weight.normal_()  # zero at init: the logits would agree trivially
+        written.load_state_dict(fused.state_dict())
+    x = torch.rand(4, 3072)
+    assert torch.allclose(written(x), fused(x), atol=1e-5)
+    result = vit_step.run("cifar-vit", small, rounds=1)
+    assert set(result["ms_per_step"]) == {"bf16", "float32", "float32-as-written"}
+    assert "float32 ÷ bf16" in vit_step.markdown(result)

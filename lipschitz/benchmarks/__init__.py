@@ -1,6 +1,8 @@
 """Benchmarks, run as ``lipschitz bench NAME`` (or ``python -m lipschitz.benchmarks.NAME``):
 ``projections`` (cost and accuracy of every constraint), ``throughput`` (training steps per
-second and peak memory against the baseline) and ``profile`` (where a step's time goes).
+second and peak memory against the baseline), ``profile`` (where a step's time goes) and
+``vit_step`` (the image transformer's step: bfloat16 against float32, the SLL layers' fused
+forward against the formula as written).
 Results and the machines they ran on: docs/benchmarks.md."""
 
 from __future__ import annotations
