@@ -132,8 +132,9 @@ class Config:
     checkpoint_every: int = 500
     log_every: int = 50
     compile: bool = False
-    # bfloat16 autocast of the training forward on the CPU as well (on CUDA always); the
-    # evaluation, the certificate and `lipschitz robustness` stay in float32
+    # bfloat16 autocast of the training forward on the CPU as well (on CUDA always; the SLL
+    # layers' residual sums then run in bfloat16 too); the evaluation, the certificate and
+    # `lipschitz robustness` stay in float32
     cpu_bf16: bool = False
     sample_tokens: int = 200  # length of the text sample printed at the end (0: none)
 
@@ -227,6 +228,8 @@ def _check_relations(cfg: Config) -> None:
         raise ValueError(
             f"config: content_heads={cfg.content_heads} must be <= n_head={cfg.n_head}"
         )
+    if cfg.stem_layers == 0 and (cfg.stem_channels is not None or cfg.stem_hidden != 48):
+        raise ValueError("config: stem_channels and stem_hidden need stem_layers ≥ 1")
     if cfg.lag_window > cfg.seq_len:
         raise ValueError(f"config: lag_window={cfg.lag_window} must be <= seq_len={cfg.seq_len}")
     if cfg.recall_vocab > MAX_RECALL_VOCAB:

@@ -163,7 +163,7 @@ for _name, (_what, _overrides) in _CIFAR_METHODS.items():
 # the channels, Muon + hard caps, trained with a certified-margin loss at ε = 36/255 and
 # crop + flip.
 PRESETS["cifar-vit"] = (
-    "CIFAR-10 certified-robust ViT (ℓ2, ε = 36/255; SLL mixer blocks), about 45 min on 2 CPU cores",
+    "CIFAR-10 certified-robust ViT (ℓ2, ε = 36/255; SLL mixer blocks), about 50 min on 2 CPU cores",
     dict(
         model="lipschitz_vit", dataset="cifar10", d_model=64, n_layer=4, n_head=4, mlp_ratio=2,
         patch_size=4, block="sll_mixer", bias=True, batch_size=256, steps=24000, optimizer="muon",

@@ -115,3 +115,20 @@ def test_a_stem_vit_is_certified_above_its_exact_jacobian_and_refuses_bad_input(
         assert _jacobian_norm(model, x) <= cert.lipschitz_l2 * (1 + 1e-9)
     with pytest.raises(ValueError, match=r"expected images of shape \(B, 192\)"):
         model(torch.rand(2, 191, dtype=torch.float64))
+
+
+def test_the_float32_rounding_of_the_scaled_kernel_is_charged():
+    """A 1×1-channel kernel with only its centre tap is the dense one-unit layer: |1 − k·v| must
+    stay below the certificate, which charges the float32 rounding of v = fl(2k/t)."""
+    gen = torch.Generator().manual_seed(1)
+    worst = 0.0
+    for k in (torch.rand(300, generator=gen) * 3 + 0.1).tolist():
+        layer = ConvSLL(1, 1)
+        with torch.no_grad():
+            layer.fc.weight.zero_()
+            layer.fc.weight[0, 4] = k  # the centre of the 3×3 kernel
+            layer.bias.fill_(10.0)
+        L = _layer_certificate(layer)
+        v = float(layer.scaled_kernel().detach()[0, 0, 1, 1])
+        worst = max(worst, abs(1 - float(layer.fc.weight[0, 4]) * v) / L)
+    assert worst <= 1 + 1e-12

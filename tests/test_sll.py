@@ -218,3 +218,22 @@ def test_a_non_finite_scaling_is_refused_not_certified_as_one():
         layer.log_q.copy_(torch.tensor([800.0, 0.0, 0.0, -800.0], dtype=torch.float64))  # inf, 0
     with pytest.raises(ValueError, match="not finite"):
         layer.certificate(1.0, _Walk("certified"), "sll")
+
+
+def test_the_float32_rounding_of_the_scaled_weight_is_charged():
+    """With one unit and Gershgorin tight (t = w²), all ReLUs on, the layer is x ↦ (1 − w·v)x
+    with v = fl(2/t·w) in float32: |1 − wv| exceeds max(1, 2κ − 1) by up to ~2e-7 unless the
+    certificate charges ‖v − 2w/t‖·|w|, which it does."""
+    from lipschitz.certify import _Walk
+
+    gen = torch.Generator().manual_seed(0)
+    worst = 0.0
+    for w in (torch.rand(300, generator=gen) * 3 + 0.1).tolist():
+        layer = SLLMLP(1, 1)
+        with torch.no_grad():
+            layer.fc.weight.fill_(w)
+            layer.bias.fill_(10.0)
+        L = layer.certificate(1.0, _Walk("certified", tokens="all"), "layer")[0]
+        v = float(layer.scaled_weight().detach())
+        worst = max(worst, abs(1 - float(layer.fc.weight) * v) / L)  # exact in float64
+    assert worst <= 1 + 1e-12

@@ -183,6 +183,10 @@ def test_image_shapes_and_config_checks():
         LipschitzViT(image_shape=(8, 8, 3), n_classes=2, patch=3)
     with pytest.raises(ValueError, match="margin_eps belongs to dataset 'cifar10' or 'mnist'"):
         check_choices(Config(margin_eps=0.1))
+    with pytest.raises(ValueError, match="stem_channels and stem_hidden need stem_layers ≥ 1"):
+        Config(model="lipschitz_vit", dataset="cifar10", stem_channels=32)
+    with pytest.raises(ValueError, match="patch=3 must be even with a stem"):
+        LipschitzViT(image_shape=(6, 6, 3), n_classes=2, patch=3, stem_layers=1)
     with pytest.raises(ValueError, match="patch_size belongs to model 'lipschitz_vit'"):
         check_choices(Config(model="lipschitz_mlp", dataset="cifar10", patch_size=2))
     with pytest.raises(ValueError, match="pool belongs to model 'lipschitz_vit'"):

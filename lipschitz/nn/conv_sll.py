@@ -14,11 +14,15 @@ word for word with W = K.
 
 Certificate, for the weights as they are: κ = ‖T^-½ K‖² ≤ max_i t⁶⁴_i / t_i, where t⁶⁴ is the
 same sum in float64 (T⁶⁴ ⪰ K Kᵀ up to float64 rounding, charged as a relative 1e-9) and t the
-float32 scaling the forward pass divides by; the layer certifies max(1, 2κ − 1).
+float32 scaling of the forward pass; the layer certifies max(1, 2κ − 1) + ‖Δ‖·‖K‖, where
+Δ = V − 2T⁻¹K is the float32 rounding of the kernel V = fl(2T⁻¹K) the forward multiplies by
+(the Jacobian is I − VᵀDK = I − 2KᵀT⁻¹DK − ΔᵀDK, D ≤ I), each operator norm bounded by the
+sum over the k² taps of the tap matrices' norms (a zero-padded shift has norm ≤ 1).
 
 :class:`SLLStem` folds the image s×s into channels (space-to-depth, a permutation of the
 pixels, so an isometry in ℓ2), optionally lifts every cell to more channels with one Linear
-(its σ_max, since it acts on each cell alike), and applies ConvSLL layers on that grid: a map
+(its σ_max, since it acts on each cell alike), and applies ConvSLL layers on that grid (it
+does not unfold: the patches are cut from the coarser grid): a map
 from the image to a coarser image whose ℓ2 constant is σ(lift) times the product of its
 layers', placed before the patch embedding (which then reads patches of the coarser grid).
 """
@@ -71,15 +75,19 @@ class ConvSLL(nn.Module):
         q = self.log_q.exp()
         return (self.gram_abs(self.kernel_weight()) @ q / q).clamp_min(T_FLOOR)
 
+    def scaled_kernel(self) -> Tensor:
+        """V = 2·T⁻¹K (hidden, C, k, k): the factors on the kernel, not on the activations."""
+        return self.kernel_weight() * (2 / self.scaling())[:, None, None, None]
+
     def forward(self, x: Tensor) -> Tensor:  # (B, C, H, W) -> (B, C, H, W)
         K, p = self.kernel_weight(), self.padding
         h = F.relu(F.conv2d(x, K, self.bias, padding=p))  # (B, hidden, H, W)
-        V = K * (2 / self.scaling())[:, None, None, None]  # 2·T⁻¹K, on the kernel
-        return x - F.conv_transpose2d(h, V, padding=p)  # x − Kᵀ·(2T⁻¹h)
+        return x - F.conv_transpose2d(h, self.scaled_kernel(), padding=p)  # x − Vᵀh
 
     def certificate(self, a: float, walk, name: str) -> tuple[float, float]:
-        """max(1, 2κ − 1) with κ ≤ (1 + 1e-9)·max_i t⁶⁴_i/t_i (module docs); the output bound
-        is not derived (the stem sits before the embedding, where none is needed)."""
+        """max(1, 2κ − 1) + ‖Δ‖·‖K‖ with κ ≤ (1 + 1e-9)·max_i t⁶⁴_i/t_i (module docs); the
+        output bound is not derived (the stem sits before the embedding, where none is
+        needed)."""
         walk.norm(f"{name}.fc.weight", self.fc.weight)  # recorded for the layer table
         with torch.no_grad():
             t = self.scaling().double()
@@ -88,7 +96,16 @@ class ConvSLL(nn.Module):
                 raise ValueError(f"{name}: the scaling t or the kernel is not finite")
             t64 = self.gram_abs(K) @ q / q
             kappa = float((t64 / t).max()) * (1 + ROUNDING)
-        return max(1.0, 2 * kappa - 1), float("inf")
+            delta = self.scaled_kernel().double() - 2 * K / t[:, None, None, None]
+            rounding = _taps_norm(delta) * _taps_norm(K)
+        return max(1.0, 2 * kappa - 1) + rounding, float("inf")
+
+
+def _taps_norm(K: Tensor) -> float:
+    """Σ_u ‖K[:, :, u]‖₂ over the k² taps: an upper bound on the conv's operator norm (the
+    conv is Σ_u (tap matrix u) ∘ (a zero-padded shift), each shift of norm ≤ 1)."""
+    taps = K.permute(2, 3, 0, 1).flatten(0, 1)  # (k², hidden, C)
+    return float(torch.linalg.matrix_norm(taps, ord=2).sum())
 
 
 class SLLStem(nn.Module):
@@ -115,6 +132,8 @@ class SLLStem(nn.Module):
         channels = folded if channels is None else channels
         if channels < folded:
             raise ValueError(f"the stem's channels={channels} must be ≥ C·fold² = {folded}")
+        if n_layer < 1 or hidden < 1:
+            raise ValueError(f"the stem needs n_layer ≥ 1 and hidden ≥ 1, got {n_layer}, {hidden}")
         self.image_shape, self.fold = (H, W, C), fold
         self.out_shape = (H // fold, W // fold, channels)
         self.lift = Linear(folded, channels) if channels > folded else None  # (channels, C·s²)

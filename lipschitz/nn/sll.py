@@ -69,8 +69,10 @@ class SLLMLP(nn.Module):
         ).view_as(x)
 
     def certificate(self, a: float, walk, name: str) -> tuple[float, float]:
-        """L = max(1, 2κ − 1) with κ = ‖T^-½ W‖² (module docs); |h(x)| ≤ L·|x| + |h(0)| per
-        token, h(0) = −2·Wᵀ T⁻¹ ReLU(b)."""
+        """L = max(1, 2κ − 1) with κ = ‖T^-½ W‖² (module docs), plus ‖Δ‖·‖W‖ for the matrix
+        V = fl(2T⁻¹W) the forward multiplies by (Δ = V − 2T⁻¹W, float32 rounding: the Jacobian
+        is I − VᵀDW = I − 2WᵀT⁻¹DW − ΔᵀDW, D ≤ I); |h(x)| ≤ L·|x| + |h(0)| per token,
+        h(0) = −2·Wᵀ T⁻¹ ReLU(b)."""
         walk.norm(f"{name}.fc.weight", self.fc.weight)  # recorded for the layer table
         with torch.no_grad():
             t = self.scaling().double()
@@ -78,8 +80,12 @@ class SLLMLP(nn.Module):
             if not (torch.isfinite(t).all() and torch.isfinite(W).all()):  # max(1, nan) is 1
                 raise ValueError(f"{name}: the scaling t or W is not finite (log_q too large?)")
             kappa = float(torch.linalg.matrix_norm(W / t.sqrt()[:, None], ord=2)) ** 2
+            delta = self.scaled_weight().double() - 2 * W / t[:, None]  # (hidden, d)
+            rounding = float(
+                torch.linalg.matrix_norm(delta, ord=2) * torch.linalg.matrix_norm(W, ord=2)
+            )
             h0 = 2 * (F.relu(self.bias.double()) / t) @ W  # (d,)
-        L = max(1.0, 2 * kappa - 1)
+        L = max(1.0, 2 * kappa - 1) + rounding
         return L, L * a + float(row_rms(h0[None]).max())
 
 
@@ -164,8 +170,10 @@ class TokenSLL(SLLMLP):
 def _token_sll(x: Tensor, heads) -> Tensor:
     """TokenSLL layers, head h on channels [h·c, (h+1)·c) of x (B, T, H·c), as two batched
     matmuls: each head's columns, over the whole batch, form one (T, B·c) matrix."""
-    B, T, d = x.shape
-    H = len(heads)
+    H, T = len(heads), heads[0].fc.weight.shape[1]
+    if x.dim() != 3 or x.shape[1] != T or x.shape[2] % H:
+        raise ValueError(f"expected tokens (B, {T}, a multiple of {H}), got {tuple(x.shape)}")
+    B, _, d = x.shape
     W = torch.stack([head.fc.weight for head in heads])  # (H, hidden, T)
     V = torch.stack([head.scaled_weight() for head in heads])  # (H, hidden, T): 2·T⁻¹W
     b = torch.stack([head.bias for head in heads])[:, :, None]  # (H, hidden, 1)

@@ -188,6 +188,8 @@ class LipschitzViT(nn.Module):
             raise ValueError(f"patch={patch} must divide the image's {H}×{W} pixels")
         self.image_shape, self.patch = (H, W, C), patch
         self.stem = None
+        if stem_layers < 0:
+            raise ValueError(f"stem_layers={stem_layers} must be ≥ 0")
         if stem_layers:
             if patch % 2:
                 raise ValueError(f"patch={patch} must be even with a stem (it folds 2×2)")
