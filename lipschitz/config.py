@@ -228,7 +228,9 @@ def _check_relations(cfg: Config) -> None:
         raise ValueError(
             f"config: content_heads={cfg.content_heads} must be <= n_head={cfg.n_head}"
         )
-    if cfg.stem_layers == 0 and (cfg.stem_channels is not None or cfg.stem_hidden != 48):
+    if cfg.stem_layers == 0 and (
+        cfg.stem_channels is not None or cfg.stem_hidden != Config.stem_hidden
+    ):
         raise ValueError("config: stem_channels and stem_hidden need stem_layers ≥ 1")
     if cfg.lag_window > cfg.seq_len:
         raise ValueError(f"config: lag_window={cfg.lag_window} must be <= seq_len={cfg.seq_len}")

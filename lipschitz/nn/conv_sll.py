@@ -35,10 +35,10 @@ from torch import Tensor, nn
 
 from lipschitz.linalg import rms_scale
 from lipschitz.nn.layers import Linear
+from lipschitz.nn.sll import T_FLOOR
 
 __all__ = ["ConvSLL", "SLLStem"]
 
-T_FLOOR = 1e-12  # t_i of an all-zero kernel (its term is 0·0 either way)
 ROUNDING = 1e-9  # relative slack for float64 rounding in the certificate's sum of |G|
 
 
