@@ -9,7 +9,7 @@ import torch
 import torch.nn.functional as F
 
 from lipschitz.certify import _Walk, certify
-from lipschitz.nn.conv_sll import ConvSLL, SLLStem
+from lipschitz.nn.conv_sll import ConvSLL, GridConvSLL, SLLStem
 from lipschitz.nn.vit import LipschitzViT
 
 
@@ -132,3 +132,31 @@ def test_the_float32_rounding_of_the_scaled_kernel_is_charged():
         v = float(layer.scaled_kernel().detach()[0, 0, 1, 1])
         worst = max(worst, abs(1 - float(layer.fc.weight[0, 4]) * v) / L)
     assert worst <= 1 + 1e-12
+
+
+@pytest.mark.parametrize("seed", range(4))
+def test_the_grid_mixer_is_the_layer_on_the_token_grid_and_certified_above_its_jacobian(seed):
+    """GridConvSLL lays tokens (B, T, d) out row by row on the patch grid, so token (r, c) is
+    the pixel (r, c) of a d-channel image; its certificate bounds the exact Jacobian and its
+    output bound holds in RMS over all entries."""
+    gen = torch.Generator().manual_seed(seed)
+    grid, d = [(2, 3), (3, 3), (4, 2), (1, 5)][seed], 3
+    mixer = GridConvSLL(d, grid, hidden=4).double()
+    with torch.no_grad():
+        for p in mixer.parameters():
+            p.copy_(torch.randn(p.shape, generator=gen, dtype=torch.float64))
+        mixer.conv.fc.weight.mul_([0.1, 1.0, 10.0, 3.0][seed])
+    T = grid[0] * grid[1]
+    x = torch.randn(2, T, d, generator=gen, dtype=torch.float64)
+    image = x.view(2, *grid, d).permute(0, 3, 1, 2)  # (B, d, gh, gw)
+    expected = mixer.conv(image).permute(0, 2, 3, 1).reshape(2, T, d)
+    assert torch.allclose(mixer(x), expected, atol=1e-12)
+    L, out = mixer.certificate(0.0, _Walk("certified", tokens="all"), "mix")
+    slopes = [_jacobian_norm(mixer, x[i]) for i in range(2)]
+    assert max(slopes) <= L * (1 + 1e-9)
+    h0 = mixer(torch.zeros(1, T, d, dtype=torch.float64))  # the output at 0: its RMS ≤ out
+    assert float(h0.pow(2).mean().sqrt()) <= out * (1 + 1e-9)
+    with pytest.raises(TypeError, match="all tokens"):
+        mixer.certificate(1.0, _Walk("certified", tokens="max"), "mix")
+    with pytest.raises(ValueError, match="tokens"):
+        mixer(torch.zeros(1, T + 1, d, dtype=torch.float64))

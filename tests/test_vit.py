@@ -30,7 +30,7 @@ def _random_vit(seed: int) -> LipschitzViT:
         image_shape=shape, n_classes=pick([2, 5, 10]), patch=pick([2, 4]), d_model=8 * n_head,
         n_layer=pick([1, 2, 3]), n_head=n_head, alpha=pick([None, 0.3, 1.0]),
         mlp_ratio=pick([1, 2]), activation=pick(["maxmin", "gelu"]), pool=pick(["flatten", "mean"]),
-        bias=pick([False, True]), block=pick(["convex", "sll", "sll_mixer"]),
+        bias=pick([False, True]), block=pick(["convex", "sll", "sll_mixer", "sll_conv"]),
         stem_layers=pick([0, 0, 1, 2]), stem_hidden=pick([4, 8]), stem_channels=pick([None, 16]),
     )  # fmt: skip
     with torch.no_grad():

@@ -37,7 +37,7 @@ from lipschitz.linalg import rms_scale
 from lipschitz.nn.layers import Linear
 from lipschitz.nn.sll import T_FLOOR
 
-__all__ = ["ConvSLL", "SLLStem"]
+__all__ = ["ConvSLL", "GridConvSLL", "SLLStem"]
 
 ROUNDING = 1e-9  # relative slack for float64 rounding in the certificate's sum of |G|
 
@@ -99,6 +99,39 @@ class ConvSLL(nn.Module):
             delta = self.scaled_kernel().double() - 2 * K / t[:, None, None, None]
             rounding = _taps_norm(delta) * _taps_norm(K)
         return max(1.0, 2 * kappa - 1) + rounding, float("inf")
+
+
+class GridConvSLL(nn.Module):
+    """A token mixer for the image transformer: the tokens (B, T, d) laid out on their patch
+    grid (gh, gw) as a d-channel image, one ConvSLL layer over it (3×3: each token reads its 8
+    neighbours, with a full-strength residual), and back to tokens. The layout is a reshape, so
+    ℓ2 over all tokens is ℓ2 over that image and ConvSLL's certificate holds unchanged; it
+    mixes tokens, so it has no per-token rule (refused by the language models' walk)."""
+
+    certifies_all_tokens = True  # its rule is for ℓ2 over all tokens (and only that)
+
+    def __init__(self, d_model: int, grid: tuple[int, int], hidden: int, kernel: int = 3) -> None:
+        super().__init__()
+        self.grid = tuple(grid)
+        self.conv = ConvSLL(d_model, hidden, kernel)
+
+    def forward(self, x: Tensor) -> Tensor:  # (B, T, d) -> (B, T, d)
+        (gh, gw), (B, T, d) = self.grid, x.shape
+        if T != gh * gw:
+            raise ValueError(f"expected {gh}×{gw} = {gh * gw} tokens, got {tuple(x.shape)}")
+        y = self.conv(x.view(B, gh, gw, d).permute(0, 3, 1, 2))  # (B, d, gh, gw)
+        return y.permute(0, 2, 3, 1).reshape(B, T, d)
+
+    def certificate(self, a: float, walk, name: str) -> tuple[float, float]:
+        """ConvSLL's L over all tokens; output RMS ≤ L·a + RMS(h(0)), where h(0) = −Vᵀ·ReLU(b)
+        (ReLU(b) at every cell) has RMS ≤ ‖V‖·|ReLU(b)|/√d, ‖V‖ ≤ its taps' norms summed."""
+        if walk.tokens != "all":
+            raise TypeError(f"{name}: GridConvSLL is certified in ℓ2 over all tokens only")
+        L, _ = walk.certify(self.conv, a, f"{name}.conv")
+        with torch.no_grad():
+            relu_b = float(F.relu(self.conv.bias.double()).norm())
+            h0 = _taps_norm(self.conv.scaled_kernel().double()) * relu_b / self.conv.channels**0.5
+        return L, L * a + h0
 
 
 def _taps_norm(K: Tensor) -> float:

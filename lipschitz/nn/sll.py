@@ -209,7 +209,8 @@ class TokenSLLHeads(nn.Module):
 
 
 class SLLMixerBlock(nn.Module):
-    """x ← TokenSLLHeads(x); x ← SLLMLP(x): token mixing (one TokenSLL per head) and channel
+    """x ← mixer(x); x ← SLLMLP(x): token mixing (TokenSLLHeads: one TokenSLL per head; or
+    lipschitz.nn.conv_sll.GridConvSLL: a 3×3 SLL convolution over the patch grid) and channel
     mixing, each a full-strength SLL residual (no ×α, no norm cap needed), so the block
     certifies the product of two max(1, 2κ − 1), 1 up to rounding. Both layers have sensitivity
     1, so the target-norm split leaves their weights at the default share (no
@@ -217,11 +218,9 @@ class SLLMixerBlock(nn.Module):
 
     certifies_all_tokens = True  # both layers' rules hold in ℓ2 over all tokens
 
-    def __init__(
-        self, d_model: int, n_tokens: int, hidden: int, token_hidden: int, n_head: int = 1
-    ) -> None:
+    def __init__(self, mixer: nn.Module, d_model: int, hidden: int) -> None:
         super().__init__()
-        self.attn = TokenSLLHeads(d_model, n_tokens, token_hidden, n_head)
+        self.attn = mixer  # TokenSLLHeads, or a 1-Lipschitz mixer of the same kind (GridConvSLL)
         self.mlp = SLLMLP(d_model, hidden)
 
     def forward(self, x: Tensor, stats: dict | None = None, prefix: str = "") -> Tensor:

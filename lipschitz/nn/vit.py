@@ -9,6 +9,8 @@ robustness: a margin m and an ℓ2→ℓ2 bound L certify every input within m/(
                                        or x ← x − 2·Wᵀ·T⁻¹·ReLU(Wx + b)  (``block="sll"``)
                  or x ← the same SLL layer along the tokens, then along the channels
                     (``block="sll_mixer"``: no PatchMixing, no ×α)
+                 or x ← a 3×3 SLL convolution over the patch grid, then the channel SLL layer
+                    (``block="sll_conv"``, lipschitz.nn.conv_sll.GridConvSLL)
     → all T tokens side by side (``pool="flatten"``) or their mean (``pool="mean"``) → Linear
 
 The certificate is taken in the RMS over *all* entries of the token matrix, i.e. the
@@ -39,17 +41,18 @@ import torch
 from torch import Tensor, nn
 
 from lipschitz.linalg import rms_scale
-from lipschitz.nn.conv_sll import SLLStem
+from lipschitz.nn.conv_sll import GridConvSLL, SLLStem
 from lipschitz.nn.layers import Block, Linear, token_stats
-from lipschitz.nn.sll import SLLBlock, SLLMixerBlock
+from lipschitz.nn.sll import SLLBlock, SLLMixerBlock, TokenSLLHeads
 
 __all__ = ["BLOCKS", "POOLS", "LipschitzViT", "PatchMixing", "image_shape_of"]
 
 POOLS = ("flatten", "mean")  # what the head reads: every token side by side, or their mean
 # the blocks: Block (convex residuals around the mixing and a MaxMin/GELU MLP), or SLLBlock
 # (convex residual around the mixing, then an SLL layer: a full-strength 1-Lipschitz MLP), or
-# SLLMixerBlock (an SLL layer along the tokens, then one along the channels: no ×α anywhere)
-BLOCKS = ("convex", "sll", "sll_mixer")
+# SLLMixerBlock (an SLL layer along the tokens, then one along the channels: no ×α anywhere),
+# or SLLMixerBlock with a 3×3 SLL convolution over the patch grid as its token mixer
+BLOCKS = ("convex", "sll", "sll_mixer", "sll_conv")
 
 
 def image_shape_of(n_inputs: int) -> tuple[int, int, int]:
@@ -150,7 +153,8 @@ class LipschitzViT(nn.Module):
     MaxMin/GELU MLP) or SLLBlock (the mixing under a convex residual, then an SLL layer;
     docs/results.md measured +3.6 points verified) or SLLMixerBlock (SLL layers along the
     tokens, one per head, and along the channels: no PatchMixing, no ×α; +2.6 points more at
-    600 steps; ``alpha`` unused).
+    600 steps; ``alpha`` unused) or, with ``block="sll_conv"``, the same block whose token
+    mixing is a 3×3 SLL convolution over the patch grid (GridConvSLL; equal at 600 steps).
     ``bias``: a position embedding and the convex blocks' MLP biases (constants: free in the
     certificate; SLL layers always have their biases).
     ``pool="flatten"``: the head reads all T tokens (T·d features; measured 33% against 18–21%
@@ -207,7 +211,10 @@ class LipschitzViT(nn.Module):
         hidden = mlp_ratio * d_model
         if block == "sll_mixer":
             token_hidden = mlp_ratio * self.n_tokens
-            blocks = [SLLMixerBlock(d_model, self.n_tokens, hidden, token_hidden, n_head)
+            blocks = [SLLMixerBlock(TokenSLLHeads(d_model, self.n_tokens, token_hidden, n_head),
+                                    d_model, hidden) for _ in range(n_layer)]  # fmt: skip
+        elif block == "sll_conv":
+            blocks = [SLLMixerBlock(GridConvSLL(d_model, grid, hidden), d_model, hidden)
                       for _ in range(n_layer)]  # fmt: skip
         elif block == "sll":
             blocks = [SLLBlock(d_model, PatchMixing(d_model, n_head, grid), alpha, hidden)
