@@ -1,4 +1,5 @@
-"""Shared test helpers: matrices with a prescribed spectrum, checked against float64 SVD."""
+"""Shared test helpers: matrices with a prescribed spectrum, checked against float64 SVD, and
+the exact local slope of a map (σ_max of its Jacobian)."""
 
 from __future__ import annotations
 
@@ -79,3 +80,10 @@ def rms_singular_values(W: torch.Tensor) -> torch.Tensor:
     """All RMS→RMS singular values (float64, descending) of every matrix in W."""
     s = math.sqrt(W.shape[-2] / W.shape[-1])
     return torch.linalg.svdvals(W.detach().to(torch.float64)) / s
+
+
+def jacobian_norm(f, x: torch.Tensor) -> float:
+    """σ_max of the exact Jacobian of z ↦ f(z[None])[0] at x (flattened in and out): the
+    local ℓ2 slope of a batched map f at one input."""
+    J = torch.autograd.functional.jacobian(lambda z: f(z[None])[0].flatten(), x)
+    return float(torch.linalg.matrix_norm(J.flatten(1), ord=2))

@@ -7,6 +7,7 @@ import math
 import pytest
 import torch
 import torch.nn.functional as F
+from matrices import jacobian_norm
 
 from lipschitz.certify import _Walk, certify
 from lipschitz.nn.conv_sll import ConvSLL, GridConvSLL, SLLStem
@@ -35,11 +36,6 @@ def _layer_certificate(layer: ConvSLL) -> float:
     return layer.certificate(1.0, _Walk("certified", tokens="all"), "layer")[0]
 
 
-def _jacobian_norm(f, x: torch.Tensor) -> float:
-    J = torch.autograd.functional.jacobian(lambda z: f(z[None])[0].flatten(), x)
-    return float(torch.linalg.matrix_norm(J.flatten(1), ord=2))
-
-
 @pytest.mark.parametrize("seed", range(6))
 def test_the_adjoint_and_the_scaling_dominate_the_dense_operator(seed):
     """conv_transpose2d is the adjoint of the zero-padded conv2d, and diag(t) ⊗ I ⪰ K Kᵀ for
@@ -62,7 +58,7 @@ def test_the_layer_is_certified_above_its_exact_jacobian(seed):
     gen = torch.Generator().manual_seed(100 + seed)
     for _ in range(3):
         x = torch.randn(2, 6, 6, generator=gen, dtype=torch.float64)
-        assert _jacobian_norm(layer, x) <= L * (1 + 1e-9)
+        assert jacobian_norm(layer, x) <= L * (1 + 1e-9)
 
 
 def test_a_scaling_too_small_is_charged_to_the_certificate(monkeypatch):
@@ -75,7 +71,7 @@ def test_a_scaling_too_small_is_charged_to_the_certificate(monkeypatch):
     monkeypatch.setattr(layer, "scaling", lambda: honest() / 3)
     L = _layer_certificate(layer)
     assert L == pytest.approx(5.0, rel=1e-6)
-    slope = _jacobian_norm(layer, torch.randn(3, 6, 6, dtype=torch.float64))
+    slope = jacobian_norm(layer, torch.randn(3, 6, 6, dtype=torch.float64))
     assert 1.0 < slope <= L
 
 
@@ -112,7 +108,7 @@ def test_a_stem_vit_is_certified_above_its_exact_jacobian_and_refuses_bad_input(
     assert sigma <= steps["stem"] <= sigma * (1 + 1e-6)
     for _ in range(4):
         x = torch.rand(192, dtype=torch.float64)
-        assert _jacobian_norm(model, x) <= cert.lipschitz_l2 * (1 + 1e-9)
+        assert jacobian_norm(model, x) <= cert.lipschitz_l2 * (1 + 1e-9)
     with pytest.raises(ValueError, match=r"expected images of shape \(B, 192\)"):
         model(torch.rand(2, 191, dtype=torch.float64))
 
@@ -152,7 +148,7 @@ def test_the_grid_mixer_is_the_layer_on_the_token_grid_and_certified_above_its_j
     expected = mixer.conv(image).permute(0, 2, 3, 1).reshape(2, T, d)
     assert torch.allclose(mixer(x), expected, atol=1e-12)
     L, out = mixer.certificate(0.0, _Walk("certified", tokens="all"), "mix")
-    slopes = [_jacobian_norm(mixer, x[i]) for i in range(2)]
+    slopes = [jacobian_norm(mixer, x[i]) for i in range(2)]
     assert max(slopes) <= L * (1 + 1e-9)
     h0 = mixer(torch.zeros(1, T, d, dtype=torch.float64))  # the output at 0: its RMS ≤ out
     assert float(h0.pow(2).mean().sqrt()) <= out * (1 + 1e-9)

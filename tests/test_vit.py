@@ -5,6 +5,7 @@ import math
 
 import pytest
 import torch
+from matrices import jacobian_norm
 
 from lipschitz.certify import _Walk, certify, empirical_lipschitz
 from lipschitz.choices import check_choices
@@ -45,12 +46,6 @@ def _random_vit(seed: int) -> LipschitzViT:
     return model
 
 
-def _jacobian_l2(model, x: torch.Tensor) -> float:
-    """σ_max of the logits' Jacobian at x (float64): the exact local ℓ2 slope there."""
-    J = torch.autograd.functional.jacobian(lambda z: model(z[None])[0], x)  # (K, n)
-    return float(torch.linalg.matrix_norm(J, ord=2))
-
-
 def _patch_direction(model: LipschitzViT, gen, single: bool) -> torch.Tensor:
     """A unit ℓ2 perturbation of the image: noise in one p×p patch, or spread over all."""
     H, W, C = model.image_shape
@@ -71,7 +66,7 @@ def test_the_l2_certificate_bounds_every_slope_of_a_random_vit(seed):
     n = math.prod(model.image_shape)
     gen = torch.Generator().manual_seed(seed)
     xs = torch.rand(4, n, generator=gen, dtype=torch.float64)
-    slopes = [_jacobian_l2(model, x) for x in xs]
+    slopes = [jacobian_norm(model, x) for x in xs]
     # structured worst cases: one perturbation spread over every patch, one in a single patch
     for single in (False, True):
         d = _patch_direction(model, gen, single)
