@@ -125,6 +125,7 @@ class Config:
     # to every wrong logit z_j (a margin that certifies radius margin_eps; Tsuzuku et al. 2018)
     margin_eps: float = 0.0
     augment: bool = False  # image classifiers: random crop (4-pixel zero padding) and flip
+    augment_pad: int = 4  # augment's crop: zero padding in pixels (0: random flips only)
     # Loop
     grad_accum: int = 1
     eval_every: int = 250
@@ -232,6 +233,8 @@ def _check_relations(cfg: Config) -> None:
         cfg.stem_channels is not None or cfg.stem_hidden != Config.stem_hidden
     ):
         raise ValueError("config: stem_channels and stem_hidden need stem_layers ≥ 1")
+    if not cfg.augment and cfg.augment_pad != Config.augment_pad:
+        raise ValueError("config: augment_pad needs augment=true")
     if cfg.lag_window > cfg.seq_len:
         raise ValueError(f"config: lag_window={cfg.lag_window} must be <= seq_len={cfg.seq_len}")
     if cfg.recall_vocab > MAX_RECALL_VOCAB:
@@ -254,8 +257,8 @@ def _check_ranges(cfg: Config) -> None:
             raise ValueError(f"config: {key} must be > 0, got {value!r}")
     non_negative = ("lr", "weight_decay", "spectral_decay", "warmup_steps", "lr_floor",
                     "momentum_warmup_steps", "sample_tokens", "head_lr", "embed_lr",
-                    "vector_lr", "lag_window", "lag_gate", "content_heads",
-                    "content_scale", "attn_scale", "margin_eps", "stem_layers")  # fmt: skip
+                    "vector_lr", "lag_window", "lag_gate", "content_heads", "content_scale",
+                    "attn_scale", "margin_eps", "stem_layers", "augment_pad")  # fmt: skip
     for key in non_negative:
         value = getattr(cfg, key)
         if value is not None and not value >= 0:

@@ -168,6 +168,10 @@ def test_augment_crops_and_flips_inside_the_padded_image():
         assert matches, "an augmented image is not a crop of the padded image"
         flips += matches[0]
     assert 16 < flips < 48
+    # pad 0: no crop, each image is itself or its mirror (the flip-only augmentation)
+    same = augment(x, (6, 5, 3), gen, pad=0).view(64, 6, 5, 3)
+    for img, src in zip(same, x.view(64, 6, 5, 3), strict=True):
+        assert torch.equal(img, src) or torch.equal(img, src.flip(1))
 
 
 def test_image_shapes_and_config_checks():
@@ -180,6 +184,10 @@ def test_image_shapes_and_config_checks():
         check_choices(Config(margin_eps=0.1))
     with pytest.raises(ValueError, match="stem_channels and stem_hidden need stem_layers ≥ 1"):
         Config(model="lipschitz_vit", dataset="cifar10", stem_channels=32)
+    with pytest.raises(ValueError, match="augment_pad needs augment=true"):
+        Config(model="lipschitz_vit", dataset="cifar10", augment_pad=0)
+    with pytest.raises(ValueError, match="augment_pad must be >= 0"):
+        Config(model="lipschitz_vit", dataset="cifar10", augment=True, augment_pad=-1)
     with pytest.raises(ValueError, match="patch=3 must be even with a stem"):
         LipschitzViT(image_shape=(6, 6, 3), n_classes=2, patch=3, stem_layers=1)
     with pytest.raises(ValueError, match="patch_size belongs to model 'lipschitz_vit'"):

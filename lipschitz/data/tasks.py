@@ -102,13 +102,16 @@ class ImageTask:
         self.tokens_per_example = 1
         self.source = cfg.dataset
         self.shape = IMAGE_SHAPES[cfg.dataset]
-        self.augment = cfg.augment
+        self.augment, self.augment_pad = cfg.augment, cfg.augment_pad
 
     def batch(self, n: int, generator: torch.Generator) -> Batch:
-        """n random training images (randomly cropped and flipped with ``augment``)."""
+        """n random training images (randomly cropped, with ``augment_pad`` pixels of zero
+        padding, and flipped with ``augment``)."""
         idx = torch.randint(len(self.data.y_train), (n,), generator=generator)
         x = self.data.x_train[idx]
-        return (augment(x, self.shape, generator) if self.augment else x), self.data.y_train[idx]
+        if self.augment:
+            x = augment(x, self.shape, generator, pad=self.augment_pad)
+        return x, self.data.y_train[idx]
 
     def val_batches(self, rank: int = 0, world: int = 1, protocol: str | None = None) -> Iterator:
         """The whole test split in batches of 1000; this rank takes every world-th batch."""
@@ -246,7 +249,7 @@ def _image_sizes(cfg: Config, vocab: list[str] | None) -> tuple[int, int | None]
 
 
 # the image classifiers' training options (lipschitz.training.loop)
-IMAGE_KEYS = ("margin_eps", "augment")
+IMAGE_KEYS = ("margin_eps", "augment", "augment_pad")
 
 TASKS: dict[str, TaskKind] = {
     "shakespeare": TaskKind(CharTask, "tokens", _char_sizes, _chars, prompt="\n"),
