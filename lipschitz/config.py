@@ -124,7 +124,7 @@ class Config:
     # image classifiers: the cross-entropy adds margin_eps·(certified ℓ2 constant of z_y − z_j)
     # to every wrong logit z_j (a margin that certifies radius margin_eps; Tsuzuku et al. 2018)
     margin_eps: float = 0.0
-    augment: bool = False  # image classifiers: random crop (4-pixel zero padding) and flip
+    augment: bool = False  # image classifiers: random crop (augment_pad zero padding) and flip
     augment_pad: int = 4  # augment's crop: zero padding in pixels (0: random flips only)
     # Loop
     grad_accum: int = 1
