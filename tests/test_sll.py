@@ -216,8 +216,6 @@ def test_the_float32_rounding_of_the_scaled_weight_is_charged():
     """With one unit and Gershgorin tight (t = w²), all ReLUs on, the layer is x ↦ (1 − w·v)x
     with v = fl(2/t·w) in float32: |1 − wv| exceeds max(1, 2κ − 1) by up to ~2e-7 unless the
     certificate charges ‖v − 2w/t‖·|w|, which it does."""
-    from lipschitz.certify import _Walk
-
     gen = torch.Generator().manual_seed(0)
     worst = 0.0
     for w in (torch.rand(300, generator=gen) * 3 + 0.1).tolist():

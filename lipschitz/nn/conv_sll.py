@@ -37,7 +37,7 @@ from lipschitz.linalg import rms_scale
 from lipschitz.nn.layers import Linear
 from lipschitz.nn.sll import T_FLOOR
 
-__all__ = ["ConvSLL", "GridConvSLL", "SLLStem"]
+__all__ = ["ConvSLL", "GridConvSLL", "SLLStem", "fold"]
 
 ROUNDING = 1e-9  # relative slack for float64 rounding in the certificate's sum of |G|
 
@@ -141,6 +141,17 @@ def _taps_norm(K: Tensor) -> float:
     return float(torch.linalg.matrix_norm(taps, ord=2).sum())
 
 
+def fold(x: Tensor, image_shape: tuple[int, int, int], s: int) -> Tensor:
+    """Space-to-depth: (B, H·W·C) values in H, W, C order → (B, H/s, W/s, s·s·C), each s×s
+    block of cells side by side (a permutation of the values, so an isometry in ℓ2). The
+    stem's fold and the ViT's patches (s = p) alike."""
+    H, W, C = image_shape
+    if x.dim() != 2 or x.shape[1] != H * W * C:
+        raise ValueError(f"expected images of shape (B, {H * W * C}), got {tuple(x.shape)}")
+    x = x.view(-1, H // s, s, W // s, s, C).transpose(2, 3)  # (B, H/s, W/s, s, s, C)
+    return x.reshape(-1, H // s, W // s, s * s * C)
+
+
 class SLLStem(nn.Module):
     """Image (B, H·W·C) in H, W, C order → fold s×s into channels (B, C·s², H/s, W/s) →
     (``channels``: a per-cell Linear lift to more channels) → ConvSLL layers → the grid
@@ -173,11 +184,7 @@ class SLLStem(nn.Module):
         self.layers = nn.ModuleList(ConvSLL(channels, hidden) for _ in range(n_layer))
 
     def forward(self, x: Tensor) -> Tensor:  # (B, H·W·C) -> (B, H/s·W/s·channels)
-        (H, W, C), s = self.image_shape, self.fold
-        if x.dim() != 2 or x.shape[1] != H * W * C:
-            raise ValueError(f"expected images of shape (B, {H * W * C}), got {tuple(x.shape)}")
-        g = x.view(-1, H // s, s, W // s, s, C).transpose(2, 3)  # (B, H/s, W/s, s, s, C)
-        g = g.reshape(-1, H // s, W // s, s * s * C)  # space-to-depth: a permutation
+        g = fold(x, self.image_shape, self.fold)  # (B, H/s, W/s, C·s²)
         if self.lift is not None:
             g = self.lift(g)  # (B, H/s, W/s, channels)
         g = g.permute(0, 3, 1, 2)  # (B, channels, H/s, W/s)

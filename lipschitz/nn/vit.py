@@ -41,7 +41,7 @@ import torch
 from torch import Tensor, nn
 
 from lipschitz.linalg import rms_scale
-from lipschitz.nn.conv_sll import GridConvSLL, SLLStem
+from lipschitz.nn.conv_sll import GridConvSLL, SLLStem, fold
 from lipschitz.nn.layers import Block, Linear, token_stats
 from lipschitz.nn.sll import SLLBlock, SLLMixerBlock, TokenSLLHeads
 
@@ -233,11 +233,8 @@ class LipschitzViT(nn.Module):
     def patches(self, x: Tensor) -> Tensor:
         """(B, H·W·C) values of the grid (the image, or the stem's output) in H, W, C order →
         (B, T, p·p·C) disjoint patches, row by row."""
-        (H, W, C), p = self.grid_shape, self.grid_patch
-        if x.dim() != 2 or x.shape[1] != H * W * C:
-            raise ValueError(f"expected images of shape (B, {H * W * C}), got {tuple(x.shape)}")
-        x = x.view(-1, H // p, p, W // p, p, C).transpose(2, 3)  # (B, H/p, W/p, p, p, C)
-        return x.reshape(len(x), self.n_tokens, p * p * C)
+        cells = fold(x, self.grid_shape, self.grid_patch)  # (B, H/p, W/p, p·p·C)
+        return cells.flatten(1, 2)  # (B, T, p·p·C)
 
     def forward(self, x: Tensor, *, return_stats: bool = False) -> Tensor | tuple[Tensor, dict]:
         """(B, H·W·C) pixels → (B, n_classes) logits (and activation stats: ``embed``,
