@@ -7,10 +7,11 @@ from functools import cache
 
 import pytest
 import torch
-from matrices import matrix_with_spectrum, rms_singular_values
+from matrices import jacobian_norm, matrix_with_spectrum, rms_singular_values
 
 from lipschitz.config import apply_overrides
 from lipschitz.constraints import CONSTRAINTS, METHODS
+from lipschitz.data import images
 from lipschitz.data.tasks import CharTask
 from lipschitz.linalg import rms_operator_norm
 from lipschitz.presets import preset
@@ -87,3 +88,40 @@ def test_token_run_compiled_with_bf16_newton_schulz_on_cuda(tmp_path, token_shar
     for name, p in model.named_parameters():
         if name != "embed.weight":  # soft cap in bf16: within the measured 1.3% margin
             assert rms_operator_norm(p).item() <= cfg.w_max * 1.02, name
+
+
+def _random_cifar(n_train: int, n_test: int):
+    """A loader of uniform random images in CIFAR-10's shape (no dataset needed)."""
+
+    def load(data_dir=None) -> images.ImageSplits:
+        gen = torch.Generator().manual_seed(0)
+        return images.ImageSplits(
+            torch.rand(n_train, 3072, generator=gen),
+            torch.randint(10, (n_train,), generator=gen),
+            torch.rand(n_test, 3072, generator=gen),
+            torch.randint(10, (n_test,), generator=gen),
+        )
+
+    return load
+
+
+@pytest.mark.cuda
+@needs_cuda
+@pytest.mark.parametrize("compile_model", [False, True])
+def test_cifar_vit_gpu_preset_runs_on_cuda(tmp_path, monkeypatch, compile_model):
+    """The GPU image preset as it is (d 256, 8 SLL mixer blocks, batch 512, bf16 autocast,
+    spectral hard cap), eager and compiled, for a few steps on random images: it trains on the
+    GPU, certifies, and no input's exact Jacobian (on the CPU, float32) exceeds its ℓ2 bound."""
+    monkeypatch.setitem(images.LOADERS, "cifar10", _random_cifar(2048, 256))
+    cfg = apply_overrides(
+        preset("cifar-vit-gpu"),
+        ["device=cuda", f"compile={str(compile_model).lower()}", "steps=6", "eval_every=6",
+         "checkpoint_every=6"],
+    )  # fmt: skip
+    final = train(cfg, tmp_path / "run")
+    assert final["device"].startswith("cuda") and final["steps"] == 6
+    assert 0 < final["lipschitz_bound_l2"] < float("inf") and final["val_verified_acc"] is not None
+    model, _ = load_run(tmp_path / "run")
+    x = torch.rand(3, 3072, generator=torch.Generator().manual_seed(1))
+    slopes = [jacobian_norm(model, xi) for xi in x]
+    assert max(slopes) <= final["lipschitz_bound_l2"] * (1 + 1e-4)
