@@ -1,6 +1,7 @@
 """CUDA paths: constraints on the device against float64 on the CPU, bf16 autocast training,
-resume, torch.compile with bf16 Newton–Schulz on GPT-2 token shards. Without a GPU only the
-constraint comparison runs, on the CPU (which checks the comparison itself)."""
+resume, torch.compile with bf16 Newton–Schulz on GPT-2 token shards, the cifar-vit-gpu preset
+on random images. Without a GPU only the constraint comparison runs, on the CPU (which checks
+the comparison itself)."""
 
 import os
 from functools import cache
