@@ -74,13 +74,17 @@ class Config:
     patch_size: int = 4  # lipschitz_vit: p×p pixel patches, one token each
     pool: str = "flatten"  # lipschitz_vit: the head reads all tokens (flatten) or their mean
     bias: bool = False  # lipschitz_vit: a learned position embedding and biases in the MLPs
-    block: str = "convex"  # lipschitz_vit: convex (Block) | sll (SLLBlock) | sll_mixer | sll_conv
+    # lipschitz_vit: convex (Block) | sll (SLLBlock) | sll_mixer | sll_conv | sll_dwconv
+    block: str = "convex"
     # lipschitz_vit: convolutional SLL layers (3×3) on the image folded 2×2 into channels, before
     # the patches (lipschitz.nn.conv_sll), their hidden channels, and the channels the folded
     # image is lifted to first (None: no lift, C·4)
     stem_layers: int = 0
     stem_hidden: int = 48
     stem_channels: int | None = None
+    # lipschitz_vit: in eval mode, the mean of the logits of each image and of its mirror image
+    # (a pixel permutation, so the certificate is unchanged; docs/certificates.md)
+    flip_average: bool = False
     # Token mixer of the Lipschitz GPT: attention (the paper's, with attn_scale and pos_bias) |
     # lookup (lipschitz.nn.lookup: a lag bias on every head, dynamic lags, q·k content heads, an
     # optional value-0 sink; with mixer_budget each head's values are scaled so that it costs

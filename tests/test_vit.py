@@ -12,13 +12,14 @@ from lipschitz.choices import check_choices
 from lipschitz.config import Config
 from lipschitz.data.images import augment
 from lipschitz.nn import LipschitzGPT, LipschitzMLP
-from lipschitz.nn.vit import LipschitzViT, PatchMixing, _shift_matrices, image_shape_of
+from lipschitz.nn.vit import BLOCKS, LipschitzViT, PatchMixing, _shift_matrices, image_shape_of
 from lipschitz.robustness import certified_radii
 
 
 def _random_vit(seed: int) -> LipschitzViT:
     """A small ViT with random sizes and every weight random (no zero branch), some matrices
-    scaled beyond norm 1, random mixing kernels and residual weights, half with a stem."""
+    scaled beyond norm 1, random mixing kernels and residual weights, half with a stem, half
+    averaged over mirror images (in eval mode, which it is returned in)."""
     gen = torch.Generator().manual_seed(seed)
 
     def pick(options):
@@ -31,9 +32,10 @@ def _random_vit(seed: int) -> LipschitzViT:
         image_shape=shape, n_classes=pick([2, 5, 10]), patch=pick([2, 4]), d_model=8 * n_head,
         n_layer=pick([1, 2, 3]), n_head=n_head, alpha=pick([None, 0.3, 1.0]),
         mlp_ratio=pick([1, 2]), activation=pick(["maxmin", "gelu"]), pool=pick(["flatten", "mean"]),
-        bias=pick([False, True]), block=pick(["convex", "sll", "sll_mixer", "sll_conv"]),
+        bias=pick([False, True]), block=pick(list(BLOCKS)),
         stem_layers=pick([0, 0, 1, 2]), stem_hidden=pick([4, 8]), stem_channels=pick([None, 16]),
-    )  # fmt: skip
+        flip_average=pick([False, True]),
+    ).eval()  # fmt: skip
     with torch.no_grad():
         for name, p in model.named_parameters():
             if name.endswith("kernel_logits"):
@@ -153,6 +155,35 @@ def test_pairwise_radius_is_exact_for_a_linear_classifier():
         assert float(radii[i]) == pytest.approx(float(r), rel=1e-9)
         step = (W[j] - W[y[i]]) / (W[j] - W[y[i]]).norm()
         assert model((x[i] + r * 1.001 * step)[None]).argmax() != y[i]
+
+
+def test_flip_average_is_the_mean_over_mirror_images_and_keeps_the_certificate():
+    """Eval mode: ½·(g(x) + g(Fx)) with F the left-right mirror, which is an involution and an
+    isometry; training mode: g alone; the certificate is the same as without the average, and
+    bounds the averaged model's exact slopes (tested on many models above as well)."""
+    torch.manual_seed(0)
+    kw = dict(image_shape=(8, 4, 3), n_classes=5, patch=2, d_model=8, n_layer=2, n_head=2,
+              bias=True, block="sll_mixer")  # fmt: skip
+    model = LipschitzViT(**kw, flip_average=True).double()
+    plain = LipschitzViT(**kw).double()
+    with torch.no_grad():
+        for p in model.parameters():
+            p.normal_()
+    plain.load_state_dict(model.state_dict())
+    x = torch.rand(6, 96, dtype=torch.float64)
+    mirrored = model.mirror(x).view(6, 8, 4, 3)
+    assert torch.equal(mirrored[:, :, 0], x.view(6, 8, 4, 3)[:, :, 3])
+    assert torch.equal(model.mirror(model.mirror(x)), x)
+    assert torch.allclose(model(x), plain(x))  # training mode: g alone
+    model.eval()
+    assert torch.allclose(model(x), (plain(x) + plain(model.mirror(x))) / 2)
+    assert not torch.allclose(model(x), plain(x))
+    cert, cert_plain = certify(model), certify(plain)
+    assert cert.lipschitz_l2 == cert_plain.lipschitz_l2
+    assert cert.pairwise_l2 == cert_plain.pairwise_l2
+    assert max(jacobian_norm(model, xi) for xi in x) <= cert.lipschitz_l2 * (1 + 1e-9)
+    with pytest.raises(ValueError, match="flip_average belongs to model 'lipschitz_vit'"):
+        check_choices(Config(model="lipschitz_mlp", dataset="cifar10", flip_average=True))
 
 
 def test_augment_crops_and_flips_inside_the_padded_image():

@@ -104,7 +104,7 @@ def _lipschitz_vit(cfg: Config, n_outputs: int, n_inputs: int | None) -> nn.Modu
         d_model=cfg.d_model, n_layer=cfg.n_layer, n_head=cfg.n_head, alpha=cfg.residual_alpha,
         mlp_ratio=cfg.mlp_ratio, activation=cfg.activation, pool=cfg.pool, bias=cfg.bias,
         block=cfg.block, stem_layers=cfg.stem_layers, stem_hidden=cfg.stem_hidden,
-        stem_channels=cfg.stem_channels,
+        stem_channels=cfg.stem_channels, flip_average=cfg.flip_average,
     )  # fmt: skip
 
 
@@ -115,7 +115,7 @@ MODELS = {
     "baseline_mlp": ModelKind(_mlp(BaselineMLP), "images", False),
     "lipschitz_vit": ModelKind(_lipschitz_vit, "images", True,
                                ("mlp_ratio", "patch_size", "pool", "bias", "block", "stem_layers",
-                                "stem_hidden", "stem_channels")),
+                                "stem_hidden", "stem_channels", "flip_average")),
 }  # fmt: skip
 
 

@@ -52,7 +52,8 @@ POOLS = ("flatten", "mean")  # what the head reads: every token side by side, or
 # (convex residual around the mixing, then an SLL layer: a full-strength 1-Lipschitz MLP), or
 # SLLMixerBlock (an SLL layer along the tokens, then one along the channels: no ×α anywhere),
 # or SLLMixerBlock with a 3×3 SLL convolution over the patch grid as its token mixer
-BLOCKS = ("convex", "sll", "sll_mixer", "sll_conv")
+BLOCKS = ("convex", "sll", "sll_mixer", "sll_conv", "sll_dwconv")
+DWCONV_KERNEL = 5  # sll_dwconv: each channel's k×k filters over the patch grid
 
 
 def image_shape_of(n_inputs: int) -> tuple[int, int, int]:
@@ -161,7 +162,12 @@ class LipschitzViT(nn.Module):
     verified accuracy for the mean after 400 steps, docs/results.md), ``"mean"``: their mean.
     ``stem_layers``: convolutional SLL layers (3×3, ``stem_hidden`` channels) on the image
     folded 2×2 into channels and lifted to ``stem_channels`` (None: no lift), before the
-    patches (lipschitz.nn.conv_sll; each layer 1-Lipschitz, the lift σ_max)."""
+    patches (lipschitz.nn.conv_sll; each layer 1-Lipschitz, the lift σ_max).
+    ``flip_average``: in eval mode the logits are the mean of those of the image and of its
+    mirror image, ½·(g(x) + g(Fx)). F permutes pixels, so ‖Fx − Fy‖ = ‖x − y‖ and the mean
+    has every bound g has (its Lipschitz constant and each logit difference's): the
+    certificate is unchanged. Training sees g alone (random flips are the augmentation; the
+    eval mode takes their expectation, as it does for dropout)."""
 
     def __init__(
         self,
@@ -181,6 +187,7 @@ class LipschitzViT(nn.Module):
         stem_layers: int = 0,
         stem_hidden: int = 48,
         stem_channels: int | None = None,
+        flip_average: bool = False,
     ) -> None:
         super().__init__()
         H, W, C = image_shape
@@ -191,6 +198,7 @@ class LipschitzViT(nn.Module):
         if patch < 1 or H % patch or W % patch:
             raise ValueError(f"patch={patch} must divide the image's {H}×{W} pixels")
         self.image_shape, self.patch = (H, W, C), patch
+        self.flip_average = flip_average
         self.stem = None
         if stem_layers < 0:
             raise ValueError(f"stem_layers={stem_layers} must be ≥ 0")
@@ -216,6 +224,9 @@ class LipschitzViT(nn.Module):
         elif block == "sll_conv":
             blocks = [SLLMixerBlock(GridConvSLL(d_model, grid, hidden), d_model, hidden)
                       for _ in range(n_layer)]  # fmt: skip
+        elif block == "sll_dwconv":  # depthwise: mlp_ratio filters per channel
+            blocks = [SLLMixerBlock(GridConvSLL(d_model, grid, hidden, DWCONV_KERNEL, d_model),
+                                    d_model, hidden) for _ in range(n_layer)]  # fmt: skip
         elif block == "sll":
             blocks = [SLLBlock(d_model, PatchMixing(d_model, n_head, grid), alpha, hidden)
                       for _ in range(n_layer)]  # fmt: skip
@@ -236,9 +247,24 @@ class LipschitzViT(nn.Module):
         cells = fold(x, self.grid_shape, self.grid_patch)  # (B, H/p, W/p, p·p·C)
         return cells.flatten(1, 2)  # (B, T, p·p·C)
 
+    def mirror(self, x: Tensor) -> Tensor:
+        """(B, H·W·C) images → the same images flipped left to right (a permutation of pixels)."""
+        H, W, C = self.image_shape
+        return x.view(-1, H, W, C).flip(2).reshape(x.shape)
+
     def forward(self, x: Tensor, *, return_stats: bool = False) -> Tensor | tuple[Tensor, dict]:
         """(B, H·W·C) pixels → (B, n_classes) logits (and activation stats: ``embed``,
-        ``blocks.{i}.attn`` / ``.mlp``, ``logits``)."""
+        ``blocks.{i}.attn`` / ``.mlp``, ``logits``; with ``flip_average`` in eval mode, the
+        logits are averaged over the mirror images and the stats are over both)."""
+        if self.flip_average and not self.training:
+            both = self.logits(torch.cat([x, self.mirror(x)]), return_stats)  # (2B, n_classes)
+            logits, stats = both if return_stats else (both, None)
+            logits = 0.5 * (logits[: len(x)] + logits[len(x) :])  # (B, n_classes)
+            return logits if stats is None else (logits, stats)
+        return self.logits(x, return_stats)
+
+    def logits(self, x: Tensor, return_stats: bool = False) -> Tensor | tuple[Tensor, dict]:
+        """g: (B, H·W·C) pixels → (B, n_classes) logits, without the flip average."""
         stats = {} if return_stats else None
         x = x - 0.5
         if self.stem is not None:
