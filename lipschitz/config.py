@@ -74,8 +74,7 @@ class Config:
     patch_size: int = 4  # lipschitz_vit: p×p pixel patches, one token each
     pool: str = "flatten"  # lipschitz_vit: the head reads all tokens (flatten) or their mean
     bias: bool = False  # lipschitz_vit: a learned position embedding and biases in the MLPs
-    # lipschitz_vit: convex (Block) | sll (SLLBlock) | sll_mixer | sll_conv | sll_dwconv
-    block: str = "convex"
+    block: str = "convex"  # lipschitz_vit: convex (Block) | sll (SLLBlock) | sll_mixer | sll_conv
     # lipschitz_vit: convolutional SLL layers (3×3) on the image folded 2×2 into channels, before
     # the patches (lipschitz.nn.conv_sll), their hidden channels, and the channels the folded
     # image is lifted to first (None: no lift, C·4)

@@ -48,34 +48,27 @@ class ConvSLL(nn.Module):
 
     certifies_all_tokens = True  # its rule is for ℓ2 over the whole image
 
-    def __init__(self, channels: int, hidden: int, kernel: int = 3, groups: int = 1) -> None:
+    def __init__(self, channels: int, hidden: int, kernel: int = 3) -> None:
         super().__init__()
         if kernel < 1 or kernel % 2 == 0:
             raise ValueError(f"kernel={kernel} must be a positive odd size (same padding)")
-        if groups < 1 or channels % groups or hidden % groups:
-            raise ValueError(f"groups={groups} must divide channels={channels} and hidden={hidden}")
         self.channels, self.kernel, self.padding = channels, kernel, kernel // 2
-        self.groups = groups  # hidden channel i reads the channels of group i // (hidden/groups)
-        # the kernel as a (hidden, C/groups·k·k) matrix: Muon orthogonalizes it and the
-        # constraints cap it as any hidden matrix (not needed for the bound, only for the step)
-        self.fc = Linear(channels // groups * kernel * kernel, hidden)
+        # the kernel as a (hidden, C·k·k) matrix: Muon orthogonalizes it and the constraints
+        # cap it as any hidden matrix (caps are not needed for the bound, only for the step size)
+        self.fc = Linear(channels * kernel * kernel, hidden)
         self.bias = nn.Parameter(torch.zeros(hidden))
         self.log_q = nn.Parameter(torch.zeros(hidden))
 
     def kernel_weight(self) -> Tensor:
-        """K (hidden, C/groups, k, k), a view of the matrix fc.weight."""
-        return self.fc.weight.view(-1, self.channels // self.groups, self.kernel, self.kernel)
+        """K (hidden, C, k, k), a view of the matrix fc.weight."""
+        return self.fc.weight.view(-1, self.channels, self.kernel, self.kernel)
 
     def gram_abs(self, K: Tensor) -> Tensor:
         """|G| summed over the offsets (hidden, hidden): Σ_δ |G[i, j, δ]|, G[i, j, δ] =
-        Σ_c Σ_u K[i, c, u]·K[j, c, u + δ], the kernel of K Kᵀ; with groups, zero between
-        hidden channels of different groups (they read disjoint channels)."""
+        Σ_c Σ_u K[i, c, u]·K[j, c, u + δ], the kernel of K Kᵀ."""
         k = K.shape[-1]
-        G = F.conv2d(K, K, padding=k - 1).abs().sum(dim=(-2, -1))  # (hidden, hidden)
-        if self.groups > 1:
-            group = torch.arange(len(K), device=K.device) // (len(K) // self.groups)  # (hidden,)
-            G = G * (group[:, None] == group[None, :])
-        return G
+        G = F.conv2d(K, K, padding=k - 1)  # (hidden, hidden, 2k−1, 2k−1)
+        return G.abs().sum(dim=(-2, -1))
 
     def scaling(self) -> Tensor:
         """t (hidden,): t_i = Σ_j Σ_δ |G[i, j, δ]|·q_j/q_i, so that T ⪰ K Kᵀ (module docs)."""
@@ -88,8 +81,8 @@ class ConvSLL(nn.Module):
 
     def forward(self, x: Tensor) -> Tensor:  # (B, C, H, W) -> (B, C, H, W)
         K, p = self.kernel_weight(), self.padding
-        h = F.relu(F.conv2d(x, K, self.bias, padding=p, groups=self.groups))  # (B, hidden, H, W)
-        return x - F.conv_transpose2d(h, self.scaled_kernel(), padding=p, groups=self.groups)
+        h = F.relu(F.conv2d(x, K, self.bias, padding=p))  # (B, hidden, H, W)
+        return x - F.conv_transpose2d(h, self.scaled_kernel(), padding=p)  # x − Vᵀh
 
     def certificate(self, a: float, walk, name: str) -> tuple[float, float]:
         """max(1, 2κ − 1) + ‖Δ‖·‖K‖ with κ ≤ (1 + 1e-9)·max_i t⁶⁴_i/t_i (module docs); the
@@ -117,41 +110,17 @@ class GridConvSLL(nn.Module):
 
     certifies_all_tokens = True  # its rule is for ℓ2 over all tokens (and only that)
 
-    def __init__(
-        self, d_model: int, grid: tuple[int, int], hidden: int, kernel: int = 3, groups: int = 1
-    ) -> None:
+    def __init__(self, d_model: int, grid: tuple[int, int], hidden: int, kernel: int = 3) -> None:
         super().__init__()
         self.grid = tuple(grid)
-        self.conv = ConvSLL(d_model, hidden, kernel, groups)
-        if groups == d_model:  # depthwise: each channel's conv as a dense (T, T) map per filter
-            self.register_buffer("shifts", _tap_shifts(self.grid, kernel), persistent=False)
+        self.conv = ConvSLL(d_model, hidden, kernel)
 
     def forward(self, x: Tensor) -> Tensor:  # (B, T, d) -> (B, T, d)
         (gh, gw), (B, T, d) = self.grid, x.shape
         if T != gh * gw:
             raise ValueError(f"expected {gh}×{gw} = {gh * gw} tokens, got {tuple(x.shape)}")
-        if self.conv.groups == d:
-            return self._depthwise(x)
         y = self.conv(x.view(B, gh, gw, d).permute(0, 3, 1, 2))  # (B, d, gh, gw)
         return y.permute(0, 2, 3, 1).reshape(B, T, d)
-
-    def _depthwise(self, x: Tensor) -> Tensor:
-        """The same map when every channel is its own group (m = hidden/d filters each), as
-        two batched matmuls over the channels: channel c's conv is the (m·T, T) matrix
-        W_c[(j, t), v] = K[c·m + j, tap(t, v)] (zero beyond the kernel), a much faster
-        product on a CPU than a grouped conv2d on so small a grid."""
-        _, T, d = x.shape  # (B, T, d)
-        m = self.conv.fc.weight.shape[0] // d
-
-        def dense(kernel: Tensor) -> Tensor:  # (d·m, 1, k, k) → (d, m·T, T)
-            S = self.shifts.to(kernel.dtype)  # (k², T·T)
-            return (kernel.reshape(d * m, -1) @ S).view(d, m * T, T)
-
-        W, V = dense(self.conv.kernel_weight()), dense(self.conv.scaled_kernel())
-        b = self.conv.bias.view(d, m, 1).expand(d, m, T).reshape(d, m * T, 1)  # (d, m·T, 1)
-        X = x.permute(2, 1, 0)  # (d, T, B)
-        h = F.relu(torch.baddbmm(b, W, X))  # (d, m·T, B)
-        return torch.baddbmm(X, V.transpose(1, 2), h, alpha=-1).permute(2, 1, 0)  # (B, T, d)
 
     def certificate(self, a: float, walk, name: str) -> tuple[float, float]:
         """ConvSLL's L over all tokens; output RMS ≤ L·a + RMS(h(0)), where h(0) = −Vᵀ·ReLU(b)
@@ -165,24 +134,9 @@ class GridConvSLL(nn.Module):
         return L, L * a + h0
 
 
-def _tap_shifts(grid: tuple[int, int], k: int) -> Tensor:
-    """S (k², T·T): S[u, (t, v)] = 1 if output token t of a k×k conv (zero padding) on the
-    grid, row by row, reads input token v through tap u = uy·k + ux, i.e. (uy, ux) =
-    pos(v) − pos(t) + k//2; so Σ_u K[u]·S[u] is the conv as a (T, T) matrix."""
-    gh, gw = grid
-    ys, xs = torch.arange(gh * gw) // gw, torch.arange(gh * gw) % gw  # (T,) each
-    uy = ys[None, :] - ys[:, None] + k // 2  # (T, T)
-    ux = xs[None, :] - xs[:, None] + k // 2
-    inside = (uy >= 0) & (uy < k) & (ux >= 0) & (ux < k)
-    tap = torch.where(inside, uy * k + ux, k * k)  # k²: outside the window
-    return F.one_hot(tap.flatten(), k * k + 1)[:, : k * k].T.float()  # (k², T·T)
-
-
 def _taps_norm(K: Tensor) -> float:
     """Σ_u ‖K[:, :, u]‖₂ over the k² taps: an upper bound on the conv's operator norm (the
-    conv is Σ_u (tap matrix u) ∘ (a zero-padded shift), each shift of norm ≤ 1). With groups,
-    a tap's matrix is block-diagonal, of norm max_g ‖block_g‖ ≤ ‖the blocks stacked‖, which
-    K[:, :, u] (hidden, C/groups) is: still an upper bound."""
+    conv is Σ_u (tap matrix u) ∘ (a zero-padded shift), each shift of norm ≤ 1)."""
     taps = K.permute(2, 3, 0, 1).flatten(0, 1)  # (k², hidden, C)
     return float(torch.linalg.matrix_norm(taps, ord=2).sum())
 

@@ -52,8 +52,7 @@ POOLS = ("flatten", "mean")  # what the head reads: every token side by side, or
 # (convex residual around the mixing, then an SLL layer: a full-strength 1-Lipschitz MLP), or
 # SLLMixerBlock (an SLL layer along the tokens, then one along the channels: no ×α anywhere),
 # or SLLMixerBlock with a 3×3 SLL convolution over the patch grid as its token mixer
-BLOCKS = ("convex", "sll", "sll_mixer", "sll_conv", "sll_dwconv")
-DWCONV_KERNEL = 5  # sll_dwconv: each channel's k×k filters over the patch grid
+BLOCKS = ("convex", "sll", "sll_mixer", "sll_conv")
 
 
 def image_shape_of(n_inputs: int) -> tuple[int, int, int]:
@@ -224,9 +223,6 @@ class LipschitzViT(nn.Module):
         elif block == "sll_conv":
             blocks = [SLLMixerBlock(GridConvSLL(d_model, grid, hidden), d_model, hidden)
                       for _ in range(n_layer)]  # fmt: skip
-        elif block == "sll_dwconv":  # depthwise: mlp_ratio filters per channel
-            blocks = [SLLMixerBlock(GridConvSLL(d_model, grid, hidden, DWCONV_KERNEL, d_model),
-                                    d_model, hidden) for _ in range(n_layer)]  # fmt: skip
         elif block == "sll":
             blocks = [SLLBlock(d_model, PatchMixing(d_model, n_head, grid), alpha, hidden)
                       for _ in range(n_layer)]  # fmt: skip
