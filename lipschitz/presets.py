@@ -169,7 +169,7 @@ PRESETS["cifar-vit"] = (
         patch_size=4, block="sll_mixer", bias=True, batch_size=256, steps=24000,
         optimizer="muon", constraint="svd_cap", w_max=1.25, head_w_max=1.0, lr=0.015,
         vector_lr=0.01, blocks_mass=None, augment=True, augment_pad=0, margin_eps=36 / 255,
-        train_temperature=32.0,
+        train_temperature=32.0, flip_average=True,
         cpu_bf16=True, eval_every=4000, checkpoint_every=4000, log_every=50, sample_tokens=0,
     ),
 )  # fmt: skip

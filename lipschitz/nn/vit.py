@@ -246,7 +246,7 @@ class LipschitzViT(nn.Module):
     def mirror(self, x: Tensor) -> Tensor:
         """(B, H·W·C) images → the same images flipped left to right (a permutation of pixels)."""
         H, W, C = self.image_shape
-        return x.view(-1, H, W, C).flip(2).reshape(x.shape)
+        return x.reshape(-1, H, W, C).flip(2).reshape(x.shape)
 
     def forward(self, x: Tensor, *, return_stats: bool = False) -> Tensor | tuple[Tensor, dict]:
         """(B, H·W·C) pixels → (B, n_classes) logits (and activation stats: ``embed``,
