@@ -94,12 +94,36 @@ def none(W: Tensor) -> Tensor:
     return _checked("none", W, math.inf).to(W.dtype, copy=True)
 
 
+# svd_cap's Gram path: the largest σ_max/cap it trusts, per compute dtype (float32 loses about
+# eps·(σ_max/cap)³ relative to the cap by squaring: 6e-8·4³ ≈ 4e-6; float64 1e-16·100³ = 1e-10)
+GRAM_CAP_MAX_RATIO = {torch.float32: 4.0, torch.float64: 100.0}
+
+
 def svd_cap(W: Tensor, *, w_max: float) -> Tensor:
-    """Exact clip σᵢ ← min(σᵢ, w_max) of every singular value (RMS units), by SVD."""
+    """Exact clip σᵢ ← min(σᵢ, w_max) of every singular value (RMS units).
+
+    With V, λ the eigenvectors and eigenvalues of the small Gram matrix G = XᵀX (XXᵀ for a wide
+    X, on the left) and sᵢ = √λᵢ the singular values, X ← X − X·V·diag(1 − min(1, c/sᵢ))·Vᵀ:
+    directions below the cap c are left as they are, those above are scaled onto it. The eigh
+    of a k×k Gram matrix costs a third of the SVD of a small stack on a CPU (docs/benchmarks.md,
+    "The image transformer's step"); squaring costs precision far below σ_max, so a matrix
+    more than GRAM_CAP_MAX_RATIO above its cap (a first projection) is clipped by SVD instead.
+    """
     X = _checked("svd_cap", W, w_max)
+    c = w_max * rms_scale(X)
+    wide = X.shape[-2] < X.shape[-1]
+    G = X @ X.mT if wide else X.mT @ X  # (..., k, k), k = min(out, in)
+    lam, V = torch.linalg.eigh(G)  # ascending λ, (..., k), (..., k, k)
+    if float(lam[..., -1].max()) <= (GRAM_CAP_MAX_RATIO[X.dtype] * c) ** 2:
+        s = lam.clamp_min(0).sqrt()
+        shrink = 1 - c / s.clamp_min(c)  # 1 − min(1, c/s): 0 below the cap
+        if wide:
+            out = X - (V * shrink.unsqueeze(-2)) @ (V.mT @ X)
+        else:
+            out = X - ((X @ V) * shrink.unsqueeze(-2)) @ V.mT
+        return out.to(W.dtype)
     U, S, Vh = torch.linalg.svd(X, full_matrices=False)
-    S = S.clamp_max(w_max * rms_scale(X))
-    return (U @ (S.unsqueeze(-1) * Vh)).to(W.dtype)
+    return (U @ (S.clamp_max(c).unsqueeze(-1) * Vh)).to(W.dtype)
 
 
 def _power_iterate(X: Tensor, iters: int, state: dict | None):
@@ -386,7 +410,8 @@ class Constraint:
 
 
 # Tolerances (relative to w_max; float32 weights, bfloat16/float16 add their own rounding):
-#   svd_cap             exact clip; float32 rounding of U·S·Vᵀ (measured ≤ 2e-6 in training)
+#   svd_cap             exact clip; float32 rounding of the Gram path (≤ 4e-6 by GRAM_CAP_MAX_RATIO,
+#                       tests/test_constraints.py) or of U·S·Vᵀ beyond it
 #   spectral_hard_cap   the unresolved sign gap of msign: ≤ 8e-4 measured up to 4096×1024
 #                       (docs/benchmarks.md), 1e-3 stated in the function's docstring
 #   stiefel             accurate8 band [0.9999, 1.0001]·w_max plus float32 rounding (the

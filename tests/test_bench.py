@@ -78,5 +78,5 @@ def test_vit_step_benchmark_and_its_reference_compute_the_same_model():
     x = torch.rand(4, 3072)
     assert torch.allclose(written(x), fused(x), atol=1e-5)
     result = vit_step.run("cifar-vit", small, rounds=1)
-    assert set(result["ms_per_step"]) == {"bf16", "float32", "float32-as-written"}
+    assert set(result["ms_per_step"]) == {"bf16", "bf16-svd", "float32", "float32-as-written"}
     assert "float32 ÷ bf16" in vit_step.markdown(result)

@@ -53,6 +53,29 @@ def test_svd_cap_is_exact(case, dtype):
     torch.testing.assert_close(got, expected, rtol=0, atol=_float_tol(dtype) * 20 * w_max)
 
 
+@pytest.mark.parametrize("shape", [(20, 128, 64), (64, 48), (10, 4096), (3, 40, 40)])
+@pytest.mark.parametrize("top", [0.5, 1.01, 1.3, 3.9, 4.1, 1e6])
+def test_svd_cap_gram_path_matches_float64_svd(shape, top):
+    """The training regime (a float32 stack just above its cap, where svd_cap takes the Gram
+    path) and beyond the Gram path's range (the SVD path): every singular value clipped to
+    1e-5 of w_max, the singular vectors kept, as the float64 SVD clip does."""
+    gen = torch.Generator().manual_seed(0)
+    r = min(shape[-2:])
+    sig = 0.05 + 0.95 * torch.rand(*shape[:-2], r, dtype=torch.float64, generator=gen)
+    sig = top * sig / sig.amax(-1, keepdim=True)
+    W = matrix_with_spectrum(shape[-2], shape[-1], sig, gen)
+    expected = svd_cap(W, w_max=1.0)  # float64: far inside its Gram range, or its SVD
+    U, S, Vh = torch.linalg.svd(W, full_matrices=False)
+    scale = math.sqrt(shape[-2] / shape[-1])
+    torch.testing.assert_close(expected, U @ (S.clamp_max(scale).unsqueeze(-1) * Vh))
+    got = svd_cap(W.float(), w_max=1.0).double()
+    assert (got - expected).abs().max() <= 1e-5 * scale * max(1.0, r**0.5)
+    torch.testing.assert_close(
+        rms_singular_values(got), sig.clamp_max(1.0).sort(-1, descending=True).values,
+        rtol=0, atol=1e-5,
+    )  # fmt: skip
+
+
 @settings(max_examples=80, deadline=None)
 @given(matrix_cases(), DTYPES)
 def test_hard_cap_caps_and_leaves_small_values(case, dtype):

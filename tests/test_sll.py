@@ -173,8 +173,14 @@ def test_token_sll_heads_take_the_largest_head_bound_and_bound_the_output():
         for p in heads.parameters():
             p.normal_()
         heads.heads[1].fc.weight.copy_(torch.eye(4, 6, dtype=torch.float64).T)  # t = 1, κ = 1
-    half = heads.heads[1].scaling() / 2
-    heads.heads[1].scaling = lambda: half  # κ = 2 for the second head only
+    factors = heads.factors
+
+    def halved():  # κ = 2 for the second head only (the forward and the certificate both)
+        W, t, _ = factors()
+        t = torch.stack([t[0], t[1] / 2])
+        return W, t, W * (2 / t).unsqueeze(-1)
+
+    heads.factors = halved
     L, a_out = heads.certificate(0.5, _Walk("certified", tokens="all"), "tok")
     assert L == pytest.approx(3.0)
     x = torch.randn(n_tokens * d, dtype=torch.float64).abs()

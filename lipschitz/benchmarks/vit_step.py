@@ -1,8 +1,10 @@
-"""Training steps of the image transformer (default: the ``cifar-vit`` preset), three set-ups
+"""Training steps of the image transformer (default: the ``cifar-vit`` preset), four set-ups
 timed interleaved, one step of each per round, so that machine noise hits all alike:
 
 - ``bf16``: the preset as `lipschitz train` runs it (bfloat16 autocast on the CPU with
-  ``cpu_bf16``, the SLL layers' fused forward);
+  ``cpu_bf16``, the SLL layers' fused forward, ``svd_cap`` by the eigh of each Gram matrix);
+- ``bf16-svd``: the same with ``svd_cap`` computed by SVD (its path before commit "svd_cap by
+  the Gram matrix"; the same projection);
 - ``float32``: the same without autocast;
 - ``float32-as-written``: float32 with every SLL layer computing the formula as written,
   x − 2·(ReLU(Wx + b)/t)·W, and the token heads one after the other (the forward before the
@@ -16,6 +18,7 @@ writes ``vit_step.json`` and ``vit_step.md``.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import statistics
 import time
 import types
@@ -23,6 +26,7 @@ import types
 import torch
 import torch.nn.functional as F
 
+from lipschitz import constraints
 from lipschitz.benchmarks import write_results
 from lipschitz.config import apply_overrides
 from lipschitz.nn import build_model
@@ -59,22 +63,34 @@ def _as_written(model: torch.nn.Module) -> None:
             m.forward = types.MethodType(_heads_as_written, m)
 
 
+@contextlib.contextmanager
+def _svd_path():
+    """svd_cap by SVD for every matrix (its Gram path trusts no ratio above the cap)."""
+    saved = dict(constraints.GRAM_CAP_MAX_RATIO)
+    constraints.GRAM_CAP_MAX_RATIO.update({dtype: 0.0 for dtype in saved})
+    try:
+        yield
+    finally:
+        constraints.GRAM_CAP_MAX_RATIO.update(saved)
+
+
 def _setup(cfg, name: str):
     torch.manual_seed(cfg.seed)
     model = build_model(cfg, N_CLASSES, N_INPUTS)
     if name == "float32-as-written":
         _as_written(model)
-    return model, build_optimizers(cfg, model), name == "bf16"
+    return model, build_optimizers(cfg, model), name.startswith("bf16"), name == "bf16-svd"
 
 
-def _step(cfg, model, optimizers, bf16: bool, x, y) -> None:
+def _step(cfg, model, optimizers, bf16: bool, svd: bool, x, y) -> None:
     with autocast(torch.device("cpu"), bf16):
         logits = model(x)
     loss = F.cross_entropy(logits.float() * cfg.train_temperature, y)
     loss.backward()
-    for opt in optimizers:
-        opt.step()
-        opt.zero_grad(set_to_none=True)
+    with _svd_path() if svd else contextlib.nullcontext():
+        for opt in optimizers:
+            opt.step()
+            opt.zero_grad(set_to_none=True)
 
 
 def run(name: str = "cifar-vit", overrides: list[str] | None = None, rounds: int = 10) -> dict:
@@ -82,7 +98,7 @@ def run(name: str = "cifar-vit", overrides: list[str] | None = None, rounds: int
     gen = torch.Generator().manual_seed(0)
     x = torch.rand(cfg.batch_size, N_INPUTS, generator=gen)
     y = torch.randint(N_CLASSES, (cfg.batch_size,), generator=gen)
-    names = ("bf16", "float32", "float32-as-written")
+    names = ("bf16", "bf16-svd", "float32", "float32-as-written")
     setups = {n: _setup(cfg, n) for n in names}
     torch.set_flush_denormal(True)  # as `lipschitz train` does
     times: dict[str, list[float]] = {n: [] for n in names}
@@ -100,6 +116,7 @@ def run(name: str = "cifar-vit", overrides: list[str] | None = None, rounds: int
         "preset": name, "overrides": overrides or [], "rounds": rounds,
         "threads": torch.get_num_threads(), "torch": torch.__version__,
         "cpu_capability": torch.backends.cpu.get_cpu_capability(), "ms_per_step": ms,
+        "svd_over_gram": ms["bf16-svd"] / ms["bf16"],
         "float32_over_bf16": ms["float32"] / ms["bf16"],
         "as_written_over_fused": ms["float32-as-written"] / ms["float32"],
     }  # fmt: skip
@@ -115,7 +132,8 @@ def markdown(result: dict) -> str:
     ]
     lines += [f"| {n} | {v:.1f} |" for n, v in result["ms_per_step"].items()]
     lines.append(
-        f"\nfloat32 ÷ bf16: {result['float32_over_bf16']:.2f}; "
+        f"\nsvd_cap by SVD ÷ by Gram matrix (bf16): {result['svd_over_gram']:.2f}; "
+        f"float32 ÷ bf16: {result['float32_over_bf16']:.2f}; "
         f"as written ÷ fused (float32): {result['as_written_over_fused']:.2f}"
     )
     return "\n".join(lines) + "\n"

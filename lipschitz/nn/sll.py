@@ -69,24 +69,28 @@ class SLLMLP(nn.Module):
         ).view_as(x)
 
     def certificate(self, a: float, walk, name: str) -> tuple[float, float]:
-        """L = max(1, 2κ − 1) with κ = ‖T^-½ W‖² (module docs), plus ‖Δ‖·‖W‖ for the matrix
-        V = fl(2T⁻¹W) the forward multiplies by (Δ = V − 2T⁻¹W, float32 rounding: the Jacobian
-        is I − VᵀDW = I − 2WᵀT⁻¹DW − ΔᵀDW, D ≤ I); |h(x)| ≤ L·|x| + |h(0)| per token,
-        h(0) = −2·Wᵀ T⁻¹ ReLU(b)."""
+        """L = max(1, 2κ − 1) with κ = ‖T^-½ W‖² (module docs, :func:`_sll_bound`); |h(x)| ≤
+        L·|x| + |h(0)| per token."""
         walk.norm(f"{name}.fc.weight", self.fc.weight)  # recorded for the layer table
         with torch.no_grad():
-            t = self.scaling().double()
-            W = self.fc.weight.double()
-            if not (torch.isfinite(t).all() and torch.isfinite(W).all()):  # max(1, nan) is 1
-                raise ValueError(f"{name}: the scaling t or W is not finite (log_q too large?)")
-            kappa = float(torch.linalg.matrix_norm(W / t.sqrt()[:, None], ord=2)) ** 2
-            delta = self.scaled_weight().double() - 2 * W / t[:, None]  # (hidden, d)
-            rounding = float(
-                torch.linalg.matrix_norm(delta, ord=2) * torch.linalg.matrix_norm(W, ord=2)
-            )
-            h0 = 2 * (F.relu(self.bias.double()) / t) @ W  # (d,)
-        L = max(1.0, 2 * kappa - 1) + rounding
+            W = self.fc.weight
+            L, h0 = _sll_bound(W, self.scaling(), self.scaled_weight(), self.bias, name)
         return L, L * a + float(row_rms(h0[None]).max())
+
+
+def _sll_bound(W: Tensor, t: Tensor, V: Tensor, bias: Tensor, name: str) -> tuple[float, Tensor]:
+    """(L, h(0)) of one SLL layer: W (hidden, d), t (hidden,) the scaling and V = fl(2T⁻¹W)
+    (hidden, d) the matrix the forward multiplies by. L = max(1, 2κ − 1) with κ = ‖T^-½ W‖²
+    (module docs), plus ‖Δ‖·‖W‖ for Δ = V − 2T⁻¹W (float32 rounding: the Jacobian is
+    I − VᵀDW = I − 2WᵀT⁻¹DW − ΔᵀDW, D ≤ I); h(0) = −2·Wᵀ T⁻¹ ReLU(b) (d,), in float64."""
+    t, W = t.double(), W.double()
+    if not (torch.isfinite(t).all() and torch.isfinite(W).all()):  # max(1, nan) is 1
+        raise ValueError(f"{name}: the scaling t or W is not finite (log_q too large?)")
+    kappa = float(torch.linalg.matrix_norm(W / t.sqrt()[:, None], ord=2)) ** 2
+    delta = V.double() - 2 * W / t[:, None]  # (hidden, d)
+    rounding = float(torch.linalg.matrix_norm(delta, ord=2) * torch.linalg.matrix_norm(W, ord=2))
+    h0 = 2 * (F.relu(bias.double()) / t) @ W  # (d,)
+    return max(1.0, 2 * kappa - 1) + rounding, h0
 
 
 def _then_sll(mlp: SLLMLP, mixed: Tensor, stats: dict | None, prefix: str) -> Tensor:
@@ -158,7 +162,7 @@ class TokenSLL(SLLMLP):
     certifies_all_tokens = True  # its rule is for ℓ2 over all tokens (and only that)
 
     def forward(self, x: Tensor) -> Tensor:  # (B, T, d) -> (B, T, d)
-        return _token_sll(x, [self])
+        return _token_sll(x, self.fc.weight[None], self.scaled_weight()[None], self.bias[None])
 
     def certificate(self, a: float, walk, name: str) -> tuple[float, float]:
         """SLLMLP's rule, over all tokens only (it mixes tokens: no per-token rule)."""
@@ -167,18 +171,16 @@ class TokenSLL(SLLMLP):
         return super().certificate(a, walk, name)
 
 
-def _token_sll(x: Tensor, heads) -> Tensor:
-    """TokenSLL layers, head h on channels [h·c, (h+1)·c) of x (B, T, H·c), as two batched
-    matmuls: each head's columns, over the whole batch, form one (T, B·c) matrix."""
-    H, T = len(heads), heads[0].fc.weight.shape[1]
+def _token_sll(x: Tensor, W: Tensor, V: Tensor, b: Tensor) -> Tensor:
+    """TokenSLL layers, head h (W[h], V[h] = 2·T⁻¹W[h]: (hidden, T); b[h]: (hidden,)) on
+    channels [h·c, (h+1)·c) of x (B, T, H·c), as two batched matmuls: each head's columns, over
+    the whole batch, form one (T, B·c) matrix."""
+    H, _, T = W.shape
     if x.dim() != 3 or x.shape[1] != T or x.shape[2] % H:
         raise ValueError(f"expected tokens (B, {T}, a multiple of {H}), got {tuple(x.shape)}")
     B, _, d = x.shape
-    W = torch.stack([head.fc.weight for head in heads])  # (H, hidden, T)
-    V = torch.stack([head.scaled_weight() for head in heads])  # (H, hidden, T): 2·T⁻¹W
-    b = torch.stack([head.bias for head in heads])[:, :, None]  # (H, hidden, 1)
     X = x.reshape(B, T, H, d // H).permute(2, 1, 0, 3).reshape(H, T, B * d // H)  # (H, T, B·c)
-    h = F.relu(torch.baddbmm(b, W, X))  # (H, hidden, B·c)
+    h = F.relu(torch.baddbmm(b[:, :, None], W, X))  # (H, hidden, B·c)
     Y = torch.baddbmm(X, V.transpose(1, 2), h, alpha=-1)  # X − Vᵀh: (H, T, B·c)
     return Y.view(H, T, B, d // H).permute(2, 1, 0, 3).reshape(B, T, d)
 
@@ -187,7 +189,9 @@ class TokenSLLHeads(nn.Module):
     """``n_head`` TokenSLL layers, each on its own d/n_head channels (each head learns its own
     token mixing, as attention heads do). The heads act on disjoint column sets, so in ℓ2 over
     all entries ‖h(X) − h(Y)‖_F² = Σ_h ‖h_h(X_h) − h_h(Y_h)‖_F² ≤ max_h L_h²·‖X − Y‖_F², and
-    by Minkowski RMS(h(X)) ≤ max_h L_h·RMS(X) + (mean_h RMS(h_h(0))²)^½ (equal widths)."""
+    by Minkowski RMS(h(X)) ≤ max_h L_h·RMS(X) + (mean_h RMS(h_h(0))²)^½ (equal widths).
+    The heads' scalings are computed together (:meth:`factors`: a few batched ops instead of a
+    dozen per head), and the certificate uses those same factors."""
 
     certifies_all_tokens = True  # its rule is for ℓ2 over all tokens (and only that)
 
@@ -197,15 +201,31 @@ class TokenSLLHeads(nn.Module):
             raise ValueError(f"d_model={d_model} must be a positive multiple of n_head={n_head}")
         self.heads = nn.ModuleList(TokenSLL(n_tokens, hidden) for _ in range(n_head))
 
+    def factors(self) -> tuple[Tensor, Tensor, Tensor]:
+        """W (H, hidden, T), t (H, hidden) and V = 2·T⁻¹W (H, hidden, T) of every head:
+        t_i = Σ_j |(W Wᵀ)_ij|·q_j/q_i as in SLLMLP.scaling, for all heads at once."""
+        W = torch.stack([head.fc.weight for head in self.heads])
+        q = torch.stack([head.log_q for head in self.heads]).exp()  # (H, hidden)
+        t = (torch.bmm(W, W.mT).abs() @ q.unsqueeze(-1)).squeeze(-1) / q
+        t = t.clamp_min(T_FLOOR)
+        return W, t, W * (2 / t).unsqueeze(-1)
+
     def forward(self, x: Tensor) -> Tensor:  # (B, T, d) -> (B, T, d)
-        return _token_sll(x, self.heads)
+        W, _, V = self.factors()
+        return _token_sll(x, W, V, torch.stack([head.bias for head in self.heads]))
 
     def certificate(self, a: float, walk, name: str) -> tuple[float, float]:
-        """max_h L_h, and the output bound above; each head's RMS(h_h(0)) is its output bound
-        at a = 0 (an SLL layer's L does not depend on a)."""
-        bounds = [walk.certify(head, 0.0, f"{name}.heads.{i}") for i, head in enumerate(self.heads)]
-        L = max(L_h for L_h, _ in bounds)
-        return L, L * a + (sum(r * r for _, r in bounds) / len(bounds)) ** 0.5
+        """max_h L_h, and the output bound above, from the factors the forward uses."""
+        if walk.tokens != "all":
+            raise TypeError(f"{name}: TokenSLLHeads is certified in ℓ2 over all tokens only")
+        with torch.no_grad():
+            W, t, V = self.factors()
+        L, r2 = 1.0, 0.0
+        for i, head in enumerate(self.heads):
+            walk.norm(f"{name}.heads.{i}.fc.weight", head.fc.weight)  # for the layer table
+            L_h, h0 = _sll_bound(W[i], t[i], V[i], head.bias.detach(), f"{name}.heads.{i}")
+            L, r2 = max(L, L_h), r2 + float(row_rms(h0[None]).max()) ** 2
+        return L, L * a + (r2 / len(self.heads)) ** 0.5
 
 
 class SLLMixerBlock(nn.Module):
