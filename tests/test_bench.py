@@ -1,5 +1,7 @@
 """The benchmarks run and report what they claim (timings themselves are not asserted)."""
 
+import pytest
+
 from lipschitz.benchmarks import profile as bench_profile
 from lipschitz.benchmarks import projections as bench_projections
 from lipschitz.benchmarks import throughput as bench_throughput
@@ -77,6 +79,15 @@ def test_vit_step_benchmark_and_its_reference_compute_the_same_model():
         written.load_state_dict(fused.state_dict())
     x = torch.rand(4, 3072)
     assert torch.allclose(written(x), fused(x), atol=1e-5)
-    result = vit_step.run("cifar-vit", small, rounds=1)
-    assert set(result["ms_per_step"]) == {"bf16", "bf16-svd", "float32", "float32-as-written"}
+    result = vit_step.run("cifar-vit", small, rounds=1, vs=["n_head=2,mlp_ratio=1"])
+    assert set(result["ms_per_step"]) == {
+        "bf16",
+        "bf16-svd",
+        "float32",
+        "float32-as-written",
+        "bf16 n_head=2,mlp_ratio=1",
+    }
     assert "float32 ÷ bf16" in vit_step.markdown(result)
+    assert "bf16 n_head=2,mlp_ratio=1 ÷ bf16" in vit_step.markdown(result)
+    with pytest.raises(ValueError, match="--vs must keep batch_size"):
+        vit_step.run("cifar-vit", small, rounds=1, vs=["batch_size=4"])

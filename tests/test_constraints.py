@@ -53,7 +53,7 @@ def test_svd_cap_is_exact(case, dtype):
     torch.testing.assert_close(got, expected, rtol=0, atol=_float_tol(dtype) * 20 * w_max)
 
 
-@pytest.mark.parametrize("shape", [(20, 128, 64), (64, 48), (10, 4096), (3, 40, 40)])
+@pytest.mark.parametrize("shape", [(20, 128, 64), (64, 48), (10, 4096), (3, 40, 40), (256, 512)])
 @pytest.mark.parametrize("top", [0.5, 1.01, 1.3, 3.9, 4.1, 1e6])
 def test_svd_cap_gram_path_matches_float64_svd(shape, top):
     """The training regime (a float32 stack just above its cap, where svd_cap takes the Gram

@@ -10,6 +10,9 @@ timed interleaved, one step of each per round, so that machine noise hits all al
   x − 2·(ReLU(Wx + b)/t)·W, and the token heads one after the other (the forward before the
   factors 2/t moved onto the weight), the reference for the fused forward.
 
+``--vs KEY=VALUE[,KEY=VALUE...]`` (repeatable) adds the ``bf16`` set-up of the preset with
+those overrides, timed in the same rounds (e.g. ``--vs n_head=16``: what more heads cost).
+
 A step is forward, cross-entropy at the preset's temperature, backward, every optimizer's step
 (Muon, the constraint's projection, AdamW) on random images. Prints ms per step and ratios;
 writes ``vit_step.json`` and ``vit_step.md``.
@@ -93,20 +96,29 @@ def _step(cfg, model, optimizers, bf16: bool, svd: bool, x, y) -> None:
             opt.zero_grad(set_to_none=True)
 
 
-def run(name: str = "cifar-vit", overrides: list[str] | None = None, rounds: int = 10) -> dict:
+def run(
+    name: str = "cifar-vit",
+    overrides: list[str] | None = None,
+    rounds: int = 10,
+    vs: list[str] | None = None,
+) -> dict:
     cfg = apply_overrides(preset(name), overrides or [])
+    configs = {n: cfg for n in ("bf16", "bf16-svd", "float32", "float32-as-written")}
+    for extra in vs or []:  # "KEY=VALUE,KEY=VALUE": the bf16 set-up with these overrides too
+        configs[f"bf16 {extra}"] = apply_overrides(cfg, extra.split(","))
+    if len({c.batch_size for c in configs.values()}) > 1:
+        raise ValueError("--vs must keep batch_size (the set-ups share one batch)")
     gen = torch.Generator().manual_seed(0)
     x = torch.rand(cfg.batch_size, N_INPUTS, generator=gen)
     y = torch.randint(N_CLASSES, (cfg.batch_size,), generator=gen)
-    names = ("bf16", "bf16-svd", "float32", "float32-as-written")
-    setups = {n: _setup(cfg, n) for n in names}
+    setups = {n: _setup(c, n.split()[0]) for n, c in configs.items()}
     torch.set_flush_denormal(True)  # as `lipschitz train` does
-    times: dict[str, list[float]] = {n: [] for n in names}
+    times: dict[str, list[float]] = {n: [] for n in configs}
     try:
         for r in range(rounds + 2):  # two warm-up rounds
-            for n in names:
+            for n, c in configs.items():
                 t0 = time.perf_counter()
-                _step(cfg, *setups[n], x, y)
+                _step(c, *setups[n], x, y)
                 if r >= 2:
                     times[n].append(time.perf_counter() - t0)
     finally:
@@ -116,6 +128,7 @@ def run(name: str = "cifar-vit", overrides: list[str] | None = None, rounds: int
         "preset": name, "overrides": overrides or [], "rounds": rounds,
         "threads": torch.get_num_threads(), "torch": torch.__version__,
         "cpu_capability": torch.backends.cpu.get_cpu_capability(), "ms_per_step": ms,
+        "over_bf16": {n: v / ms["bf16"] for n, v in ms.items() if n.startswith("bf16 ")},
         "svd_over_gram": ms["bf16-svd"] / ms["bf16"],
         "float32_over_bf16": ms["float32"] / ms["bf16"],
         "as_written_over_fused": ms["float32-as-written"] / ms["float32"],
@@ -131,6 +144,7 @@ def markdown(result: dict) -> str:
         "|---|---|",
     ]
     lines += [f"| {n} | {v:.1f} |" for n, v in result["ms_per_step"].items()]
+    lines += [f"\n{n} ÷ bf16: {v:.2f}" for n, v in result["over_bf16"].items()]
     lines.append(
         f"\nsvd_cap by SVD ÷ by Gram matrix (bf16): {result['svd_over_gram']:.2f}; "
         f"float32 ÷ bf16: {result['float32_over_bf16']:.2f}; "
@@ -144,9 +158,10 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--preset", default="cifar-vit")
     parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE")
     parser.add_argument("--rounds", type=int, default=10)
+    parser.add_argument("--vs", action="append", default=[], metavar="KEY=VALUE[,KEY=VALUE]")
     parser.add_argument("--out", default="benchmarks/out")
     args = parser.parse_args(argv)
-    result = run(args.preset, args.set, args.rounds)
+    result = run(args.preset, args.set, args.rounds, args.vs)
     write_results(args.out, "vit_step", result, markdown(result))
 
 
