@@ -144,7 +144,9 @@ def markdown(result: dict) -> str:
         "|---|---|",
     ]
     lines += [f"| {n} | {v:.1f} |" for n, v in result["ms_per_step"].items()]
-    lines += [f"\n{n} ÷ bf16: {v:.2f}" for n, v in result["over_bf16"].items()]
+    if result["over_bf16"]:
+        ratios = [f"{n} ÷ bf16: {v:.2f}" for n, v in result["over_bf16"].items()]
+        lines.append("\n" + "; ".join(ratios))
     lines.append(
         f"\nsvd_cap by SVD ÷ by Gram matrix (bf16): {result['svd_over_gram']:.2f}; "
         f"float32 ÷ bf16: {result['float32_over_bf16']:.2f}; "
