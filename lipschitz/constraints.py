@@ -104,9 +104,9 @@ def svd_cap(W: Tensor, *, w_max: float) -> Tensor:
 
     With V, λ the eigenvectors and eigenvalues of the small Gram matrix G = XᵀX (XXᵀ for a wide
     X, on the left) and sᵢ = √λᵢ the singular values, X ← X − X·V·diag(1 − min(1, c/sᵢ))·Vᵀ:
-    directions below the cap c are left as they are, those above are scaled onto it. The eigh
-    of a k×k Gram matrix costs a third of the SVD of a small stack on a CPU (docs/benchmarks.md,
-    "The image transformer's step"); squaring costs precision far below σ_max, so a matrix
+    directions below the cap c are left as they are, those above are scaled onto it. On a CPU
+    that costs about a third of an SVD (docs/benchmarks.md, "Projections": 5–16 Gram products
+    against 14–46); squaring costs precision far below σ_max, so a matrix
     more than GRAM_CAP_MAX_RATIO above its cap (a first projection) is clipped by SVD instead.
     """
     X = _checked("svd_cap", W, w_max)

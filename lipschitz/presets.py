@@ -160,8 +160,9 @@ for _name, (_what, _overrides) in _CIFAR_METHODS.items():
 
 # A certified-robust image transformer on CIFAR-10 (lipschitz.nn.vit; docs/results.md,
 # "Certified robustness"): 4×4 patches, SLL layers along the tokens (16 heads, each its own
-# token mixing for 4 channels) and along the channels, Muon + SVD caps, bfloat16 training steps, a certified-margin loss at
-# ε = 36/255 and random flips (no crop: this small model underfits).
+# token mixing for 4 channels) and along the channels, Muon + exact caps (svd_cap), bfloat16
+# training steps, a certified-margin loss at ε = 36/255 and random flips (no crop: this small
+# model underfits).
 PRESETS["cifar-vit"] = (
     "CIFAR-10 certified-robust ViT (ℓ2, ε = 36/255; SLL mixer blocks), about 50 min on 2 CPU cores",
     dict(

@@ -3,8 +3,8 @@ timed interleaved, one step of each per round, so that machine noise hits all al
 
 - ``bf16``: the preset as `lipschitz train` runs it (bfloat16 autocast on the CPU with
   ``cpu_bf16``, the SLL layers' fused forward, ``svd_cap`` by the eigh of each Gram matrix);
-- ``bf16-svd``: the same with ``svd_cap`` computed by SVD (its path before commit "svd_cap by
-  the Gram matrix"; the same projection);
+- ``bf16-svd``: the same with ``svd_cap`` computed by SVD (its path before commit ce1a091; the
+  same projection);
 - ``float32``: the same without autocast;
 - ``float32-as-written``: float32 with every SLL layer computing the formula as written,
   x − 2·(ReLU(Wx + b)/t)·W, and the token heads one after the other (the forward before the
