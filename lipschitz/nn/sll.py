@@ -33,6 +33,12 @@ __all__ = ["SLLMLP", "SLLBlock", "SLLMixerBlock", "TokenSLL", "TokenSLLHeads"]
 T_FLOOR = 1e-12  # t_i of an all-zero row of W (its term is 0·0 either way)
 
 
+def _scaling(W: Tensor, q: Tensor) -> Tensor:
+    """t (..., hidden) of W (..., hidden, d) and q > 0 (..., hidden): t_i = Σ_j |(W Wᵀ)_ij|·q_j/q_i
+    (module docs), for one layer or a stack of heads."""
+    return (((W @ W.mT).abs() @ q.unsqueeze(-1)).squeeze(-1) / q).clamp_min(T_FLOOR)
+
+
 class SLLMLP(nn.Module):
     """x ↦ x − 2·Wᵀ·T⁻¹·ReLU(W x + b) on every token (module docs): a full-strength residual
     MLP that is 1-Lipschitz whatever W is, so it needs no norm cap and no α."""
@@ -53,8 +59,7 @@ class SLLMLP(nn.Module):
 
     def scaling(self) -> Tensor:
         """t (hidden,): t_i = Σ_j |(W Wᵀ)_ij|·q_j/q_i, so that diag(t) ⪰ W Wᵀ (module docs)."""
-        W, q = self.fc.weight, self.log_q.exp()
-        return ((W @ W.T).abs() @ q / q).clamp_min(T_FLOOR)
+        return _scaling(self.fc.weight, self.log_q.exp())
 
     def scaled_weight(self) -> Tensor:
         """2·T⁻¹W (hidden, d): the factors 2 and 1/t go on the small matrix, not on the
@@ -202,12 +207,10 @@ class TokenSLLHeads(nn.Module):
         self.heads = nn.ModuleList(TokenSLL(n_tokens, hidden) for _ in range(n_head))
 
     def factors(self) -> tuple[Tensor, Tensor, Tensor]:
-        """W (H, hidden, T), t (H, hidden) and V = 2·T⁻¹W (H, hidden, T) of every head:
-        t_i = Σ_j |(W Wᵀ)_ij|·q_j/q_i as in SLLMLP.scaling, for all heads at once."""
+        """W (H, hidden, T), t (H, hidden) and V = 2·T⁻¹W (H, hidden, T) of every head, the
+        scalings of all heads at once."""
         W = torch.stack([head.fc.weight for head in self.heads])
-        q = torch.stack([head.log_q for head in self.heads]).exp()  # (H, hidden)
-        t = (torch.bmm(W, W.mT).abs() @ q.unsqueeze(-1)).squeeze(-1) / q
-        t = t.clamp_min(T_FLOOR)
+        t = _scaling(W, torch.stack([head.log_q for head in self.heads]).exp())  # (H, hidden)
         return W, t, W * (2 / t).unsqueeze(-1)
 
     def forward(self, x: Tensor) -> Tensor:  # (B, T, d) -> (B, T, d)
